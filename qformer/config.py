@@ -1,0 +1,75 @@
+"""Typed configs of the trainable part. Each default is written once, here."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class QFormerConfig:
+    """The query transformer. Defaults match the MiniLM-L6 initialisation (BERT-style, 384 wide)."""
+
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    num_queries: int = 32
+    # BLIP-2 puts cross-attention to the vision features in every other layer.
+    cross_attention_every: int = 2
+    vision_width: int = 1280
+    vocab_size: int = 30522
+    max_text_len: int = 512
+    # Learned per-frame embedding added to the frozen features, so queries can see frame order (motion).
+    max_frames: int = 32
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+    hidden_act: str = "gelu"
+    # LayerNorm over the frozen features (BLIP-2's ln_vision). Off when the encoder already ends in one,
+    # as transformers' BLIP-2 vision tower does.
+    vision_norm: bool = True
+    pad_token_id: int = 0
+
+
+@dataclass
+class LoraConfig:
+    """Optional LoRA on the frozen LLM, through peft."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class BridgeConfig:
+    """Everything needed to rebuild a bridge: the Q-Former and references to the frozen backbones."""
+
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    # Specs understood by adapters.load_vision / adapters.load_llm: a built-in offline name,
+    # a local directory or a hub id.
+    vision: str = "efficientnet-lite0"
+    llm: str = "smollm2-135m-instruct"
+    vision_layer: int | None = None
+    vision_resolution: int | None = None
+    llm_width: int = 576
+    lora: LoraConfig | None = None
+    # InstructBLIP: the question (or caption prompt) also enters the Q-Former, tokenised by this tokenizer.
+    instruct: bool = False
+    qformer_tokenizer: str | None = None
+    # Prompt used by Bridge.caption when none is given.
+    caption_prompt: str = "Describe the clip."
+    num_frames: int = 8
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BridgeConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"bridge config: unknown keys {sorted(unknown)}")
+        d = dict(d)
+        d["qformer"] = QFormerConfig(**d.get("qformer", {}))
+        if d.get("lora") is not None:
+            d["lora"] = LoraConfig(**d["lora"])
+        return cls(**d)

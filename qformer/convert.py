@@ -1,0 +1,162 @@
+"""Import weights into a Q-Former / bridge: transformers' BLIP-2 and InstructBLIP, and BERT checkpoints.
+
+Each source is one key map from its names to ours (model.py), applied layer by layer.
+"""
+from __future__ import annotations
+
+import re
+
+from transformers import AutoConfig
+
+from adapters.checkpoint import load_prefixed
+
+from .config import BridgeConfig, QFormerConfig
+from .model import QFormer
+
+# transformers' BLIP-2 / InstructBLIP Q-Former (below "qformer.") -> ours. {i} is the layer index.
+BLIP2_LAYER_MAP = {
+    "attention.attention.query": "self_attn.query",
+    "attention.attention.key": "self_attn.key",
+    "attention.attention.value": "self_attn.value",
+    "attention.output.dense": "self_attn.out",
+    "attention.output.LayerNorm": "self_attn.norm",
+    "crossattention.attention.query": "cross_attn.query",
+    "crossattention.attention.key": "cross_attn.key",
+    "crossattention.attention.value": "cross_attn.value",
+    "crossattention.output.dense": "cross_attn.out",
+    "crossattention.output.LayerNorm": "cross_attn.norm",
+    "intermediate_query.dense": "mlp_query.fc_in",
+    "output_query.dense": "mlp_query.fc_out",
+    "output_query.LayerNorm": "mlp_query.norm",
+    "intermediate.dense": "mlp_text.fc_in",
+    "output.dense": "mlp_text.fc_out",
+    "output.LayerNorm": "mlp_text.norm",
+}
+BLIP2_TOP_MAP = {
+    "layernorm": "embeddings.norm",  # BLIP-2: the LayerNorm over the query embeddings
+    "embeddings.layernorm": "embeddings.norm",  # InstructBLIP: over queries + instruction
+    "embeddings.word_embeddings": "embeddings.word",
+    "embeddings.position_embeddings": "embeddings.position",
+}
+
+# A BERT encoder (e.g. MiniLM) -> ours. The query feed-forward starts as a copy of the text one, as in BLIP-2.
+BERT_LAYER_MAP = {
+    "attention.self.query": ["self_attn.query"],
+    "attention.self.key": ["self_attn.key"],
+    "attention.self.value": ["self_attn.value"],
+    "attention.output.dense": ["self_attn.out"],
+    "attention.output.LayerNorm": ["self_attn.norm"],
+    "intermediate.dense": ["mlp_text.fc_in", "mlp_query.fc_in"],
+    "output.dense": ["mlp_text.fc_out", "mlp_query.fc_out"],
+    "output.LayerNorm": ["mlp_text.norm", "mlp_query.norm"],
+}
+
+_LAYER = re.compile(r"^(?:encoder\.)?layer\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def _rename(key: str, layer_map: dict, top_map: dict) -> list[str]:
+    m = _LAYER.match(key)
+    if m:
+        i, name, kind = m.groups()
+        targets = layer_map.get(name)
+        targets = [targets] if isinstance(targets, str) else targets or []
+        return [f"layers.{i}.{t}.{kind}" for t in targets]
+    stem, _, kind = key.rpartition(".")
+    return [f"{top_map[stem]}.{kind}"] if stem in top_map else []
+
+
+def qformer_config_from_blip2(config) -> QFormerConfig:
+    q = config.qformer_config
+    return QFormerConfig(
+        hidden_size=q.hidden_size,
+        num_layers=q.num_hidden_layers,
+        num_heads=q.num_attention_heads,
+        intermediate_size=q.intermediate_size,
+        num_queries=config.num_query_tokens,
+        cross_attention_every=q.cross_attention_frequency,
+        vision_width=q.encoder_hidden_size,
+        vocab_size=q.vocab_size,
+        max_text_len=q.max_position_embeddings,
+        layer_norm_eps=q.layer_norm_eps,
+        dropout=q.hidden_dropout_prob,
+        hidden_act=q.hidden_act,
+        vision_norm=False,  # transformers' BLIP-2 vision tower already ends in a LayerNorm
+        pad_token_id=q.pad_token_id,
+    )
+
+
+def bridge_from_blip2(path: str):
+    """A Bridge whose backbones and trained parts all come from a BLIP-2 checkpoint directory."""
+    from .bridge import Bridge
+
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "blip-2":
+        raise ValueError(f"{path}: expected a BLIP-2 checkpoint (model_type 'blip-2'), found {config.model_type!r}")
+    bcfg = BridgeConfig(
+        qformer=qformer_config_from_blip2(config),
+        vision=str(path),
+        llm=str(path),
+        llm_width=config.text_config.hidden_size,
+        caption_prompt="",
+        num_frames=1,
+    )
+    bridge = Bridge(bcfg)
+    source = load_prefixed(path, "qformer.")
+    own = bridge.qformer.state_dict()
+    state = {}
+    for key, value in source.items():
+        for target in _rename(key, BLIP2_LAYER_MAP, BLIP2_TOP_MAP):
+            state[target] = value
+    state["query_tokens"] = load_prefixed(path, "query_tokens")[""]
+    # BLIP-2 for generation has no text branch: those weights keep their initialisation, unused.
+    needed = [k for k in own if not k.startswith(("embeddings.word", "embeddings.position", "temporal_embed")) and ".mlp_text." not in k]
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise ValueError(f"{path}: Q-Former weights missing from the checkpoint: {missing[:5]}")
+    bridge.qformer.load_state_dict(state, strict=False)
+    proj = load_prefixed(path, "language_projection.")
+    bridge.projection.load_state_dict(proj)
+    return bridge
+
+
+def load_bert_into_qformer(qformer: QFormer, path: str) -> None:
+    """Initialise from a BERT-style encoder directory (BLIP-2 starts from BERT; here e.g. MiniLM).
+
+    Cross-attention stays randomly initialised. BERT adds token-type embedding 0 to every token; it
+    is folded into the position embeddings, which is exact for single-segment text.
+    """
+    cfg = qformer.config
+    bert = AutoConfig.from_pretrained(path)
+    mismatches = [
+        f"{name} {theirs} != {ours}"
+        for name, theirs, ours in [
+            ("hidden size", bert.hidden_size, cfg.hidden_size),
+            ("heads", bert.num_attention_heads, cfg.num_heads),
+            ("intermediate size", bert.intermediate_size, cfg.intermediate_size),
+            ("vocabulary", bert.vocab_size, cfg.vocab_size),
+        ]
+        if theirs != ours
+    ]
+    if bert.max_position_embeddings < cfg.max_text_len:
+        mismatches.append(f"text positions {bert.max_position_embeddings} < {cfg.max_text_len}")
+    if bert.num_hidden_layers < cfg.num_layers:
+        mismatches.append(f"layers {bert.num_hidden_layers} < {cfg.num_layers}")
+    if mismatches:
+        raise ValueError(f"{path}: this BERT checkpoint does not fit the Q-Former config: {', '.join(mismatches)}")
+    source = load_prefixed(path, "")
+    source = {k.removeprefix("bert."): v for k, v in source.items()}
+    state = {}
+    for key, value in source.items():
+        for target in _rename(key, BERT_LAYER_MAP, {}):
+            if int(target.split(".")[1]) < cfg.num_layers:
+                state[target] = value
+    state["embeddings.word.weight"] = source["embeddings.word_embeddings.weight"]
+    pos = source["embeddings.position_embeddings.weight"][: cfg.max_text_len]
+    state["embeddings.position.weight"] = pos + source["embeddings.token_type_embeddings.weight"][0]
+    state["embeddings.norm.weight"] = source["embeddings.LayerNorm.weight"]
+    state["embeddings.norm.bias"] = source["embeddings.LayerNorm.bias"]
+    missing, _ = qformer.load_state_dict(state, strict=False)
+    expected_missing = ("cross_attn", "query_tokens", "temporal_embed", "vision_norm")
+    left = [k for k in missing if not any(s in k for s in expected_missing)]
+    if left:
+        raise ValueError(f"{path}: weights missing from the BERT checkpoint: {left[:5]}")

@@ -1,0 +1,121 @@
+"""Parity with transformers: BLIP-2 checkpoints and BERT initialisation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qformer import Bridge, QFormer, QFormerConfig
+from qformer.convert import load_bert_into_qformer
+
+
+def _tiny_blip2(path, cross_every=2, seed=0):
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
+
+    torch.manual_seed(seed)
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        image_size=32, patch_size=8).to_dict(),
+        qformer_config=Blip2QFormerConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+                                          encoder_hidden_size=32, vocab_size=100, cross_attention_frequency=cross_every).to_dict(),
+        text_config=OPTConfig(hidden_size=40, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, vocab_size=120,
+                              word_embed_proj_dim=40, max_position_embeddings=64).to_dict(),
+        num_query_tokens=5,
+        image_token_index=110,
+    )
+    model = Blip2ForConditionalGeneration(config).eval()
+    # transformers zero-initialises the queries; give them values so the test can see a wrong mapping.
+    with torch.no_grad():
+        model.query_tokens.normal_()
+        for p in model.qformer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("cross_every", [1, 2])
+def test_from_blip2_matches_transformers_logits_and_greedy_tokens(tmp_path, cross_every):
+    hf = _tiny_blip2(tmp_path / "blip2", cross_every)
+    bridge = Bridge.from_blip2(tmp_path / "blip2").eval()
+    torch.manual_seed(1)
+    px = torch.randn(2, 3, 32, 32)
+    ids = torch.randint(4, 100, (2, 7))
+    ids[:, 0] = 2  # OPT's BOS
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # right padding in the second row
+    Q = hf.config.num_query_tokens
+    image_ids = torch.full((2, Q), hf.config.image_token_index)
+    with torch.no_grad():
+        theirs = hf(pixel_values=px, input_ids=torch.cat([image_ids, ids], 1),
+                    attention_mask=torch.cat([torch.ones_like(image_ids), mask], 1)).logits[:, Q:]
+        ours = bridge(pixel_values=px, input_ids=ids, attention_mask=mask).logits
+    assert ours.shape == theirs.shape == (2, 7, 120)
+    valid = mask.bool()
+    assert torch.allclose(ours[valid], theirs[valid], atol=1e-4), (ours[valid] - theirs[valid]).abs().max()
+
+    prompt = ids[:, :4]
+    with torch.no_grad():
+        theirs_gen = hf.generate(pixel_values=px, input_ids=torch.cat([image_ids, prompt], 1), max_new_tokens=6,
+                                 do_sample=False, min_new_tokens=6)
+        ours_gen = bridge.generate(pixel_values=px, input_ids=prompt, max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(ours_gen, theirs_gen[:, -6:])
+
+
+def test_from_blip2_rejects_other_checkpoints(tmp_path, tiny_dirs):
+    with pytest.raises(ValueError, match="expected a BLIP-2 checkpoint"):
+        Bridge.from_blip2(tiny_dirs["llm"])
+
+
+def _tiny_bert(path):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=90, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                 intermediate_size=48, max_position_embeddings=40), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        model.embeddings.token_type_embeddings.weight.normal_()  # so forgetting the token-type fold shows
+    model.save_pretrained(path)
+    return model
+
+
+def test_bert_init_matches_bert_on_text(tmp_path):
+    bert = _tiny_bert(tmp_path / "bert")
+    qf = QFormer(QFormerConfig(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=48, vocab_size=90,
+                               max_text_len=40, vision_width=16, num_queries=3))
+    load_bert_into_qformer(qf, str(tmp_path / "bert"))
+    qf.eval()
+    ids = torch.randint(1, 90, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    with torch.no_grad():
+        theirs = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        ours = qf(input_ids=ids, attention_mask=mask)
+    valid = mask.bool()
+    assert torch.allclose(ours[valid], theirs[valid], atol=1e-5)
+    # The query feed-forward starts as a copy of the text one (BLIP-2's initialisation).
+    assert torch.equal(qf.layers[1].mlp_query.fc_in.weight, qf.layers[1].mlp_text.fc_in.weight)
+
+
+def test_bert_init_names_the_mismatch(tmp_path):
+    _tiny_bert(tmp_path / "bert")
+    qf = QFormer(QFormerConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=48, vocab_size=90, max_text_len=40))
+    with pytest.raises(ValueError, match="hidden size 32 != 64"):
+        load_bert_into_qformer(qf, str(tmp_path / "bert"))
+
+
+@pytest.mark.backbones
+def test_minilm_init_matches_bertmodel():
+    from transformers import BertModel, AutoTokenizer
+
+    from adapters.offline import minilm_dir
+
+    path = minilm_dir()
+    qf = QFormer(QFormerConfig()).eval()
+    load_bert_into_qformer(qf, path)
+    tok = AutoTokenizer.from_pretrained(path)
+    enc = tok(["a small red circle moves left", "what color is the background?"], padding=True, return_tensors="pt")
+    bert = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        theirs = bert(**enc).last_hidden_state
+        ours = qf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    valid = enc["attention_mask"].bool()
+    assert torch.allclose(ours[valid], theirs[valid], atol=1e-4)
