@@ -24,6 +24,14 @@ from .vision import FrozenModule
 # Built-in offline LLMs: real pretrained weights shipped inside packages as GGUF files.
 OFFLINE_LLMS = ("smollm2-135m-instruct", "gemma3-270m")
 
+# Gemma 3's turn format; its GGUF file carries no chat template. Training targets end in <end_of_turn>,
+# which therefore also stops generation.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "<start_of_turn>{{ role }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
 # Stands for the visual prompt while the chat template is rendered as text; split out afterwards.
 VISUAL_MARK = "<<visual-prompt>>"
 
@@ -169,6 +177,10 @@ def _gguf_as_safetensors(spec: str) -> str:
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
+    if spec == "gemma3-270m":
+        tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+        end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:

@@ -1,0 +1,208 @@
+"""The bridge on tiny backbones: frozen means frozen, round trips, video, prompts and errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from qformer import Bridge, LoraConfig
+
+from conftest import tiny_config
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _batch(bridge, B=2, T=None):
+    torch.manual_seed(3)
+    shape = (B, 3, 32, 32) if T is None else (B, T, 3, 32, 32)
+    ids = torch.randint(6, 40, (B, 6))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    return dict(pixel_values=torch.randn(shape), input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+
+
+def test_frozen_means_frozen(tiny_bridge):
+    bridge = tiny_bridge.train()
+    vision0, llm0, q0 = _snapshot(bridge.vision), _snapshot(bridge.llm), _snapshot(bridge.qformer)
+    trainable = [p for p in bridge.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    for _ in range(3):
+        loss = bridge(**_batch(bridge, T=2)).loss
+        loss.backward()
+        assert all(p.grad is None for p in bridge.vision.parameters())
+        assert all(p.grad is None for p in bridge.llm.parameters())
+        opt.step()
+        opt.zero_grad()
+    for before, module in ((vision0, bridge.vision), (llm0, bridge.llm)):
+        after = module.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(q0[k], v) for k, v in bridge.qformer.state_dict().items())
+    # Exactly the Q-Former (queries and temporal embedding included) and the projection train.
+    expected = {id(p) for p in bridge.qformer.parameters()} | {id(p) for p in bridge.projection.parameters()}
+    assert {id(p) for p in trainable} == expected
+    assert {n for n, p in bridge.qformer.named_parameters()} >= {"query_tokens", "temporal_embed"}
+
+
+def test_backbones_stay_in_eval_mode(tiny_bridge):
+    tiny_bridge.train()
+    assert tiny_bridge.qformer.training
+    assert not any(m.training for m in tiny_bridge.vision.modules())
+    assert not any(m.training for m in tiny_bridge.llm.modules())
+
+
+def test_parameter_counts(tiny_bridge):
+    trainable, total = tiny_bridge.parameter_counts()
+    own = sum(p.numel() for p in tiny_bridge.qformer.parameters()) + sum(p.numel() for p in tiny_bridge.projection.parameters())
+    backbones = sum(p.numel() for p in tiny_bridge.vision.parameters()) + sum(p.numel() for p in tiny_bridge.llm.parameters())
+    assert trainable == own
+    assert total == own + backbones
+
+
+def test_save_and_load_round_trip(tiny_bridge, tiny_dirs, tmp_path):
+    bridge = tiny_bridge.eval()
+    with torch.no_grad():
+        bridge.qformer.temporal_embed.normal_()  # non-zero, so a lost temporal embedding shows
+    batch = _batch(bridge, T=3)
+    batch.pop("labels")
+    with torch.no_grad():
+        before = bridge(**batch).logits
+    tokens = bridge.generate(**batch, max_new_tokens=5, min_new_tokens=5)
+    bridge.save_pretrained(tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["bridge.safetensors", "bridge_config.json"]
+    with safe_open(str(tmp_path / "b" / "bridge.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert all(k.startswith(("qformer.", "projection.")) for k in keys)
+    assert json.loads((tmp_path / "b" / "bridge_config.json").read_text())["llm"] == tiny_dirs["llm"]
+
+    loaded = Bridge.from_pretrained(tmp_path / "b").eval()
+    with torch.no_grad():
+        after = loaded(**batch).logits
+    assert torch.equal(before, after)
+    assert torch.equal(tokens, loaded.generate(**batch, max_new_tokens=5, min_new_tokens=5))
+
+
+def test_lora_trains_and_round_trips(tiny_dirs, tmp_path):
+    torch.manual_seed(0)
+    bridge = Bridge(tiny_config(tiny_dirs, lora=LoraConfig(r=2, alpha=4)))
+    names = [n for n, p in bridge.llm.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    with torch.no_grad():
+        for n, p in bridge.llm.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # peft starts B at zero; make LoRA change the output
+    bridge.eval().save_pretrained(tmp_path / "b")
+    batch = _batch(bridge)
+    batch.pop("labels")
+    loaded = Bridge.from_pretrained(tmp_path / "b").eval()
+    with torch.no_grad():
+        assert torch.equal(bridge(**batch).logits, loaded(**batch).logits)
+
+
+def test_image_is_a_one_frame_clip(tiny_bridge):
+    bridge = tiny_bridge.eval()
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(bridge.visual_prompt(px), bridge.visual_prompt(px[:, None]))
+
+
+def test_temporal_embedding_makes_frame_order_visible(tiny_bridge):
+    bridge = tiny_bridge.eval()
+    with torch.no_grad():  # sharper attention than at initialisation, where it is nearly uniform
+        for layer in bridge.qformer.layers:
+            if layer.cross_attn is not None:
+                layer.cross_attn.query.weight.normal_(std=0.5)
+                layer.cross_attn.key.weight.normal_(std=0.5)
+    clip = torch.randn(1, 4, 3, 32, 32)
+    reversed_clip = clip.flip(1)
+    with torch.no_grad():
+        # Cross-attention alone is blind to the order of its keys...
+        blind = (bridge.visual_prompt(clip) - bridge.visual_prompt(reversed_clip)).abs().max()
+        bridge.qformer.temporal_embed.normal_()
+        # ...the learned temporal embedding is what lets the queries see motion.
+        seeing = (bridge.visual_prompt(clip) - bridge.visual_prompt(reversed_clip)).abs().max()
+    assert blind < 1e-5 and seeing > 1e-2
+
+
+def test_too_many_frames_is_a_clear_error(tiny_bridge):
+    with pytest.raises(ValueError, match="at most 8"):
+        tiny_bridge.visual_prompt(torch.randn(1, 9, 3, 32, 32))
+
+
+def test_visual_prompt_is_spliced_where_asked(tiny_bridge):
+    bridge = tiny_bridge.eval()
+    px = torch.randn(1, 3, 32, 32)
+    ids = torch.randint(6, 40, (1, 5))
+    with torch.no_grad():
+        ours = bridge(pixel_values=px, input_ids=ids, visual_position=torch.tensor([2])).logits
+        text = bridge.llm.embed(ids)
+        embeds = torch.cat([text[:, :2], bridge.visual_prompt(px), text[:, 2:]], dim=1)
+        full = bridge.llm(embeds, torch.ones(embeds.shape[:2], dtype=torch.long))
+    Q = bridge.config.qformer.num_queries
+    assert torch.allclose(ours, torch.cat([full[:, :2], full[:, 2 + Q :]], dim=1), atol=1e-6)
+
+
+def test_batched_answers_equal_single_answers(tiny_bridge):
+    bridge = tiny_bridge.eval()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(3)]
+    questions = ["what color is the background ?", "how many objects are there ?", "describe"]
+    batched = bridge.ask(images, questions, max_new_tokens=6)
+    single = [bridge.answer(img, q, max_new_tokens=6) for img, q in zip(images, questions)]
+    assert batched == single
+    assert all(isinstance(a, str) for a in batched)
+
+
+def test_caption_takes_paths_pil_and_arrays_alike(tiny_bridge, tmp_path):
+    import av
+
+    bridge = tiny_bridge.eval()
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "photo one.png")
+    with av.open(str(tmp_path / "clip.mp4"), "w") as out:
+        stream = out.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for t in range(16):
+            frame = np.full((48, 64, 3), 16 * t, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    caps = bridge.caption([str(tmp_path / "photo one.png"), Image.fromarray(image), image, tmp_path / "clip.mp4"], max_new_tokens=4)
+    assert len(caps) == 4 and all(isinstance(c, str) for c in caps)
+    assert caps[0] == caps[1] == caps[2]
+
+
+def test_missing_file_is_an_error_naming_it(tiny_bridge, tmp_path):
+    from adapters.video import ClipError
+
+    with pytest.raises(ClipError, match="nothing-here.mp4"):
+        tiny_bridge.caption([str(tmp_path / "nothing-here.mp4")])
+
+
+def test_backbones_that_do_not_fit_are_named(tiny_dirs):
+    with pytest.raises(ValueError, match="16-wide features but this bridge's Q-Former reads 24"):
+        Bridge(tiny_config(tiny_dirs, vision=tiny_dirs["vit"]))
+    with pytest.raises(ValueError, match="is 32 wide but this bridge projects into 64"):
+        Bridge(tiny_config(tiny_dirs, llm_width=64))
+
+
+def test_instructed_bridge_reads_the_question(tiny_dirs):
+    torch.manual_seed(0)
+    bridge = Bridge(tiny_config(tiny_dirs, instruct=True, qformer_tokenizer=tiny_dirs["llm"])).eval()
+    px = torch.randn(1, 3, 32, 32)
+    tok = bridge.qformer_tokenizer
+    a = tok(["what color is the background ?"], return_tensors="pt")
+    b = tok(["how many objects are there ?"], return_tensors="pt")
+    with torch.no_grad():
+        va = bridge.visual_prompt(px, instruction_ids=a["input_ids"], instruction_mask=a["attention_mask"])
+        vb = bridge.visual_prompt(px, instruction_ids=b["input_ids"], instruction_mask=b["attention_mask"])
+    assert va.shape == vb.shape == (1, 4, 32)
+    assert not torch.allclose(va, vb)
+    assert isinstance(bridge.answer(np.zeros((32, 32, 3), np.uint8), "what color is the background ?", max_new_tokens=3), str)
