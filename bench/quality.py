@@ -1,0 +1,114 @@
+"""How good is a bridge? Held-out world captions and VQA, and easy-VQA test accuracy.
+
+    python bench/quality.py [--bridge DIR] [--world N] [--easy-vqa N] [--json FILE]
+
+World sets: the first N clips of `test-iid` and of `test-novel` (unseen colour-shape pairs), scored
+slot by slot as WORLD.md says; world VQA: every applicable WORLD.md question about those clips;
+easy-VQA: the first N questions of its test split (all 9673 with --easy-vqa 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from qformer import Bridge, world
+
+DEFAULT_BRIDGE = Path(__file__).resolve().parent.parent / "demos" / "bridge"
+
+
+def batched(items, n):
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def world_captions(bridge: Bridge, split: str, n: int, batch_size: int) -> dict:
+    scenes = [world.scene(split, i) for i in range(n)]
+    totals = defaultdict(lambda: [0, 0])
+    exact = correct = total = 0
+    for chunk in batched(scenes, batch_size):
+        preds = bridge.caption([world.render(s) for s in chunk], batch_size=batch_size)
+        for s, pred in zip(chunk, preds):
+            score = world.score_caption(pred, world.caption(s))
+            exact += score["exact"]
+            correct += score["correct"]
+            total += score["total"]
+            for slot, (c, t) in score["slots"].items():
+                totals[slot][0] += c
+                totals[slot][1] += t
+    return {
+        "clips": n,
+        "exact_match": exact / n,
+        "slot_accuracy": correct / total,
+        "per_slot": {k: c / t for k, (c, t) in totals.items() if t},
+    }
+
+
+def world_vqa(bridge: Bridge, split: str, n: int, batch_size: int) -> dict:
+    items = []
+    for i in range(n):
+        s = world.scene(split, i)
+        frames = world.render(s)
+        items += [(frames, q, a) for q, a in world.questions(s)]
+    by_kind = defaultdict(lambda: [0, 0])
+    for chunk in batched(items, batch_size):
+        preds = bridge.ask([f for f, _, _ in chunk], [q for _, q, _ in chunk])
+        for (_, q, a), pred in zip(chunk, preds):
+            kind = " ".join(q.split()[:2])  # "what color", "how many", "what shape", "what does", "is the"
+            by_kind[kind][0] += world.score_answer(pred, a)
+            by_kind[kind][1] += 1
+    right = sum(c for c, _ in by_kind.values())
+    return {"questions": len(items), "accuracy": right / len(items), "per_question": {k: c / t for k, (c, t) in by_kind.items()}}
+
+
+def easy_vqa(bridge: Bridge, n: int, batch_size: int) -> dict:
+    import easy_vqa
+
+    questions, answers, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    items = list(zip(questions, answers, image_ids))[: n or None]
+    right = 0
+    for chunk in batched(items, batch_size):
+        preds = bridge.ask([paths[i] for _, _, i in chunk], [q for q, _, _ in chunk])
+        right += sum(world.score_answer(p, a) for p, (_, a, _) in zip(preds, chunk))
+    return {"questions": len(items), "accuracy": right / len(items)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bridge", default=str(DEFAULT_BRIDGE), help="bridge directory (default: the shipped demo bridge)")
+    ap.add_argument("--world", type=int, default=200, help="clips per world test split")
+    ap.add_argument("--easy-vqa", type=int, default=2000, help="easy-VQA test questions (0 = all)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args(argv)
+    if not Path(args.bridge).is_dir():
+        sys.exit(f"{args.bridge}: no bridge there; pass --bridge DIR (a directory written by Bridge.save_pretrained)")
+    torch.set_grad_enabled(False)
+    bridge = Bridge.from_pretrained(args.bridge).eval()
+    print(f"bridge: {args.bridge}")
+    print(f"command: python bench/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    results, t0 = {}, time.time()
+    for split in ("test-iid", "test-novel"):
+        r = results[f"world {split} captions"] = world_captions(bridge, split, args.world, args.batch_size)
+        per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_slot"].items())
+        print(f"world {split:10s} captions: exact {r['exact_match']:.3f}  slot accuracy {r['slot_accuracy']:.3f}  ({per}; {r['clips']} clips)")
+    for split in ("test-iid", "test-novel"):
+        r = results[f"world {split} vqa"] = world_vqa(bridge, split, args.world, args.batch_size)
+        per = ", ".join(f"{k}: {v:.3f}" for k, v in r["per_question"].items())
+        print(f"world {split:10s} VQA: accuracy {r['accuracy']:.3f}  ({per}; {r['questions']} questions)")
+    r = results["easy-vqa test"] = easy_vqa(bridge, args.easy_vqa, args.batch_size)
+    print(f"easy-VQA test: accuracy {r['accuracy']:.3f}  ({r['questions']} questions)")
+    print(f"time: {time.time() - t0:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
