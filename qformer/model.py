@@ -168,6 +168,36 @@ class QFormer(nn.Module):
         return x
 
 
+class QFormerHeads(nn.Module):
+    """BLIP-2's stage-1 heads over Q-Former outputs.
+
+    ITC: query and [CLS]-text features projected into a small shared space, with a learned temperature.
+    ITM: a two-way classifier (match / no match) over the query outputs.
+    ITG: BERT's LM head over the text positions; its decoder is the word embedding matrix itself (tied),
+    so it is passed in rather than owned.
+    """
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        D = cfg.hidden_size
+        self.vision_proj = nn.Linear(D, cfg.embed_dim)
+        self.text_proj = nn.Linear(D, cfg.embed_dim)
+        self.temperature = nn.Parameter(torch.tensor(0.07))
+        self.itm = nn.Linear(D, 2)
+        self.lm_transform = nn.Linear(D, D)
+        self.lm_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.lm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.act = cfg.hidden_act
+        for m in (self.vision_proj, self.text_proj, self.itm, self.lm_transform):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    def lm_logits(self, hidden: torch.Tensor, word_embeddings: nn.Embedding) -> torch.Tensor:
+        """(B, L, D) text hidden states -> (B, L, V) next-token logits."""
+        h = self.lm_norm(_activation(self.act)(self.lm_transform(hidden)))
+        return F.linear(h, word_embeddings.weight, self.lm_bias)
+
+
 def self_attention_bias(Q: int, input_ids, attention_mask, mode: str, dtype) -> torch.Tensor | None:
     """Additive (B, 1, S, S) bias for S = Q + L tokens, or None when everything sees everything."""
     if mode not in MASK_MODES:

@@ -1,0 +1,77 @@
+"""BLIP-2's stage-1 objectives: image/clip-text contrast (ITC), matching (ITM), grounded generation (ITG).
+
+Each uses one of the Q-Former's three self-attention masks (model.MASK_MODES):
+  ITC  "unimodal":      queries and text cannot see each other; compare their features.
+  ITM  "bidirectional": queries and text see each other; classify the pair as matching or not.
+  ITG  "causal":        text sees all queries and earlier text; predict the next word.
+So the queries learn to extract what text can describe, before any LLM is involved.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import QFormer, QFormerHeads
+
+
+class Stage1Objective(nn.Module):
+    """The Q-Former with its stage-1 heads; forward returns the three losses (and their sum)."""
+
+    def __init__(self, qformer: QFormer, heads: QFormerHeads, label_smoothing: float = 0.1):
+        super().__init__()
+        self.qformer = qformer
+        self.heads = heads
+        # BLIP-2 smooths ITC and ITG targets by 0.1.
+        self.label_smoothing = label_smoothing
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """features (B, T, N, Dv) frozen frame features; text_ids/text_mask (B, L) Q-Former-tokenised text.
+
+        generator draws the ITM hard negatives (a CPU generator, so a resumed run draws the same ones).
+        """
+        Q = self.qformer.config.num_queries
+        ls = self.label_smoothing
+
+        # 1. ITC: queries vs the text's first ([CLS]) token, in one pass with the unimodal mask.
+        hidden = self.qformer(features, text_ids, text_mask, mode="unimodal")  # (B, Q+L, D)
+        query_feats = F.normalize(self.heads.vision_proj(hidden[:, :Q]), dim=-1)  # (B, Q, E)
+        text_feat = F.normalize(self.heads.text_proj(hidden[:, Q]), dim=-1)  # (B, E)
+        temperature = self.heads.temperature.clamp(0.001, 0.5)
+        # Similarity of clip i and text j: the best-matching query (BLIP-2).
+        sim = torch.einsum("iqe,je->ijq", query_feats, text_feat).amax(-1) / temperature  # (B, B)
+        targets = torch.arange(len(sim), device=sim.device)
+        itc = (F.cross_entropy(sim, targets, label_smoothing=ls) + F.cross_entropy(sim.t(), targets, label_smoothing=ls)) / 2
+
+        # 2. ITM with hard negatives: for each clip a wrong text, for each text a wrong clip, drawn with
+        #    probability softmax(similarity), so pairs that ITC confuses are the ones ITM learns from.
+        pos = [torch.arange(len(sim))]
+        texts, clips = pos[0], pos[0]
+        if len(sim) > 1:  # one sample has no negative; its positive pair alone keeps the head in the graph
+            with torch.no_grad():
+                eye = torch.eye(len(sim), dtype=torch.bool)
+                w_text = sim.detach().float().cpu().softmax(1).masked_fill(eye, 0)  # (B, B) per clip, over texts
+                w_clip = sim.detach().float().cpu().t().softmax(1).masked_fill(eye, 0)  # per text, over clips
+                neg_text = torch.multinomial(w_text, 1, generator=generator).squeeze(1)
+                neg_clip = torch.multinomial(w_clip, 1, generator=generator).squeeze(1)
+            texts = torch.cat([pos[0], neg_text, pos[0]])
+            clips = torch.cat([pos[0], pos[0], neg_clip])
+        texts, clips = texts.to(sim.device), clips.to(sim.device)
+        hidden = self.qformer(features[clips], text_ids[texts], text_mask[texts], mode="bidirectional")
+        itm_logits = self.heads.itm(hidden[:, :Q]).mean(1)  # (3B, 2)
+        matches = (texts == clips).long()
+        itm = F.cross_entropy(itm_logits, matches)
+
+        # 3. ITG: next-word prediction over the text, every word seeing all queries (causal mask).
+        hidden = self.qformer(features, text_ids, text_mask, mode="causal")
+        logits = self.heads.lm_logits(hidden[:, Q:], self.qformer.embeddings.word)  # (B, L, V)
+        labels = text_ids.masked_fill(text_mask == 0, -100)
+        itg = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, label_smoothing=ls)
+
+        return {"loss": itc + itm + itg, "itc": itc, "itm": itm, "itg": itg}

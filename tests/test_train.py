@@ -1,0 +1,405 @@
+"""train.py end to end on tiny backbones: each stage, resume, cache, re-bridging, bad data, two processes."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qformer import Bridge
+
+from conftest import make_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # train.py is a script at the top level, not part of the package
+import train  # noqa: E402
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+SHAPES = ["circle", "square"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine spinning OpenMP threads
+    make each step several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _image(color, shape) -> np.ndarray:
+    a = np.full((32, 32, 3), 128, np.uint8)
+    if shape == "square":
+        a[8:24, 8:24] = COLORS[color]
+    else:
+        yy, xx = np.mgrid[:32, :32]
+        a[(yy - 16) ** 2 + (xx - 16) ** 2 < 64] = COLORS[color]
+    return a
+
+
+def _clip(path, color, frames=6):
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=6)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for t in range(frames):
+            a = np.zeros((32, 32, 3), np.uint8)
+            a[:, 4 * t : 4 * t + 8] = COLORS[color]
+            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+@pytest.fixture(scope="session")
+def qformer_bert(tmp_path_factory):
+    """A tiny BERT with the tests' tokenizer: the Q-Former's initialisation and tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("bert")
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                         max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+              add_pooling_layer=False).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def captions(tmp_path_factory):
+    """8 images (4 colours x 2 shapes) with captions, as a JSONL manifest."""
+    d = tmp_path_factory.mktemp("captions")
+    rows = []
+    for color in COLORS:
+        for shape in SHAPES:
+            Image.fromarray(_image(color, shape)).save(d / f"{color}-{shape}.png")
+            rows.append({"image": f"{color}-{shape}.png", "caption": f"a {color} {shape}"})
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(d / "train.jsonl")
+
+
+@pytest.fixture(scope="session")
+def vqa(tmp_path_factory):
+    """Short clips with questions and answers, as a CSV manifest."""
+    import csv
+
+    d = tmp_path_factory.mktemp("vqa")
+    (d / "clips").mkdir()
+    with open(d / "qa.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["video", "question", "answer"])
+        w.writeheader()
+        for color in COLORS:
+            _clip(d / "clips" / f"{color}.mp4", color)
+            w.writerow({"video": f"clips/{color}.mp4", "question": "what color is the square ?", "answer": color})
+    return str(d / "qa.csv")
+
+
+def _args(tiny_dirs, bert, out, *extra, stage="1", data=None):
+    return ["--stage", stage, "--data", data, "--output", str(out), "--vision", tiny_dirs["vision"], "--llm", tiny_dirs["llm"],
+            "--qformer-init", bert, "--num-queries", "4", "--num-frames", "2", "--batch-size", "4", "--num-workers", "0",
+            "--log-with", "none", "--lr", "1e-3", *extra]
+
+
+def _metrics(out):
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(out, key="loss"):
+    return {m["step"]: m[key] for m in _metrics(out) if key in m}
+
+
+def test_stage1_smoke_logs_three_losses_and_saves_a_bridge(tiny_dirs, qformer_bert, captions, tmp_path):
+    bridge = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s1", "--max-steps", "2", data=captions))
+    steps = [m for m in _metrics(tmp_path / "s1") if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    for m in steps:
+        assert {"itc", "itm", "itg", "lr"} <= set(m)
+        assert m["loss"] == pytest.approx(m["itc"] + m["itm"] + m["itg"], rel=1e-5)
+    loaded = Bridge.from_pretrained(tmp_path / "s1")
+    assert loaded.heads is not None
+    for k, v in bridge.trainable_state_dict().items():
+        assert torch.equal(v, loaded.trainable_state_dict()[k]), k
+
+
+def test_stage2_and_instructed_smoke(tiny_dirs, qformer_bert, captions, vqa, tmp_path):
+    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s1", "--max-steps", "1", data=captions))
+    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s2", "--max-steps", "2", "--init-from", str(tmp_path / "s1"),
+                     stage="2", data=captions))
+    assert sorted(_losses(tmp_path / "s2")) == [1, 2]
+    bridge = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "vqa", "--max-steps", "2", "--instruct", "--init-from",
+                              str(tmp_path / "s2"), stage="2", data=vqa))
+    assert bridge.config.instruct and bridge.qformer_tokenizer is not None
+    loaded = Bridge.from_pretrained(tmp_path / "vqa")
+    assert isinstance(loaded.answer(str(Path(vqa).parent / "clips" / "red.mp4"), "what color is the square ?", max_new_tokens=3), str)
+
+
+@pytest.fixture(scope="session")
+def steerable_llm(tmp_path_factory):
+    """A tiny LLM with larger weights than tiny_dirs': at 0.02 init its logits barely leave uniform whatever the
+    prompt, so no soft prompt could make it overfit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("steerable")
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                 initializer_range=0.2)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_overfitting_a_handful_of_samples_lowers_each_stage_loss(tiny_dirs, steerable_llm, qformer_bert, captions, tmp_path):
+    dirs = tiny_dirs | {"llm": steerable_llm}
+    fast = ("--max-steps", "20", "--lr", "3e-3", "--batch-size", "8", "--warmup-ratio", "0")
+    train.main(_args(dirs, qformer_bert, tmp_path / "s1", *fast, data=captions))
+    s1 = _metrics(tmp_path / "s1")
+    assert s1[-1]["loss"] < 0.8 * s1[0]["loss"]
+    assert s1[-1]["itg"] < 0.7 * s1[0]["itg"]
+    train.main(_args(dirs, qformer_bert, tmp_path / "s2", *fast, "--init-from", str(tmp_path / "s1"), stage="2", data=captions))
+    s2 = _losses(tmp_path / "s2")
+    assert s2[20] < 0.6 * s2[1]
+
+
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_a_killed_run_resumes_with_the_uninterrupted_losses(tiny_dirs, qformer_bert, captions, tmp_path, monkeypatch, stage):
+    # 8 samples in batches of 3: three batches an epoch, so 7 steps cross two epoch boundaries.
+    common = ("--max-steps", "7", "--batch-size", "3", "--save-every", "2", "--eval-every", "100")
+    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "full", *common, stage=stage, data=captions))
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(accelerator, out, progress, keep):
+        real_save(accelerator, out, progress, keep)
+        if progress.step == 4:
+            # Killed after step 4's checkpoint, with step 5's metrics already written: resuming redoes step 5.
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")
+            raise KeyboardInterrupt("killed after step 4")
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_args(tiny_dirs, qformer_bert, tmp_path / "cut", *common, stage=stage, data=captions))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    with pytest.raises(SystemExit, match="already holds a run's checkpoints: pass --resume"):
+        train.main(_args(tiny_dirs, qformer_bert, tmp_path / "cut", *common, stage=stage, data=captions))
+    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "cut", *common, "--resume", stage=stage, data=captions))
+
+    full, cut = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert [m["step"] for m in _metrics(tmp_path / "cut")] == list(range(1, 8))  # each step logged once
+    assert sorted(full) == list(range(1, 8))
+    for step in range(5, 8):
+        assert cut[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
+    assert [p.name for p in sorted((tmp_path / "cut" / "checkpoints").iterdir())] == ["step-00000006", "step-00000007"]
+
+
+def test_backbones_are_bitwise_unchanged_and_only_trainable_parts_reach_the_optimizer(tiny_dirs, qformer_bert, captions, tmp_path, monkeypatch):
+    seen = []
+    real_adamw = torch.optim.AdamW
+
+    def recording_adamw(params, **kw):
+        params = list(params)
+        seen.extend(params)
+        return real_adamw(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
+    bridge = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s2", "--max-steps", "3", stage="2", data=captions))
+    fresh = Bridge.from_pretrained(tmp_path / "s2")
+    for name in ("vision", "llm"):
+        before, after = getattr(fresh, name).state_dict(), getattr(bridge, name).state_dict()
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before), name
+    backbone_ids = {id(p) for p in bridge.vision.parameters()} | {id(p) for p in bridge.llm.parameters()}
+    assert seen and not any(id(p) in backbone_ids for p in seen)
+    assert all(p.requires_grad for p in seen)
+    # Stage 2 without instructions: the Q-Former's text side idles, so it is not handed to the optimizer.
+    assert id(bridge.qformer.embeddings.word.weight) not in {id(p) for p in seen}
+    assert id(bridge.projection.weight) in {id(p) for p in seen}
+
+
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_cached_features_give_the_same_losses(tiny_dirs, qformer_bert, captions, vqa, tmp_path, stage):
+    data = captions if stage == "1" else vqa
+    common = ("--max-steps", "3", "--batch-size", "2")
+    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "plain", *common, stage=stage, data=data))
+    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "cached", *common, "--cache-features", str(tmp_path / "cache"), stage=stage, data=data))
+    shards = list((tmp_path / "cache").glob("shard-*.safetensors"))
+    assert shards and not list((tmp_path / "cache").glob(".tmp-*"))
+    # A second run reads the cache and encodes nothing.
+    mtimes = {p: p.stat().st_mtime_ns for p in shards}
+    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "again", *common, "--cache-features", str(tmp_path / "cache"), stage=stage, data=data))
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("shard-*.safetensors")} == mtimes
+    plain, cached, again = _losses(tmp_path / "plain"), _losses(tmp_path / "cached"), _losses(tmp_path / "again")
+    for step in plain:
+        assert cached[step] == pytest.approx(plain[step], rel=1e-4), step
+        assert again[step] == cached[step]
+
+
+def test_rebridging_to_an_llm_of_another_width_and_tokenizer(tiny_dirs, qformer_bert, captions, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # Another LLM: 48 wide, and a tokenizer whose ids are shuffled with respect to the first one's.
+    tok = make_tokenizer()
+    vocab = tok.get_vocab()
+    rng = np.random.default_rng(0)
+    order = list(rng.permutation(len(vocab) - 6) + 6)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted((t for t in vocab if vocab[t] >= 6), key=lambda t: vocab[t])
+    shuffled = {t: i for i, t in enumerate(sorted(vocab, key=vocab.get)[:6])} | {w: int(o) for w, o in zip(words, order)}
+    raw = Tokenizer(models.WordLevel(shuffled, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other_tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    other_tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} <eos> {% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(shuffled), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                     ).save_pretrained(tmp_path / "llm2")
+    other_tok.save_pretrained(tmp_path / "llm2")
+
+    first = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s2", "--max-steps", "2", stage="2", data=captions))
+    args = _args(tiny_dirs, qformer_bert, tmp_path / "proj", "--max-steps", "2", "--init-from", str(tmp_path / "s2"),
+                 "--train", "projection", stage="2", data=captions)
+    args[args.index("--llm") + 1] = str(tmp_path / "llm2")
+    rebridged = train.main(args)
+    assert rebridged.config.llm_width == 48 and rebridged.projection.weight.shape == (48, 32)
+    # The projection alone learned: the Q-Former is the one trained for the first LLM.
+    for k, v in first.qformer.state_dict().items():
+        assert torch.equal(v, rebridged.qformer.state_dict()[k]), k
+    loaded = Bridge.from_pretrained(tmp_path / "proj")
+    assert loaded.config.llm == str(tmp_path / "llm2")
+    assert isinstance(loaded.caption(np.zeros((32, 32, 3), np.uint8), max_new_tokens=3)[0], str)
+    # Then everything, starting from the projection-only bridge (same LLM now: its projection is kept).
+    args = _args(tiny_dirs, qformer_bert, tmp_path / "both", "--max-steps", "1", "--init-from", str(tmp_path / "proj"), stage="2", data=captions)
+    args[args.index("--llm") + 1] = str(tmp_path / "llm2")
+    both = train.main(args)
+    assert not torch.equal(both.qformer.query_tokens, rebridged.qformer.query_tokens)
+
+
+def test_the_cheap_loss_path_gives_the_forward_loss(tiny_bridge):
+    bridge = tiny_bridge.eval()
+    batch = bridge.answer_batch(["describe the clip .", "what color is the square ?", "how many ?"], ["a red square", "blue", "two"])
+    features = torch.randn(3, 2, 17, 24)
+    full = bridge(features=features, **batch)
+    cheap = bridge(features=features, return_logits=False, **batch)
+    assert cheap.logits is None and full.logits.shape[:2] == batch["input_ids"].shape
+    assert torch.allclose(cheap.loss, full.loss, atol=1e-6)
+    # Left padding puts every answer at the end; the end-of-turn token is a target, the prompt is not.
+    tok = bridge.llm.tokenizer
+    labels = batch["labels"][1]
+    assert tok.convert_ids_to_tokens(labels[labels != -100].tolist()) == ["blue", "<eos>"]
+    assert batch["attention_mask"][2, 0] == 0 and (batch["input_ids"][:, -1] == tok.eos_token_id).all()
+
+
+def test_unreadable_samples_are_reported_and_skipped_and_too_many_stop_the_run(tiny_dirs, qformer_bert, captions, tmp_path):
+    root = Path(captions).parent
+    rows = [json.loads(l) for l in Path(captions).read_text().splitlines()]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r | {"image": str(root / r["image"])}) + "\n" for r in rows)
+                        + json.dumps({"image": "broken.png", "caption": "a red square"}) + "\n")
+    # Two epochs: the broken file is met twice and reported once.
+    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "ok", "--epochs", "2", "--max-bad-fraction", "0.2", data=str(manifest)))
+    bad = [json.loads(l) for l in (tmp_path / "ok" / "bad_samples.jsonl").read_text().splitlines()]
+    assert [b["sample"] for b in bad] == [str(tmp_path / "broken.png")]
+    assert [m["step"] for m in _metrics(tmp_path / "ok")] == list(range(1, 7))
+    assert "broken.png" in bad[0]["error"]
+    assert (tmp_path / "ok" / "bridge.safetensors").exists()
+    with pytest.raises(SystemExit, match=r"1 of 9 samples are unreadable, more than --max-bad-fraction 0.01; see .*bad_samples.jsonl"):
+        train.main(_args(tiny_dirs, qformer_bert, tmp_path / "stop", "--max-steps", "3", data=str(manifest)))
+
+
+def test_configuration_errors_fail_before_any_compute_saying_what_to_change(tiny_dirs, qformer_bert, captions, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(_args(tiny_dirs, qformer_bert, tmp_path / "x", stage="3", data=captions))
+    assert "argument --stage: invalid choice: '3'" in capsys.readouterr().err
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "text": "a red square"}) + "\n")
+    with pytest.raises(SystemExit, match="needs a 'caption' column, or 'question' and 'answer' columns; it has columns"):
+        train.main(_args(tiny_dirs, qformer_bert, tmp_path / "x", data=str(tmp_path / "m.jsonl")))
+    with pytest.raises(SystemExit, match="--train projection is for stage 2"):
+        train.main(_args(tiny_dirs, qformer_bert, tmp_path / "x", "--train", "projection", data=captions))
+    # A vision encoder whose features the Q-Former cannot read.
+    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "b", "--max-steps", "1", data=captions))
+    with pytest.raises(SystemExit, match="--vision .*: the Q-Former in .* was trained on .* features; drop --vision"):
+        args = _args(tiny_dirs, qformer_bert, tmp_path / "x", "--init-from", str(tmp_path / "b"), data=captions)
+        args[args.index("--vision") + 1] = tiny_dirs["vit"]
+        train.main(args)
+    # A Q-Former tokenizer larger than the Q-Former's vocabulary.
+    big = tmp_path / "bigtok"
+    tok = make_tokenizer()
+    tok.add_tokens([f"extra{i}" for i in range(100)])
+    tok.save_pretrained(big)
+    n = len(make_tokenizer())
+    with pytest.raises(SystemExit, match=f"the Q-Former tokenizer has {n + 100} tokens but the Q-Former only {n} word embeddings"):
+        train.main(_args(tiny_dirs, qformer_bert, tmp_path / "x", "--qformer-tokenizer", str(big), data=captions))
+    assert not (tmp_path / "x").exists()
+
+
+def test_evaluation_logs_mean_losses(tiny_dirs, qformer_bert, captions, vqa, tmp_path):
+    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "e", "--max-steps", "2", "--eval-every", "1", "--eval-data", vqa,
+                     stage="2", data=captions))
+    evals = [m for m in _metrics(tmp_path / "e") if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [1, 2]
+    assert all(math.isfinite(m["eval_loss"]) for m in evals)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_rank0_writes_one_checkpoint(tiny_dirs, qformer_bert, captions, tmp_path):
+    out = tmp_path / "ddp"
+    # `accelerate launch --cpu` starts a single process unless MPI is there; `--multi_gpu` starts two through torchrun,
+    # and ACCELERATE_USE_CPU makes them a gloo process group on the CPU.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(ROOT / "train.py"),
+           *_args(tiny_dirs, qformer_bert, out, "--max-steps", "3", "--save-every", "3", "--batch-size", "2",
+                  "--cache-features", str(tmp_path / "cache"), data=captions)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="true")
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 processes" in run.stdout
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]  # one line per step: rank 0 alone writes metrics
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000003"]
+    assert Bridge.from_pretrained(out).heads is not None
+    # Each process encoded its half of the clips into shards of its own; both read all of them.
+    from qformer.data import FeatureCache
+
+    shards = list((tmp_path / "cache").glob("shard-*.safetensors"))
+    assert len(shards) == 2 and len(FeatureCache(tmp_path / "cache", "any")) == 8
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tiny_dirs, qformer_bert, captions, tmp_path):
+    # 8 samples, batches of 3: 3 batches an epoch, grouped 2 + 1, so 2 optimizer steps an epoch.
+    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "acc", "--batch-size", "3", "--grad-accum", "2", "--epochs", "2",
+                     stage="2", data=captions))
+    steps = [m for m in _metrics(tmp_path / "acc") if "loss" in m]
+    assert [(m["step"], m["epoch"]) for m in steps] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+
+
+@pytest.mark.backbones
+@pytest.mark.slow
+def test_stage1_then_stage2_on_the_offline_backbones(captions, tmp_path):
+    """MiniLM-initialised Q-Former, EfficientNet-Lite0 at 128 px, SmolLM2-135M: one step of each stage."""
+    common = ["--data", captions, "--vision-resolution", "128", "--num-frames", "1", "--batch-size", "2", "--max-steps", "1",
+              "--num-workers", "0", "--log-with", "none"]
+    train.main(["--stage", "1", "--output", str(tmp_path / "s1"), *common])
+    bridge = train.main(["--stage", "2", "--init-from", str(tmp_path / "s1"), "--output", str(tmp_path / "s2"), *common])
+    assert bridge.config.llm == "smollm2-135m-instruct" and bridge.config.qformer.hidden_size == 384
+    for out in ("s1", "s2"):
+        assert all(math.isfinite(m["loss"]) for m in _metrics(tmp_path / out))
+    assert Bridge.from_pretrained(tmp_path / "s2").heads is not None  # kept, frozen, from stage 1
