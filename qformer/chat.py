@@ -1,0 +1,243 @@
+"""Visual question answering as a conversation: the terminal chat and the session the web page shares.
+
+    qformer chat [--bridge DIR] [--image PATH | --clip PATH]       (or: python -m qformer.chat ...)
+    qformer chat --web [--host 127.0.0.1] [--port 7860]
+
+A `ChatSession` is one conversation: the current image or clip and the (question, answer) turns
+about it. Every answer comes from `Bridge.answer`, streamed through transformers'
+`TextIteratorStreamer`; the earlier turns go back in as `history`, which the LLM sees in its own
+chat template. Nothing here knows about models beyond that call.
+
+In the terminal, answers go to stdout, one per line, and everything else (status, errors, help)
+to stderr, so `qformer chat --clip c.mp4 < questions.txt > answers.txt` works as a script.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from adapters.video import Clip, ClipError, read_clip
+
+from .bridge import Bridge
+
+# The trained demo bridge, shipped in the repository next to the package.
+DEFAULT_BRIDGE = Path(__file__).resolve().parent.parent / "demos" / "bridge"
+
+# "owner/name" could be a Hugging Face hub id, which Bridge.from_pretrained downloads.
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+DESCRIPTION = "Chat about an image or a video clip with a trained bridge, in the terminal or (--web) in a browser."
+
+HELP = """\
+Ask a question about the image or clip and press Enter; follow-up questions see the earlier turns.
+  /image PATH   talk about this image (starts a new conversation)
+  /clip PATH    talk about this video clip (starts a new conversation)
+  /reset        forget the conversation, keep the image or clip
+  /quit         leave (so does Ctrl-D); Ctrl-C stops an answer"""
+
+
+class ChatError(ValueError):
+    """Something the user asked for that cannot be done now; the message says why."""
+
+
+class ChatSession:
+    """One conversation: the current image or clip and the turns about it."""
+
+    def __init__(self, bridge: Bridge, max_new_tokens: int = 48):
+        self.bridge = bridge
+        self.max_new_tokens = max_new_tokens
+        self.clip: Clip | None = None
+        self.history: list[tuple[str, str]] = []
+
+    def load(self, path: str | Path, max_duration_s: float | None = None) -> Clip:
+        """Make the image or clip at `path` the subject of a new conversation.
+
+        Decoded once here (the frames the bridge samples), so a bad file is reported when it is
+        named rather than at the next question. A clip longer than `max_duration_s` is refused
+        (ChatError). On an error the session is unchanged.
+        """
+        clip = read_clip(path, num_frames=self.bridge.config.num_frames)
+        if max_duration_s is not None and clip.duration_s > max_duration_s:
+            raise ChatError(f"{path}: the clip lasts {clip.duration_s:.1f} s; the limit here is {max_duration_s:g} s")
+        # Earlier turns were about another picture; carrying them over would mislead the LLM.
+        self.clip, self.history = clip, []
+        return clip
+
+    def reset(self) -> None:
+        # A new list rather than clear(): an answer still streaming belongs to the old conversation.
+        self.history = []
+
+    def stream(self, question: str) -> Iterator[str]:
+        """Answer `question` with the turns so far, yielding the text as it is generated.
+
+        When the answer is complete it is appended to `history`, exactly as `Bridge.answer`
+        returned it. Closing the iterator early (Ctrl-C, a closed page) stops generation.
+        """
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        question = question.strip()
+        if not question:
+            raise ChatError("empty question")
+        if self.clip is None:
+            raise ChatError("no image or clip yet: load one first")
+        clip, history = self.clip, self.history
+        stop = threading.Event()
+
+        class StopWhenAsked(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        streamer = TextIteratorStreamer(self.bridge.llm.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        outcome: dict[str, object] = {}
+
+        def generate() -> None:
+            try:
+                outcome["answer"] = self.bridge.answer(
+                    clip, question, list(history), max_new_tokens=self.max_new_tokens,
+                    streamer=streamer, stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
+                )
+            except BaseException as e:  # handed to the caller's thread below
+                outcome["error"] = e
+                streamer.end()  # generate() never will now; without it the loop below waits forever
+
+        worker = threading.Thread(target=generate, name="chat-generate", daemon=True)
+        worker.start()
+        try:
+            started = False
+            for text in streamer:
+                if not started:
+                    # Bridge.answer strips the answer; strip the stream's start the same way.
+                    text = text.lstrip()
+                    started = bool(text)
+                if text:
+                    yield text
+        finally:
+            stop.set()  # a no-op after a complete answer; ends generation early otherwise
+            worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        # Loading another clip or /reset during generation started a new conversation.
+        if self.history is history:
+            history.append((question, outcome["answer"]))
+
+
+def load_bridge(spec: str | None) -> Bridge:
+    """The bridge to chat with: `spec` (a directory or hub id), or the default demo bridge."""
+    if spec is None:
+        if not DEFAULT_BRIDGE.is_dir():
+            raise SystemExit(
+                f"qformer chat: no default bridge at {DEFAULT_BRIDGE} (the trained demo bridge is not there yet); "
+                "pass --bridge DIR, a directory written by Bridge.save_pretrained"
+            )
+        spec = str(DEFAULT_BRIDGE)
+    local = Path(spec).is_dir()
+    if not local and not _HUB_ID.fullmatch(spec):
+        raise SystemExit(f"qformer chat: {spec}: no such bridge directory")
+    try:
+        return Bridge.from_pretrained(spec)
+    except (OSError, ValueError) as e:  # not a bridge, weights that do not fit, an unreachable hub
+        where = "" if local else " (no such local directory; tried it as a Hugging Face hub id)"
+        raise SystemExit(f"qformer chat: cannot load the bridge {spec}{where}: {e}") from None
+
+
+def describe(clip: Clip, name: str) -> str:
+    if clip.duration_s == 0:
+        return f"{name}: an image"
+    return f"{name}: {len(clip.frames)} frames sampled from {clip.duration_s:.1f} s"
+
+
+def say(text: str) -> None:
+    """Status, help and errors: stderr, so that stdout carries the answers alone."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def terminal(session: ChatSession) -> None:
+    """The read-answer loop on stdin/stdout; returns at /quit or end of input."""
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and recall for input())
+    say(HELP)
+    while True:
+        try:
+            line = input("you> " if interactive else "").strip()
+        except EOFError:
+            return
+        except KeyboardInterrupt:
+            say("")
+            return
+        if not line:
+            continue
+        command, _, argument = line.partition(" ")
+        argument = argument.strip()
+        if command == "/quit":
+            return
+        if command == "/reset":
+            session.reset()
+            say("conversation cleared")
+        elif command in ("/image", "/clip"):
+            if not argument:
+                say(f"error: {command} needs a path")
+                continue
+            try:
+                say("loaded " + describe(session.load(argument), argument))
+            except ClipError as e:
+                say(f"error: {e}")
+        elif command.startswith("/"):
+            say(f"error: unknown command {command}\n{HELP}")
+        else:
+            try:
+                for text in session.stream(line):
+                    print(text, end="", flush=True)
+                print(flush=True)
+            except ChatError as e:
+                say(f"error: {e}")
+            except KeyboardInterrupt:
+                print(flush=True)
+                say("(answer stopped; it is not kept in the conversation)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bridge", metavar="DIR", help=f"trained bridge directory (default: {DEFAULT_BRIDGE})")
+    first = parser.add_mutually_exclusive_group()
+    first.add_argument("--image", metavar="PATH", help="start with this image")
+    first.add_argument("--clip", metavar="PATH", help="start with this video clip")
+    parser.add_argument("--web", action="store_true", help="serve the chat as a web page instead of the terminal")
+    parser.add_argument("--host", default="127.0.0.1", help="web: address to listen on (default: %(default)s, this machine only)")
+    parser.add_argument("--port", type=int, default=7860, help="web: port (default: %(default)s)")
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.web and (args.image or args.clip):
+        raise SystemExit("qformer chat: --image and --clip are for the terminal chat; in the web page, upload the file")
+    bridge = load_bridge(args.bridge)
+    if args.web:
+        from .web import launch
+
+        try:
+            launch(bridge, host=args.host, port=args.port)
+        except OSError:  # Gradio says only that it found no free port
+            raise SystemExit(
+                f"qformer chat: cannot serve the page on {args.host}:{args.port} (the port is in use, or the host is "
+                "not an address of this machine); choose another --port or --host"
+            ) from None
+        return
+    session = ChatSession(bridge)
+    first = args.image or args.clip
+    if first:
+        try:
+            say("loaded " + describe(session.load(first), first))
+        except ClipError as e:
+            raise SystemExit(f"qformer chat: {e}") from None
+    terminal(session)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="qformer chat", description=DESCRIPTION)
+    add_arguments(parser)
+    main(parser.parse_args())
