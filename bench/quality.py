@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from qformer import Bridge, world
+from qformer.bridge import DEFAULT_BRIDGE
 
-DEFAULT_BRIDGE = Path(__file__).resolve().parent.parent / "demos" / "bridge"
 
 
 def batched(items, n):

@@ -25,6 +25,8 @@ from adapters.vision import load_vision
 from .config import BridgeConfig
 from .model import QFormer, QFormerHeads, count_parameters
 
+# The trained demo bridge shipped in the repository, used when no bridge is named.
+DEFAULT_BRIDGE = Path(__file__).resolve().parent.parent / "demos" / "bridge"
 CONFIG_NAME = "bridge_config.json"
 WEIGHTS_NAME = "bridge.safetensors"
 

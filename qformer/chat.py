@@ -24,10 +24,9 @@ import torch
 
 from adapters.video import Clip, ClipError, read_clip
 
-from .bridge import Bridge
+from .bridge import DEFAULT_BRIDGE, Bridge
 
 # The trained demo bridge, shipped in the repository next to the package.
-DEFAULT_BRIDGE = Path(__file__).resolve().parent.parent / "demos" / "bridge"
 
 # "owner/name" could be a Hugging Face hub id, which Bridge.from_pretrained downloads.
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")

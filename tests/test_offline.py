@@ -1,7 +1,6 @@
 """The offline pretrained backbones load and a bridge over them runs end to end on a real photo and a clip."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

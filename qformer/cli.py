@@ -1,0 +1,128 @@
+"""The `qformer` command line.
+
+Each subcommand is two functions: `add_<name>(subparsers)` declares its arguments and `run_<name>(args)`
+does the work (returning the exit status). `main` registers them; a new subcommand is one more pair.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import chat
+from . import recaption as rc
+from .bridge import DEFAULT_BRIDGE
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qformer", description="A Q-Former bridge between a frozen vision encoder and a frozen LLM.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_recaption(subparsers)
+    add_chat(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError, rc.OutputBusy) as e:
+        # Mistakes in the command or its files: one clear line, no traceback.
+        print(f"qformer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------- recaption
+
+
+def add_recaption(subparsers) -> None:
+    p = subparsers.add_parser(
+        "recaption",
+        help="caption every clip or image of folders, files, manifests or datasets directories",
+        description=(
+            "One caption per input, written as it goes (JSONL, or Parquet for FILE.parquet). Rerunning the same "
+            "command resumes: inputs already recorded are skipped, even after a kill. Under `accelerate launch` "
+            "(or with --shard i/n) each process takes every n-th input and writes FILE.shard-i-of-n.jsonl; the "
+            "last process to finish merges them into FILE."
+        ),
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="folders (searched recursively), clip or image files, manifests (.jsonl/.csv/.parquet with a "
+                        "video or image column; relative paths are relative to the manifest), datasets save_to_disk folders")
+    p.add_argument("--out", required=True, metavar="FILE", help="output records: JSONL, or Parquet when FILE ends in .parquet")
+    p.add_argument("--bridge", metavar="DIR", help=f"bridge directory (Bridge.save_pretrained); default {DEFAULT_BRIDGE}")
+    frames = p.add_mutually_exclusive_group()
+    frames.add_argument("--num-frames", type=int, metavar="N", help="frames sampled per clip (default: the bridge's)")
+    frames.add_argument("--fps", type=float, metavar="F",
+                        help="sample F frames per second instead (capped at the frames the bridge's Q-Former takes)")
+    p.add_argument("--batch-size", type=int, default=rc.DEFAULT_BATCH_SIZE, metavar="B", help="clips per model call")
+    p.add_argument("--prompt", metavar="TEXT", help="instruction given with each clip (default: the bridge's caption prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=rc.DEFAULT_MAX_NEW_TOKENS, metavar="K", help="longest caption, in tokens")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="W",
+                   help="processes decoding clips while the model runs (0: decode in the main process)")
+    p.add_argument("--shard", metavar="i/n", help="caption only every n-th input, starting at the i-th (0-based), of the sorted inputs")
+    p.set_defaults(run=run_recaption)
+
+
+def run_recaption(args) -> int:
+    import torch
+    from accelerate import PartialState
+
+    from .bridge import Bridge
+
+    for name in ("num_frames", "batch_size", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+    if args.fps is not None and not args.fps > 0:
+        raise ValueError(f"--fps must be positive, got {args.fps}")
+    bridge_dir = args.bridge
+    if bridge_dir is None:
+        if not DEFAULT_BRIDGE.is_dir():
+            raise ValueError(
+                f"no --bridge given and the default bridge ({DEFAULT_BRIDGE}) is not there; "
+                "pass --bridge DIR, a directory written by Bridge.save_pretrained or train.py"
+            )
+        bridge_dir = str(DEFAULT_BRIDGE)
+    # The record names the bridge by absolute path, so a rerun from another folder resumes the same output.
+    bridge_name = os.path.abspath(bridge_dir) if os.path.isdir(bridge_dir) else bridge_dir
+
+    # Under `accelerate launch`: this process's index, the process count and its device. Without CUDA,
+    # Accelerate only counts the launched processes when told they run on the CPU.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes > 1:
+        if args.shard:
+            raise ValueError("--shard and `accelerate launch` both split the inputs; use one of them")
+        shard = (state.process_index, state.num_processes)
+    else:
+        shard = rc.parse_shard(args.shard) if args.shard else (0, 1)
+
+    items = rc.discover(args.inputs)  # before loading models: a bad manifest fails in a second
+    bridge = Bridge.from_pretrained(bridge_dir).to(state.device)
+    summary = rc.recaption(
+        items, args.out, bridge, bridge_name,
+        prompt=args.prompt, num_frames=args.num_frames, fps=args.fps, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, workers=args.workers, shard=shard,
+    )
+    prefix = f"shard {shard[0]}/{shard[1]}: " if shard[1] > 1 else ""
+    print(prefix + summary.line(), flush=True)
+    if shard[1] > 1 and summary.missing == 0:
+        print(f"merged {len(items)} records into {args.out}", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- chat
+
+
+def add_chat(subparsers) -> None:
+    p = subparsers.add_parser("chat", help=chat.DESCRIPTION, description=chat.DESCRIPTION)
+    chat.add_arguments(p)
+    p.set_defaults(run=run_chat)
+
+
+def run_chat(args) -> int:
+    chat.main(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

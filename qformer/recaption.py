@@ -1,0 +1,557 @@
+"""Recaption a data set: one caption per clip or image, at the speed of the frozen models, never losing work.
+
+    INPUT... --discover--> sorted unique items --shard i/n--> this process's items, minus those already done
+      --DataLoader workers: read_clip + vision.preprocess--> (T, 3, H, W) per clip, or an error
+      --main process: batches of clips with the same shape--> Bridge.answer_pixels --> captions
+      --> append-only JSONL journal (one line per record, fsynced per batch) --> merged output file
+
+Output records (JSONL, or Parquet when the file name ends in .parquet), one per input:
+    path, caption, num_frames, duration_s, error (null, or what was wrong), bridge, prompt
+
+Exactly once, through kills: each process appends complete lines to its own journal and fsyncs them
+per batch. On start it cuts a torn last line (a kill mid-write) off its journal and skips every path
+already recorded in any journal of the same output. A process holds an exclusive lock on its journal,
+so two runs can never write the same one.
+
+Journals of output FILE:
+    FILE                               unsharded JSONL output: the journal is the output itself
+    FILE.journal.jsonl                 unsharded Parquet output
+    FILE.shard-<i>-of-<n>.jsonl        shard i of n (--shard i/n, or each process of `accelerate launch`)
+
+Merge: every process, after its last record, reads all journals of FILE; if together they hold a
+record for every input it writes FILE atomically (temporary file + os.replace), each input once, in
+sorted order. So the last shard to finish writes the merged file, on one machine or many sharing a
+file system, with no barrier to hang on when a process dies; rerunning any shard's command after a
+crash redoes only the merge. Two shards finishing together write identical files, so either may win.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from adapters.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, read_clip
+
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
+MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
+# Columns of a manifest or datasets directory that may name the clips, in order of preference.
+MEDIA_COLUMNS = ("video", "video_path", "image", "image_path", "clip", "path", "file", "file_name", "filename")
+# The output record, field -> Parquet type; JSONL lines carry the same fields in the same order.
+RECORD_SCHEMA = {"path": "string", "caption": "string", "num_frames": "int32", "duration_s": "float64", "error": "string",
+                 "bridge": "string", "prompt": "string"}
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_MAX_NEW_TOKENS = 48
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input. `path` is the record's key: an absolute file path, or DIR#ROW for bytes stored in a datasets directory."""
+
+    path: str
+    # Found wrong while listing the inputs (a symlink loop, a folder that cannot be listed).
+    error: str | None = None
+    # (datasets directory, column, row) when the clip's bytes live inside a datasets directory.
+    blob: tuple[str, str, int] | None = None
+
+
+def discover(inputs: Iterable[str]) -> list[Item]:
+    """Folders (recursive), files, manifests (.jsonl/.csv/.parquet) and datasets directories -> sorted unique items.
+
+    A path that does not exist is kept as an item (its record says so). A manifest that cannot be read or
+    names no clips raises ValueError: that is a mistake in the command, better reported before any model loads.
+    """
+    found: dict[str, Item] = {}
+    for arg in inputs:
+        for item in _expand(arg):
+            found.setdefault(item.path, item)
+    return [found[k] for k in sorted(found)]
+
+
+def _expand(arg: str) -> Iterator[Item]:
+    path = os.path.abspath(arg)
+    if os.path.isdir(path):
+        yield from (_dataset_items(path) if _is_dataset_dir(path) else _walk(path))
+    elif path.lower().endswith(MANIFEST_SUFFIXES) and os.path.isfile(path):
+        yield from _manifest_items(path)
+    else:
+        yield Item(path)
+
+
+def _walk(root: str) -> Iterator[Item]:
+    """Media files under root, following symlinked folders once each; a link back to an ancestor is an error record."""
+    visited = {os.path.realpath(root)}
+    stack = [(root, (os.path.realpath(root),))]  # (folder, real paths of the folder and its ancestors)
+    while stack:
+        folder, ancestors = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            yield Item(folder, error=f"{folder}: cannot list folder: {e.strerror}")
+            continue
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    yield Item(entry.path, error=f"{entry.path}: symlink loop ({e.strerror})")
+                continue
+            if is_dir:
+                real = os.path.realpath(entry.path)
+                if real in ancestors:
+                    yield Item(entry.path, error=f"{entry.path}: symlink loop (points back to {real}); not followed")
+                elif real not in visited:  # a second link to a folder already listed adds nothing
+                    visited.add(real)
+                    stack.append((entry.path, ancestors + (real,)))
+            elif os.path.splitext(entry.name)[1].lower() in MEDIA_EXTENSIONS:
+                yield Item(entry.path)
+
+
+def _media_column(columns: Sequence[str], source: str) -> str:
+    for name in MEDIA_COLUMNS:
+        if name in columns:
+            return name
+    raise ValueError(f"{source}: no column naming the clips; expected one of {', '.join(MEDIA_COLUMNS)}, found {', '.join(columns) or 'none'}")
+
+
+def _manifest_items(manifest: str) -> Iterator[Item]:
+    """Rows of a manifest; relative paths are relative to the manifest's folder (as in Hugging Face metadata files)."""
+    base = os.path.dirname(manifest)
+    try:
+        values = _manifest_column(manifest)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{manifest}: cannot read this manifest: {e}") from None
+    for row, value in enumerate(values):
+        if isinstance(value, dict):  # a Hugging Face Image/Video feature: {"bytes", "path"}
+            value = value.get("path")
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{manifest}: row {row + 1} has no clip path ({value!r})")
+        yield Item(os.path.normpath(os.path.join(base, value)))
+
+
+def _manifest_column(manifest: str) -> list:
+    lower = manifest.lower()
+    if lower.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(manifest).names
+        return pq.read_table(manifest, columns=[_media_column(names, manifest)]).column(0).to_pylist()
+    if lower.endswith(".csv"):
+        import csv
+
+        with open(manifest, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        column = _media_column(list(rows[0]) if rows else [], manifest)
+        return [r[column] for r in rows]
+    rows = []
+    with open(manifest, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"line {n} is not a JSON object")
+                rows.append(row)
+    column = _media_column(sorted({k for r in rows for k in r}), manifest)
+    return [r.get(column) for r in rows]
+
+
+def _is_dataset_dir(path: str) -> bool:
+    """A directory written by datasets' save_to_disk (a Dataset or a DatasetDict)."""
+    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or (
+        os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path, "dataset_info.json"))
+    )
+
+
+def _dataset_items(path: str) -> Iterator[Item]:
+    """Clips named or embedded in a datasets directory: a path column, or Image/Video features (bytes or path)."""
+    import datasets
+    import pyarrow.compute as pc
+    import pyarrow.types as pt
+
+    loaded = datasets.load_from_disk(path)
+    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
+    for split, part in splits:
+        where = os.path.join(path, split) if split else path
+        column = _media_column(part.column_names, where)
+        values = part.data.table.column(column).combine_chunks()  # memory-mapped: no clip bytes are read here
+        if pt.is_struct(values.type):
+            paths = values.field("path").to_pylist()
+            embedded = pc.is_valid(values.field("bytes")).to_pylist()
+        else:
+            paths, embedded = values.to_pylist(), [False] * len(values)
+        for row, (value, has_bytes) in enumerate(zip(paths, embedded)):
+            if has_bytes:
+                yield Item(f"{where}#{row}", blob=(where, column, row))
+            elif value:
+                yield Item(os.path.normpath(os.path.join(where, value)))
+            else:
+                yield Item(f"{where}#{row}", error=f"{where}: row {row} holds neither bytes nor a path in column {column!r}")
+
+
+# ---------------------------------------------------------------- decoding (in worker processes)
+
+
+@dataclass
+class Sample:
+    path: str
+    pixels: torch.Tensor | None  # (T, 3, H, W), preprocessed for the vision encoder
+    num_frames: int | None
+    duration_s: float | None
+    error: str | None
+
+
+class DecodedItems(torch.utils.data.Dataset):
+    """Decode, sample and preprocess one item per call; every failure becomes a Sample with its error."""
+
+    def __init__(self, items: Sequence[Item], preprocess: Callable, num_frames: int | None, fps: float | None, max_side: int | None):
+        self.items, self.preprocess = items, preprocess
+        self.num_frames, self.fps, self.max_side = num_frames, fps, max_side
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Sample:
+        item = self.items[i]
+        if item.error is not None:
+            return Sample(item.path, None, None, None, item.error)
+        try:
+            clip = self._read(item)
+            pixels = self.preprocess(clip.frames)  # (T, 3, H, W)
+        except ClipError as e:
+            return Sample(item.path, None, None, None, str(e))
+        except Exception as e:  # noqa: BLE001 -- a decoder bug on one file must not end the data set's run
+            return Sample(item.path, None, None, None, f"{item.path}: {type(e).__name__}: {e}")
+        return Sample(item.path, pixels, len(clip.frames), clip.duration_s, None)
+
+    def _read(self, item: Item):
+        if item.blob is None:
+            return read_clip(item.path, num_frames=self.num_frames, fps=self.fps, max_side=self.max_side)
+        where, column, row = item.blob
+        cell = _dataset_table(where).column(column)[row].as_py()
+        suffix = os.path.splitext(cell.get("path") or "")[1] or ".bin"
+        # PyAV and Pillow read files; the bytes go through a temporary one, named after the item in errors.
+        with tempfile.NamedTemporaryFile(suffix=suffix) as f:
+            f.write(cell["bytes"])
+            f.flush()
+            try:
+                return read_clip(f.name, num_frames=self.num_frames, fps=self.fps, max_side=self.max_side)
+            except ClipError as e:
+                raise ClipError(str(e).replace(f.name, item.path)) from None
+
+
+@functools.lru_cache(maxsize=8)
+def _dataset_table(where: str):
+    import datasets
+
+    return datasets.load_from_disk(where).data.table
+
+
+def _keep(sample: Sample) -> Sample:
+    """collate_fn: samples travel one by one; the main process batches them by shape."""
+    return sample
+
+
+def _loader(dataset: DecodedItems, workers: int, batch_size: int) -> torch.utils.data.DataLoader:
+    kwargs = {}
+    if workers > 0:
+        # Fork shares the already loaded vision adapter with the workers instead of pickling it;
+        # out-of-order delivery keeps a slow clip (an hour of video) from stalling the others;
+        # each worker keeps a batch ready so the model never waits.
+        context = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
+        kwargs = dict(multiprocessing_context=context, prefetch_factor=max(2, batch_size), in_order=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_keep, **kwargs)
+
+
+def decode_side(vision) -> int | None:
+    """Longest side to decode frames at: twice the encoder's input, so the decoder's cheap resize bounds memory
+    (an 8K frame) while the short side of frames up to 2:1 keeps full detail for preprocess's final resize."""
+    side = getattr(vision, "resolution", None) or getattr(vision, "image_size", None)
+    return 2 * int(side) if side else None
+
+
+# ---------------------------------------------------------------- journals and output
+
+
+def _encode(record: dict) -> bytes:
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not UTF-8 (os.fsdecode's surrogates): escape it
+        return (json.dumps(record) + "\n").encode("ascii")
+
+
+def _parse(data: bytes, source: str) -> list[dict]:
+    """Records of the complete lines in data (a trailing piece without its newline is a write in progress)."""
+    lines = data[: data.rfind(b"\n") + 1].splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: line {n} is not a JSON record ({e}); the file was changed by something else") from None
+    return records
+
+
+def journal_path(out: str, shard: tuple[int, int]) -> str:
+    i, n = shard
+    if n > 1:
+        return f"{out}.shard-{i}-of-{n}.jsonl"
+    return f"{out}.journal.jsonl" if out.lower().endswith(".parquet") else out
+
+
+def _journals(out: str) -> list[str]:
+    """Every journal of this output that exists (see the module docstring)."""
+    paths = sorted(glob.glob(glob.escape(out) + ".shard-*-of-*.jsonl"))
+    paths += [p for p in (f"{out}.journal.jsonl", out) if not p.lower().endswith(".parquet") and os.path.isfile(p)]
+    return paths
+
+
+def read_records(path: str) -> list[dict]:
+    """Records of a JSONL or Parquet output (or journal), ignoring a torn last line."""
+    if path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    with open(path, "rb") as f:
+        return _parse(f.read(), path)
+
+
+class OutputBusy(RuntimeError):
+    """Another process holds the journal this run would write."""
+
+
+class Journal:
+    """This process's append-only JSONL journal: locked, torn tail cut, one write and fsync per batch."""
+
+    def __init__(self, path: str):
+        self.path = path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        created = not os.path.exists(path)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise OutputBusy(f"{path}: another recaption process is writing this file; wait for it or choose another --out") from None
+        data = _read_all(self.fd)
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):  # a record torn by a kill: drop it, its item is done again
+            os.ftruncate(self.fd, complete)
+            os.fsync(self.fd)
+        if created:  # make the new file's name durable too
+            dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            os.fsync(dir_fd)
+            os.close(dir_fd)
+
+    def append(self, records: list[dict]) -> None:
+        data = b"".join(_encode(r) for r in records)
+        while data:
+            written = os.write(self.fd, data)
+            data = data[written:]
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _read_all(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _recorded(out: str) -> dict[str, dict]:
+    """path -> record over every journal of out (the first record of a path wins; they are identical)."""
+    done: dict[str, dict] = {}
+    for path in _journals(out):
+        for record in read_records(path):
+            done.setdefault(record["path"], record)
+    return done
+
+
+def _write_atomic(out: str, records: list[dict]) -> None:
+    """Write the whole output to a temporary file in the same folder, fsync it, and rename it over out."""
+    folder = os.path.dirname(os.path.abspath(out))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=folder)
+    try:
+        if out.lower().endswith(".parquet"):
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            os.close(fd)
+            schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in RECORD_SCHEMA.items()])
+            pq.write_table(pa.Table.from_pylist(records, schema=schema), tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"".join(_encode(r) for r in records))
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def merge(items: Sequence[Item], out: str) -> int:
+    """Write out from all its journals if they hold every item; returns how many items still lack a record."""
+    done = _recorded(out)
+    missing = sum(item.path not in done for item in items)
+    journals = _journals(out)
+    if missing == 0 and journals != [out]:  # an unsharded JSONL journal already is the output
+        _write_atomic(out, [done[item.path] for item in items])
+    return missing
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Summary:
+    done: int         # captioned in this run
+    failed: int       # error records written in this run
+    skipped: int      # already recorded by an earlier run
+    seconds: float
+    missing: int      # inputs of other shards not recorded yet (0: the merged output is written)
+
+    @property
+    def clips_per_s(self) -> float:
+        return (self.done + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        text = f"done {self.done}, failed {self.failed}, {self.clips_per_s:.2f} clips/s"
+        if self.skipped:
+            text += f", {self.skipped} already done"
+        if self.missing:
+            text += f", {self.missing} inputs of other shards still to do before the merge"
+        return text
+
+
+def recaption(
+    items: Sequence[Item],
+    out: str,
+    bridge,
+    bridge_name: str,
+    prompt: str | None = None,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    workers: int = 2,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+) -> Summary:
+    """Caption this shard's items not yet recorded in out, append their records, and merge when all are done.
+
+    num_frames / fps as in adapters.video.read_clip; with fps the frame count is capped at what the
+    Q-Former's temporal embedding covers. bridge_name goes into every record (the bridge directory).
+    """
+    from tqdm import tqdm
+
+    prompt = bridge.config.caption_prompt if prompt is None else prompt
+    max_frames = bridge.config.qformer.max_frames
+    if fps is None:
+        num_frames = num_frames or bridge.config.num_frames
+        if num_frames > max_frames:
+            raise ValueError(f"--num-frames {num_frames}: this bridge's Q-Former takes at most {max_frames} frames per clip")
+    elif num_frames is None:
+        num_frames = max_frames
+    i, n = shard
+    journal = Journal(journal_path(out, shard))
+    try:
+        done = _recorded(out)
+        _check_same_settings(done.values(), out, bridge_name, prompt)
+        mine = items[i::n]
+        pending = [item for item in mine if item.path not in done]
+        summary = Summary(done=0, failed=0, skipped=len(mine) - len(pending), seconds=0.0, missing=0)
+        start = time.perf_counter()
+        bar = tqdm(total=len(pending), unit="clip", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+
+        def write(records: list[dict]) -> None:
+            journal.append(records)
+            summary.failed += sum(r["error"] is not None for r in records)
+            summary.done += sum(r["error"] is None for r in records)
+            bar.update(len(records))
+            bar.set_postfix(failed=summary.failed, refresh=False)
+
+        def record(s: Sample, caption: str | None) -> dict:
+            values = (s.path, caption, s.num_frames, s.duration_s, s.error, bridge_name, prompt)
+            return dict(zip(RECORD_SCHEMA, values))
+
+        def caption(batch: list[Sample]) -> None:
+            pixels = torch.stack([s.pixels for s in batch])  # (B, T, 3, H, W)
+            texts = bridge.answer_pixels(pixels, [prompt] * len(batch), max_new_tokens=max_new_tokens)
+            write(failures + [record(s, t) for s, t in zip(batch, texts)])
+            failures.clear()
+
+        # Clips wait in buckets of one shape (frame count and size) until a bucket fills a batch. With many
+        # shapes (fps sampling) the fullest bucket goes early, so at most ~2 batches of clips wait in memory.
+        buckets: dict[tuple, list[Sample]] = {}
+        failures: list[dict] = []
+        waiting = 0
+        bridge.eval()
+        dataset = DecodedItems(pending, bridge.vision.preprocess, num_frames, fps, decode_side(bridge.vision))
+        with torch.inference_mode():
+            for sample in _loader(dataset, min(workers, len(pending)), batch_size):
+                if sample.error is not None:
+                    failures.append(record(sample, None))
+                    if len(failures) >= batch_size:
+                        write(failures)
+                        failures.clear()
+                    continue
+                bucket = buckets.setdefault(tuple(sample.pixels.shape), [])
+                bucket.append(sample)
+                waiting += 1
+                if len(bucket) == batch_size or waiting >= 2 * batch_size:
+                    key = max(buckets, key=lambda k: len(buckets[k]))
+                    full = buckets.pop(key)
+                    waiting -= len(full)
+                    caption(full)
+            for batch in buckets.values():
+                caption(batch)
+            if failures:
+                write(failures)
+        bar.close()
+        summary.seconds = time.perf_counter() - start
+    finally:
+        journal.close()
+    summary.missing = merge(items, out)
+    return summary
+
+
+def _check_same_settings(records: Iterable[dict], out: str, bridge_name: str, prompt: str) -> None:
+    """Resuming with another bridge or prompt would mix two kinds of captions in one output: refuse."""
+    for r in records:
+        if r.get("bridge") != bridge_name or r.get("prompt") != prompt:
+            raise ValueError(
+                f"{out}: already holds captions made with bridge {r.get('bridge')!r} and prompt {r.get('prompt')!r}; "
+                f"this run uses bridge {bridge_name!r} and prompt {prompt!r}. Rerun with those, or write to another --out"
+            )
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n

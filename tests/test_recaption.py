@@ -1,0 +1,334 @@
+"""The recaptioner: input discovery, exactly-once resumable output, kills, sharding, merging, bad inputs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from qformer import Bridge
+from qformer import recaption as rc
+from qformer.cli import main
+
+from conftest import tiny_config
+
+TIMEOUT_S = 300
+
+
+def write_video(path, frames: int = 8, size: int = 32, fps: int = 8, seed: int = 0, codec: str = "libx264",
+                container: str | None = None, solid: bool = False, width: int | None = None) -> Path:
+    """A small clip of random (or solid) frames; frames=0 writes a header and no frame."""
+    rng = np.random.default_rng(seed)
+    height, width = size, width or size
+    with av.open(str(path), mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if frames == 0:
+            out.start_encoding()
+        for t in range(frames):
+            rgb = np.full((height, width, 3), 90, np.uint8) if solid else rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, fps)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return Path(path)
+
+
+def write_clips(folder: Path, count: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [str(write_video(folder / f"clip {i:02d} ü.mp4", seed=i)) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def bridge_dir(tiny_dirs, tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("bridge") / "bridge"
+    Bridge(tiny_config(tiny_dirs)).save_pretrained(d)
+    return str(d)
+
+
+def records(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def cli(*args: str) -> list[str]:
+    """Command line of the CLI in a fresh interpreter."""
+    return [sys.executable, "-m", "qformer.cli", "recaption", *args]
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def test_discover_folders_manifests_datasets_and_symlink_loops(tmp_path):
+    import datasets
+
+    clips = tmp_path / "clips"
+    (clips / "sub").mkdir(parents=True)
+    for name in ("b.mp4", "sub/a.MOV", "sub/c.png", "notes.txt"):
+        (clips / name).write_bytes(b"x")
+    (clips / "sub" / "loop").symlink_to(clips, target_is_directory=True)  # a cycle through an ancestor
+    (clips / "self.mp4").symlink_to(clips / "self.mp4")  # a link to itself
+    manifest_dir = tmp_path / "m"
+    manifest_dir.mkdir()
+    (manifest_dir / "list.jsonl").write_text('{"video": "../clips/b.mp4"}\n{"video": "gone.mp4"}\n')
+    (manifest_dir / "list.csv").write_text("id,image\n1,../clips/sub/c.png\n")
+    datasets.Dataset.from_dict({"path": [str(clips / "b.mp4")]}).save_to_disk(str(tmp_path / "ds"))
+
+    items = rc.discover([str(clips), str(manifest_dir / "list.jsonl"), str(manifest_dir / "list.csv"), str(tmp_path / "ds"),
+                         str(tmp_path / "nowhere.mp4")])
+    paths = [it.path for it in items]
+    assert paths == sorted(set(paths))  # sorted, each once (b.mp4 is named three times)
+    by_name = {os.path.relpath(it.path, tmp_path): it for it in items}
+    assert set(by_name) == {"clips/b.mp4", "clips/sub/a.MOV", "clips/sub/c.png", "clips/sub/loop", "clips/self.mp4",
+                            "m/gone.mp4", "nowhere.mp4"}
+    assert "symlink loop" in by_name["clips/sub/loop"].error
+    assert "symlink loop" in by_name["clips/self.mp4"].error
+    assert by_name["clips/b.mp4"].error is None and by_name["m/gone.mp4"].error is None  # the decoder will say "no such file"
+
+
+def test_discover_rejects_a_manifest_without_a_clip_column(tmp_path):
+    (tmp_path / "m.csv").write_text("id,label\n1,cat\n")
+    with pytest.raises(ValueError, match=r"m\.csv: .*no column naming the clips"):
+        rc.discover([str(tmp_path / "m.csv")])
+
+
+def test_datasets_directory_with_embedded_bytes_and_parquet_output(tmp_path, bridge_dir):
+    import datasets
+
+    clip = write_video(tmp_path / "a.mp4")
+    ds = datasets.Dataset.from_dict({"video": [{"bytes": clip.read_bytes(), "path": "a.mp4"}, {"bytes": b"junk", "path": "b.mp4"}]})
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "captions.parquet"
+    assert main(["recaption", str(tmp_path / "ds"), "--out", str(out), "--bridge", bridge_dir, "--workers", "1",
+                 "--max-new-tokens", "4"]) == 0
+    rows = rc.read_records(str(out))
+    assert [r["path"] for r in rows] == [f"{tmp_path}/ds/train#0", f"{tmp_path}/ds/train#1"]
+    assert rows[0]["error"] is None and rows[0]["caption"] and rows[0]["num_frames"] == 4
+    assert rows[1]["error"].startswith(f"{tmp_path}/ds/train#1: ")  # named after the item, not a temporary file
+    assert list(rows[0]) == list(rc.RECORD_SCHEMA)
+
+
+# ---------------------------------------------------------------- exactly once, resume
+
+
+def test_resume_skips_done_items_and_cuts_a_torn_line(tmp_path, bridge_dir, capsys):
+    clips = write_clips(tmp_path / "clips", 6)
+    out = tmp_path / "out.jsonl"
+    args = ["recaption", str(tmp_path / "clips"), "--out", str(out), "--bridge", bridge_dir, "--batch-size", "4",
+            "--workers", "2", "--max-new-tokens", "6"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip().startswith("done 6, failed 0, ")
+    full = records(out)
+    assert sorted(r["path"] for r in full) == clips
+
+    # A kill mid-write leaves a torn last line; the first two records stay.
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:2]) + lines[2][:25])
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip().startswith("done 4, failed 0, ")
+    again = records(out)
+    assert Counter(r["path"] for r in again) == Counter(clips)
+    key = lambda r: r["path"]  # noqa: E731
+    assert sorted(again, key=key) == sorted(full, key=key)
+
+    assert main(args) == 0  # nothing left: nothing redone
+    assert capsys.readouterr().out.strip().startswith("done 0, failed 0, ")
+    assert len(records(out)) == 6
+
+
+def test_resume_refuses_another_prompt(tmp_path, bridge_dir, capsys):
+    write_clips(tmp_path / "clips", 1)
+    out = str(tmp_path / "out.jsonl")
+    base = ["recaption", str(tmp_path / "clips"), "--out", out, "--bridge", bridge_dir, "--workers", "0", "--max-new-tokens", "2"]
+    assert main(base) == 0
+    assert main(base + ["--prompt", "What is there?"]) == 2
+    assert "already holds captions made with bridge" in capsys.readouterr().err
+
+
+def test_missing_bridge_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import qformer.cli
+
+    monkeypatch.setattr(qformer.cli, "DEFAULT_BRIDGE", tmp_path / "absent")
+    assert main(["recaption", str(tmp_path), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "no --bridge given" in capsys.readouterr().err
+
+
+def test_fps_sampling_batches_clips_of_different_lengths(tmp_path, bridge_dir, capsys):
+    # 0.5 s, 1 s and 3 s at 8 fps; sampled at 4 fps: 2, 4 and 12 frames, the last capped at the Q-Former's 8.
+    for name, frames in (("short.mp4", 4), ("one-second.mp4", 8), ("long.mp4", 24)):
+        write_video(tmp_path / name, frames=frames)
+    out = tmp_path / "out.jsonl"
+    assert main(["recaption", str(tmp_path), "--out", str(out), "--bridge", bridge_dir, "--fps", "4", "--workers", "0",
+                 "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("done 3, failed 0")
+    frames = {Path(r["path"]).name: r["num_frames"] for r in records(out)}
+    assert frames == {"short.mp4": 2, "one-second.mp4": 4, "long.mp4": 8}
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    journal = rc.Journal(str(tmp_path / "out.jsonl"))
+    try:
+        with pytest.raises(rc.OutputBusy, match="another recaption process"):
+            rc.Journal(str(tmp_path / "out.jsonl"))
+    finally:
+        journal.close()
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_records_every_input_exactly_once(tmp_path, bridge_dir):
+    clips = write_clips(tmp_path / "clips", 12)
+    settings = ["--bridge", bridge_dir, "--batch-size", "1", "--workers", "1", "--max-new-tokens", "24"]
+    reference = tmp_path / "reference.jsonl"
+    assert main(["recaption", str(tmp_path / "clips"), "--out", str(reference), *settings]) == 0
+
+    out = tmp_path / "out.jsonl"
+    run = subprocess.Popen(cli(str(tmp_path / "clips"), "--out", str(out), *settings), stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 1):
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before writing a record"
+        time.sleep(0.005)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    written = out.read_bytes().count(b"\n")
+    assert 1 <= written < len(clips), "the kill came too late to test anything"
+
+    resumed = subprocess.run(cli(str(tmp_path / "clips"), "--out", str(out), *settings), check=True, timeout=TIMEOUT_S,
+                             capture_output=True, text=True)
+    assert f"{written} already done" in resumed.stdout
+    final = records(out)
+    assert Counter(r["path"] for r in final) == Counter(clips)
+    key = lambda r: r["path"]  # noqa: E731
+    assert sorted(final, key=key) == sorted(records(reference), key=key)
+
+
+# ---------------------------------------------------------------- shards
+
+
+def test_shards_write_their_parts_and_the_last_one_merges(tmp_path, bridge_dir, capsys):
+    clips = write_clips(tmp_path / "clips", 5)
+    out = tmp_path / "all.jsonl"
+    base = ["recaption", str(tmp_path / "clips"), "--out", str(out), "--bridge", bridge_dir, "--workers", "0",
+            "--max-new-tokens", "4", "--batch-size", "2"]
+    assert main(base + ["--shard", "1/2"]) == 0
+    assert "3 inputs of other shards still to do" in capsys.readouterr().out
+    assert not out.exists()
+    assert main(base + ["--shard", "0/2"]) == 0
+    assert f"merged 5 records into {out}" in capsys.readouterr().out
+    assert [r["path"] for r in records(out)] == clips  # each once, sorted
+    assert [r["path"] for r in records(f"{out}.shard-0-of-2.jsonl")] == clips[0::2]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tmp_path, bridge_dir):
+    clips = write_clips(tmp_path / "clips", 7)
+    settings = ["--bridge", bridge_dir, "--batch-size", "2", "--workers", "1", "--max-new-tokens", "8"]
+    single = tmp_path / "single.jsonl"
+    assert main(["recaption", str(tmp_path / "clips"), "--out", str(single), *settings]) == 0
+    out = tmp_path / "two.jsonl"
+    # `--cpu` alone makes Accelerate start one process (several need MPI); `--multi_gpu` starts them through
+    # torchrun, and on a machine without CUDA they run on the CPU.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+              "-m", "qformer.cli", "recaption", str(tmp_path / "clips"), "--out", str(out), *settings]
+    result = subprocess.run(launch, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shard 0/2: done 4, failed 0" in result.stdout and "shard 1/2: done 3, failed 0" in result.stdout
+    assert f"merged 7 records into {out}" in result.stdout
+    assert [r["path"] for r in records(out)] == clips
+    assert sorted(records(out), key=lambda r: r["path"]) == sorted(records(single), key=lambda r: r["path"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.slow
+def test_bad_inputs_each_get_a_record_and_never_stop_the_run(tmp_path, bridge_dir, capsys):
+    d = tmp_path / "data"
+    d.mkdir()
+    good = write_video(d / "good clip – ünïcode 名前.mp4")
+    (d / "zero-byte.mp4").write_bytes(b"")
+    whole = write_video(tmp_path / "whole.mp4", frames=16).read_bytes()
+    (d / "truncated.mp4").write_bytes(whole[: len(whole) // 2])
+    (d / "text.mp4").write_text("this is not a video\n")
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(d / "png-named.mp4", format="PNG")
+    # An AVI whose codec tag nobody decodes: PyAV writes MPEG-4 Part 2, then the FourCC is renamed.
+    mpeg4 = write_video(tmp_path / "mpeg4.avi", codec="mpeg4", container="avi").read_bytes()
+    (d / "unknown-codec.avi").write_bytes(mpeg4.replace(b"FMP4", b"ZZZZ"))
+    write_video(d / "zero-frames.mp4", frames=0)
+    write_video(d / "8k.mp4", frames=1, size=4320, width=7680, solid=True)
+    write_video(d / "one-hour.mp4", frames=3600, size=16, fps=1, solid=True)
+    locked = write_video(d / "no-permission.mp4")
+    locked.chmod(0)
+    (d / "loop").symlink_to(d, target_is_directory=True)
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_text(json.dumps({"video": "data/missing file.mp4"}) + "\n")
+
+    start = time.monotonic()
+    assert main(["recaption", str(d), str(manifest), "--out", str(tmp_path / "out.jsonl"), "--bridge", bridge_dir,
+                 "--workers", "2", "--max-new-tokens", "4"]) == 0
+    seconds = time.monotonic() - start
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    got = {os.path.relpath(r["path"], tmp_path): r for r in records(tmp_path / "out.jsonl")}
+    errors = {name: r["error"] for name, r in got.items()}
+
+    root = os.geteuid() == 0  # root reads a chmod 000 file anyway
+    expected_errors = {
+        "data/zero-byte.mp4": "empty file",
+        "data/truncated.mp4": "not a decodable video",
+        "data/text.mp4": "not a decodable video",
+        "data/unknown-codec.avi": "unsupported video codec",
+        "data/zero-frames.mp4": "not a decodable video",
+        "data/loop": "symlink loop",
+        "data/missing file.mp4": "no such file",
+    }
+    if not root:
+        expected_errors["data/no-permission.mp4"] = "no read permission"
+    captioned = {"data/png-named.mp4": 1, "data/8k.mp4": 4, "data/one-hour.mp4": 4, os.path.relpath(good, tmp_path): 4}
+    if root:
+        captioned["data/no-permission.mp4"] = 4
+    assert sorted(got) == sorted(expected_errors | captioned)  # one record per input
+    for name, fragment in expected_errors.items():
+        assert errors[name] is not None and fragment in errors[name] and str(tmp_path / name) in errors[name], (name, errors[name])
+        assert got[name]["caption"] is None
+    for name, frames in captioned.items():
+        assert errors[name] is None and got[name]["caption"] and got[name]["num_frames"] == frames, (name, got[name])
+    assert got["data/one-hour.mp4"]["duration_s"] == pytest.approx(3600, rel=0.01)
+    assert summary.startswith(f"done {len(captioned)}, failed {len(expected_errors)}, ")
+    # The hour is sampled by seeking, not decoded whole; generous bound for a slow shared machine.
+    assert seconds < 120
+
+
+def test_a_long_clip_is_sampled_without_decoding_it_all(tmp_path, tiny_bridge):
+    import adapters.video as video
+
+    write_video(tmp_path / "hour.mp4", frames=3600, size=16, fps=1, solid=True)
+    items = rc.discover([str(tmp_path / "hour.mp4")])
+    decoded = rc.DecodedItems(items, tiny_bridge.vision.preprocess, 8, None, rc.decode_side(tiny_bridge.vision))
+    before = video.frames_decoded
+    sample = decoded[0]
+    assert sample.error is None and sample.pixels.shape == (8, 3, 32, 32)
+    # Each sample seeks to the keyframe before it and decodes on: at most one GOP (libx264: 250 frames) each.
+    assert video.frames_decoded - before <= 8 * 250 < 3600
