@@ -275,18 +275,8 @@ class Bridge(nn.Module):
 
     def _prompt_batch(self, questions, histories) -> dict[str, torch.Tensor]:
         """Left-padded chat prompts with the visual position of each row (and the Q-Former instruction)."""
-        device = self.projection.weight.device
         prompts = [self.llm.chat_prompt(q, h) for q, h in zip(questions, histories)]
-        L = max(len(ids) for ids, _ in prompts)
-        pad = self.llm.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (L - len(ids)) + ids for ids, _ in prompts], device=device)
-        mask = torch.tensor([[0] * (L - len(ids)) + [1] * len(ids) for ids, _ in prompts], device=device)
-        at = torch.tensor([L - len(ids) + a for ids, a in prompts], device=device)
-        batch = dict(input_ids=input_ids, attention_mask=mask, visual_position=at)
-        if self.qformer_tokenizer is not None:
-            enc = self.qformer_tokenizer(list(questions), padding=True, truncation=True, max_length=64, return_tensors="pt")
-            batch.update(instruction_ids=enc["input_ids"].to(device), instruction_mask=enc["attention_mask"].to(device))
-        return batch
+        return self._left_padded([ids for ids, _ in prompts], [at for _, at in prompts], questions)
 
     def answer_batch(self, questions, answers, histories=None, max_answer_tokens: int | None = None) -> dict[str, torch.Tensor]:
         """A training batch: each chat prompt followed by its answer and the chat's end-of-turn token.
@@ -294,20 +284,30 @@ class Bridge(nn.Module):
         Rows are left-padded so every answer ends at the last position (see forward's return_logits);
         labels are -100 everywhere but on the answer tokens and the end-of-turn token.
         """
-        device = self.projection.weight.device
         histories = histories or [[] for _ in questions]
-        rows = []
+        rows, positions, answer_starts = [], [], []
         for question, answer, history in zip(questions, answers, histories):
             prompt, at = self.llm.chat_prompt(question, history)
-            target = self._answer_ids(question, history, answer)[:max_answer_tokens]
-            rows.append((prompt + target, len(prompt), at))
-        L = max(len(ids) for ids, _, _ in rows)
-        pad = self.llm.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (L - len(ids)) + ids for ids, _, _ in rows], device=device)
-        mask = torch.tensor([[0] * (L - len(ids)) + [1] * len(ids) for ids, _, _ in rows], device=device)
-        labels = torch.tensor([[-100] * (L - len(ids) + n) + ids[n:] for ids, n, _ in rows], device=device)
-        at = torch.tensor([L - len(ids) + a for ids, _, a in rows], device=device)
-        batch = dict(input_ids=input_ids, attention_mask=mask, visual_position=at, labels=labels)
+            rows.append(prompt + self._answer_ids(question, history, answer)[:max_answer_tokens])
+            positions.append(at)
+            answer_starts.append(len(prompt))
+        return self._left_padded(rows, positions, questions, answer_starts)
+
+    def _left_padded(self, rows, positions, questions, answer_starts=None) -> dict[str, torch.Tensor]:
+        """Token rows left-padded to one length (so generation continues every row at the end), with
+        each row's visual position shifted by its padding, labels from `answer_starts` on when given,
+        and the questions tokenised for the Q-Former when the bridge is instructed."""
+        device = self.projection.weight.device
+        L = max(len(ids) for ids in rows)
+        pads = [L - len(ids) for ids in rows]
+        pad_id = self.llm.tokenizer.pad_token_id
+        batch = dict(
+            input_ids=torch.tensor([[pad_id] * p + ids for p, ids in zip(pads, rows)], device=device),
+            attention_mask=torch.tensor([[0] * p + [1] * len(ids) for p, ids in zip(pads, rows)], device=device),
+            visual_position=torch.tensor([p + at for p, at in zip(pads, positions)], device=device),
+        )
+        if answer_starts is not None:
+            batch["labels"] = torch.tensor([[-100] * (p + n) + ids[n:] for p, n, ids in zip(pads, answer_starts, rows)], device=device)
         if self.qformer_tokenizer is not None:
             enc = self.qformer_tokenizer(list(questions), padding=True, truncation=True, max_length=64, return_tensors="pt")
             batch.update(instruction_ids=enc["input_ids"].to(device), instruction_mask=enc["attention_mask"].to(device))
