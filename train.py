@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import AutoConfig, get_cosine_schedule_with_warmup
 
 from adapters.llm import load_llm
 from adapters.vision import load_vision
@@ -186,7 +186,8 @@ def build_bridge(args) -> Bridge:
     config = BridgeConfig(
         qformer=q, vision=args.vision or "efficientnet-lite0", llm=args.llm or "smollm2-135m-instruct",
         vision_resolution=args.vision_resolution, llm_width=llm.width, instruct=args.instruct,
-        qformer_tokenizer=args.qformer_tokenizer or bert, num_frames=args.num_frames or 4,
+        qformer_tokenizer=args.qformer_tokenizer or ("minilm" if args.qformer_init == "minilm" else bert),
+        num_frames=args.num_frames or 4,
     )
     bridge = _checked(lambda: Bridge(config, vision, llm))
     if bert is not None:
@@ -264,7 +265,7 @@ def main(argv=None) -> Bridge:
     if stage == 1:
         if not bridge.config.qformer_tokenizer:
             fail("stage 1 needs a Q-Former tokenizer: pass --qformer-tokenizer DIR (or --qformer-init minilm/BERT_DIR)")
-        qtok = AutoTokenizer.from_pretrained(bridge.config.qformer_tokenizer)
+        qtok = bridge.qformer_tokenizer
         if len(qtok) > bridge.config.qformer.vocab_size:
             fail(f"the Q-Former tokenizer has {len(qtok)} tokens but the Q-Former only {bridge.config.qformer.vocab_size} word embeddings; "
                  "use the tokenizer of the BERT it was initialised from")

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adapters.llm import load_llm
+from adapters.offline import minilm_dir
 from adapters.vision import load_vision
 
 from .config import BridgeConfig
@@ -58,13 +59,15 @@ class Bridge(nn.Module):
         self.projection = nn.Linear(q.hidden_size, self.llm.width)
         # Stage-1 heads (ITC/ITM/ITG) only when the config asks; generation never uses them.
         self.heads = QFormerHeads(q) if q.stage1_heads else None
+        if config.instruct and not config.qformer_tokenizer:
+            raise ValueError("an instructed bridge needs config.qformer_tokenizer (e.g. 'minilm' or a BERT directory)")
         self.qformer_tokenizer = None
-        if config.instruct:
+        if config.qformer_tokenizer:
             from transformers import AutoTokenizer
 
-            if not config.qformer_tokenizer:
-                raise ValueError("an instructed bridge needs config.qformer_tokenizer (e.g. the MiniLM directory)")
-            self.qformer_tokenizer = AutoTokenizer.from_pretrained(config.qformer_tokenizer)
+            # "minilm" names the offline MiniLM by role, so a bridge config holds no machine's site-packages path.
+            spec = minilm_dir() if config.qformer_tokenizer == "minilm" else config.qformer_tokenizer
+            self.qformer_tokenizer = AutoTokenizer.from_pretrained(spec)
 
     # ---- construction and persistence -------------------------------------------------------------
 
@@ -308,7 +311,7 @@ class Bridge(nn.Module):
         )
         if answer_starts is not None:
             batch["labels"] = torch.tensor([[-100] * (p + n) + ids[n:] for p, n, ids in zip(pads, answer_starts, rows)], device=device)
-        if self.qformer_tokenizer is not None:
+        if self.config.instruct:
             enc = self.qformer_tokenizer(list(questions), padding=True, truncation=True, max_length=64, return_tensors="pt")
             batch.update(instruction_ids=enc["input_ids"].to(device), instruction_mask=enc["attention_mask"].to(device))
         return batch

@@ -14,7 +14,8 @@ def offline_bridge():
     from qformer.convert import load_bert_into_qformer
 
     torch.manual_seed(0)
-    bridge = Bridge(BridgeConfig(vision_resolution=128, num_frames=4))
+    # Instructed, with the MiniLM tokenizer named by role: the saved config must not hold a site-packages path.
+    bridge = Bridge(BridgeConfig(vision_resolution=128, num_frames=4, instruct=True, qformer_tokenizer="minilm"))
     load_bert_into_qformer(bridge.qformer, minilm_dir())
     return bridge.eval()
 
@@ -61,6 +62,8 @@ def test_bridge_over_offline_backbones_captions_a_photo_and_a_clip(offline_bridg
     assert feats.shape == (1, 4, 16, 1280) and feats.dtype == torch.float32
     prompt = offline_bridge.visual_prompt(features=feats)
     assert prompt.shape == (1, 32, 576) and prompt.dtype == torch.float32
+    offline_bridge.save_pretrained(tmp_path / "bridge")
+    assert '"qformer_tokenizer": "minilm"' in (tmp_path / "bridge" / "bridge_config.json").read_text()
     trainable, total = offline_bridge.parameter_counts()
     own = sum(p.numel() for m in (offline_bridge.qformer, offline_bridge.projection) for p in m.parameters())
     assert trainable == own and total - own > 100_000_000  # SmolLM2-135M and EfficientNet-Lite0 stay frozen
