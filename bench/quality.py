@@ -15,8 +15,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from qformer import Bridge, world
 from qformer.bridge import DEFAULT_BRIDGE
 
@@ -89,7 +87,6 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if not Path(args.bridge).is_dir():
         sys.exit(f"{args.bridge}: no bridge there; pass --bridge DIR (a directory written by Bridge.save_pretrained)")
-    torch.set_grad_enabled(False)
     bridge = Bridge.from_pretrained(args.bridge).eval()
     print(f"bridge: {args.bridge}")
     print(f"command: python bench/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}")
