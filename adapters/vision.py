@@ -8,6 +8,7 @@ Each encoder is frozen when built and stays in eval mode whatever `train()` is c
 """
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -100,6 +101,9 @@ class HFVision(FrozenModule):
         self.processor = processor
         cfg = model.config
         self.width = cfg.hidden_size
+        native = getattr(cfg, "image_size", image_size)
+        self.native_size = native[0] if isinstance(native, (list, tuple)) else native
+        self._interpolate = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
         self.freeze()
 
     def preprocess(self, frames) -> torch.Tensor:
@@ -111,7 +115,10 @@ class HFVision(FrozenModule):
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
-        out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=self.layer is not None)
+        kwargs = {}
+        if self._interpolate and tuple(pixel_values.shape[-2:]) != (self.native_size, self.native_size):
+            kwargs["interpolate_pos_encoding"] = True  # position embeddings resized to the chosen resolution
+        out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=self.layer is not None, **kwargs)
         h = out.last_hidden_state if self.layer is None else out.hidden_states[self.layer]
         return h.float()  # (B, N, D); the Q-Former runs in fp32
 
