@@ -51,8 +51,8 @@ class Stage1Objective(nn.Module):
 
         # 2. ITM with hard negatives: for each clip a wrong text, for each text a wrong clip, drawn with
         #    probability softmax(similarity), so pairs that ITC confuses are the ones ITM learns from.
-        pos = [torch.arange(len(sim))]
-        texts, clips = pos[0], pos[0]
+        pos = torch.arange(len(sim))
+        texts, clips = pos, pos
         if len(sim) > 1:  # one sample has no negative; its positive pair alone keeps the head in the graph
             with torch.no_grad():
                 eye = torch.eye(len(sim), dtype=torch.bool)
@@ -60,8 +60,8 @@ class Stage1Objective(nn.Module):
                 w_clip = sim.detach().float().cpu().t().softmax(1).masked_fill(eye, 0)  # per text, over clips
                 neg_text = torch.multinomial(w_text, 1, generator=generator).squeeze(1)
                 neg_clip = torch.multinomial(w_clip, 1, generator=generator).squeeze(1)
-            texts = torch.cat([pos[0], neg_text, pos[0]])
-            clips = torch.cat([pos[0], pos[0], neg_clip])
+            texts = torch.cat([pos, neg_text, pos])
+            clips = torch.cat([pos, pos, neg_clip])
         texts, clips = texts.to(sim.device), clips.to(sim.device)
         hidden = self.qformer(features[clips], text_ids[texts], text_mask[texts], mode="bidirectional")
         itm_logits = self.heads.itm(hidden[:, :Q]).mean(1)  # (3B, 2)
