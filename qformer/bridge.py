@@ -32,6 +32,18 @@ CONFIG_NAME = "bridge_config.json"
 WEIGHTS_NAME = "bridge.safetensors"
 
 
+def bridge_or_default(spec: str | None) -> str:
+    """`spec` when given, else the shipped demo bridge; an error saying what to pass when that is missing."""
+    if spec is not None:
+        return str(spec)
+    if not DEFAULT_BRIDGE.is_dir():
+        raise ValueError(
+            f"no bridge named and the default bridge ({DEFAULT_BRIDGE}) is not there; "
+            "pass --bridge DIR, a directory written by train.py or Bridge.save_pretrained"
+        )
+    return str(DEFAULT_BRIDGE)
+
+
 @dataclass
 class BridgeOutput:
     logits: torch.Tensor | None  # (B, L, V) at the text positions; None when only the loss was asked for

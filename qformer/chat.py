@@ -24,7 +24,7 @@ import torch
 
 from adapters.video import Clip, ClipError, read_clip
 
-from .bridge import DEFAULT_BRIDGE, Bridge
+from .bridge import DEFAULT_BRIDGE, Bridge, bridge_or_default
 
 # The trained demo bridge, shipped in the repository next to the package.
 
@@ -128,13 +128,10 @@ class ChatSession:
 
 def load_bridge(spec: str | None) -> Bridge:
     """The bridge to chat with: `spec` (a directory or hub id), or the default demo bridge."""
-    if spec is None:
-        if not DEFAULT_BRIDGE.is_dir():
-            raise SystemExit(
-                f"qformer chat: no default bridge at {DEFAULT_BRIDGE} (the trained demo bridge is not there yet); "
-                "pass --bridge DIR, a directory written by Bridge.save_pretrained"
-            )
-        spec = str(DEFAULT_BRIDGE)
+    try:
+        spec = bridge_or_default(spec)
+    except ValueError as e:
+        raise SystemExit(f"qformer chat: {e}") from None
     local = Path(spec).is_dir()
     if not local and not _HUB_ID.fullmatch(spec):
         raise SystemExit(f"qformer chat: {spec}: no such bridge directory")

@@ -11,7 +11,7 @@ import sys
 
 from . import chat
 from . import recaption as rc
-from .bridge import DEFAULT_BRIDGE
+from .bridge import DEFAULT_BRIDGE, bridge_or_default
 
 
 
@@ -75,14 +75,7 @@ def run_recaption(args) -> int:
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
     if args.fps is not None and not args.fps > 0:
         raise ValueError(f"--fps must be positive, got {args.fps}")
-    bridge_dir = args.bridge
-    if bridge_dir is None:
-        if not DEFAULT_BRIDGE.is_dir():
-            raise ValueError(
-                f"no --bridge given and the default bridge ({DEFAULT_BRIDGE}) is not there; "
-                "pass --bridge DIR, a directory written by Bridge.save_pretrained or train.py"
-            )
-        bridge_dir = str(DEFAULT_BRIDGE)
+    bridge_dir = bridge_or_default(args.bridge)
     # The record names the bridge by absolute path, so a rerun from another folder resumes the same output.
     bridge_name = os.path.abspath(bridge_dir) if os.path.isdir(bridge_dir) else bridge_dir
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import qformer.bridge
 from adapters.video import ClipError
 from qformer import Bridge, chat, world
 from qformer.chat import ChatError, ChatSession
@@ -177,8 +178,8 @@ def test_arguments_and_defaults():
 
 
 def test_startup_errors_are_messages(bridge_dir, world_clips, monkeypatch, tmp_path):
-    monkeypatch.setattr(chat, "DEFAULT_BRIDGE", tmp_path / "demos" / "bridge")
-    with pytest.raises(SystemExit, match="no default bridge at .*; pass --bridge DIR"):
+    monkeypatch.setattr(qformer.bridge, "DEFAULT_BRIDGE", tmp_path / "demos" / "bridge")
+    with pytest.raises(SystemExit, match="the default bridge .* is not there; pass --bridge DIR"):
         chat.main(_args())
     with pytest.raises(SystemExit, match="nowhere/at/all: no such bridge directory"):
         chat.main(_args(bridge=tmp_path / "nowhere/at/all"))

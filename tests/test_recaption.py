@@ -158,11 +158,11 @@ def test_resume_refuses_another_prompt(tmp_path, bridge_dir, capsys):
 
 
 def test_missing_bridge_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    import qformer.cli
+    import qformer.bridge
 
-    monkeypatch.setattr(qformer.cli, "DEFAULT_BRIDGE", tmp_path / "absent")
+    monkeypatch.setattr(qformer.bridge, "DEFAULT_BRIDGE", tmp_path / "absent")
     assert main(["recaption", str(tmp_path), "--out", str(tmp_path / "o.jsonl")]) == 2
-    assert "no --bridge given" in capsys.readouterr().err
+    assert "the default bridge" in capsys.readouterr().err
 
 
 def test_fps_sampling_batches_clips_of_different_lengths(tmp_path, bridge_dir, capsys):
