@@ -265,7 +265,12 @@ def _keep(sample: Sample) -> Sample:
     return sample
 
 
-def _loader(dataset: DecodedItems, workers: int, batch_size: int) -> torch.utils.data.DataLoader:
+def _close_in_worker(fds: tuple[int, ...], worker_id: int) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _loader(dataset: DecodedItems, workers: int, batch_size: int, journal: Journal | None = None) -> torch.utils.data.DataLoader:
     kwargs = {}
     if workers > 0:
         # Fork shares the already loaded vision adapter with the workers instead of pickling it;
@@ -273,6 +278,10 @@ def _loader(dataset: DecodedItems, workers: int, batch_size: int) -> torch.utils
         # each worker keeps a batch ready so the model never waits.
         context = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
         kwargs = dict(multiprocessing_context=context, prefetch_factor=max(2, batch_size), in_order=False)
+        if journal is not None and context == "fork":
+            # A forked worker inherits the journal's descriptor and with it the lock; after a kill -9 of the
+            # main process the orphaned worker would hold the lock for seconds and refuse an immediate rerun.
+            kwargs["worker_init_fn"] = functools.partial(_close_in_worker, (journal.fd,))
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_keep, **kwargs)
 
 
@@ -509,7 +518,7 @@ def recaption(
         bridge.eval()
         dataset = DecodedItems(pending, bridge.vision.preprocess, num_frames, fps, decode_side(bridge.vision))
         with torch.inference_mode():
-            for sample in _loader(dataset, min(workers, len(pending)), batch_size):
+            for sample in _loader(dataset, min(workers, len(pending)), batch_size, journal):
                 if sample.error is not None:
                     failures.append(record(sample, None))
                     if len(failures) >= batch_size:

@@ -186,6 +186,19 @@ def test_a_second_writer_is_refused(tmp_path):
         journal.close()
 
 
+def test_decoding_workers_do_not_hold_the_lock(tmp_path):
+    # After a kill -9 the decoding workers outlive the main process for a few seconds; if they held the
+    # journal's lock, an immediate rerun would be refused as a second writer.
+    clips = write_clips(tmp_path / "clips", 2)
+    journal = rc.Journal(str(tmp_path / "out.jsonl"))
+    dataset = rc.DecodedItems([rc.Item(p) for p in clips], lambda frames: torch.zeros(1), 2, None, None)
+    batches = iter(rc._loader(dataset, workers=1, batch_size=1, journal=journal))
+    assert next(batches).error is None  # the worker is running
+    journal.close()
+    rc.Journal(str(tmp_path / "out.jsonl")).close()
+    del batches
+
+
 @pytest.mark.slow
 def test_sigkill_then_rerun_records_every_input_exactly_once(tmp_path, bridge_dir):
     clips = write_clips(tmp_path / "clips", 12)
