@@ -60,6 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-from", help="a bridge directory to start from; with --llm of another model, re-bridge it")
     p.add_argument("--vision", default=None, help="vision encoder spec (default efficientnet-lite0, or the --init-from bridge's)")
     p.add_argument("--vision-resolution", type=int, default=None, help="input size; 128 is ~4x cheaper than 224 for EfficientNet-Lite0")
+    p.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="system message of every chat ('' drops the template's default, e.g. SmolLM2's 20 tokens); "
+                        "default: the template's own, or the --init-from bridge's")
+    p.add_argument("--vision-layer", type=int, default=None,
+                   help="features from this layer (HF models: hidden_states index, -2 = second-to-last; "
+                        "efficientnet-lite0: MBConv block, 10 = 112 wide at stride 16); default: the last")
     p.add_argument("--llm", default=None, help="LLM spec (default smollm2-135m-instruct, or the --init-from bridge's)")
     p.add_argument("--qformer-init", default="minilm", help="new Q-Former: 'minilm' (offline MiniLM), a BERT directory, or 'random'")
     p.add_argument("--qformer-tokenizer", default=None, help="Q-Former tokenizer (default: the --qformer-init BERT's)")
@@ -142,6 +148,8 @@ def build_bridge(args) -> Bridge:
         source = BridgeConfig.from_dict(json.loads((d / CONFIG_NAME).read_text()))
         if args.vision and args.vision != source.vision:
             fail(f"--vision {args.vision}: the Q-Former in {d} was trained on {source.vision} features; drop --vision")
+        if args.vision_layer is not None and args.vision_layer != source.vision_layer:
+            fail(f"--vision-layer {args.vision_layer}: the Q-Former in {d} was trained on layer {source.vision_layer}; drop --vision-layer")
         vision = load_vision(source.vision, source.vision_layer, args.vision_resolution or source.vision_resolution)
         llm = load_llm(args.llm or source.llm, lora=source.lora)
         qformer_config = replace(source.qformer, stage1_heads=source.qformer.stage1_heads or stage == 1)
@@ -150,6 +158,7 @@ def build_bridge(args) -> Bridge:
             vision_resolution=args.vision_resolution or source.vision_resolution,
             instruct=args.instruct or source.instruct, num_frames=args.num_frames or source.num_frames,
             qformer_tokenizer=args.qformer_tokenizer or source.qformer_tokenizer,
+            system_prompt=source.system_prompt if args.system_prompt is None else args.system_prompt,
         )
         bridge = _checked(lambda: Bridge(config, vision, llm))
         state = load_file(str(d / WEIGHTS_NAME))
@@ -163,7 +172,7 @@ def build_bridge(args) -> Bridge:
         print(f"initialised from {d}" + ("" if same_llm else f"; new projection into {config.llm} ({llm.width} wide)"))
         return bridge
 
-    vision = load_vision(args.vision or "efficientnet-lite0", None, args.vision_resolution)
+    vision = load_vision(args.vision or "efficientnet-lite0", args.vision_layer, args.vision_resolution)
     llm = load_llm(args.llm or "smollm2-135m-instruct")
     bert = None
     if args.qformer_init == "minilm":
@@ -185,9 +194,9 @@ def build_bridge(args) -> Bridge:
         q = QFormerConfig(num_queries=args.num_queries, vision_width=vision.width, stage1_heads=stage == 1)
     config = BridgeConfig(
         qformer=q, vision=args.vision or "efficientnet-lite0", llm=args.llm or "smollm2-135m-instruct",
-        vision_resolution=args.vision_resolution, llm_width=llm.width, instruct=args.instruct,
+        vision_layer=args.vision_layer, vision_resolution=args.vision_resolution, llm_width=llm.width, instruct=args.instruct,
         qformer_tokenizer=args.qformer_tokenizer or ("minilm" if args.qformer_init == "minilm" else bert),
-        num_frames=args.num_frames or 4,
+        num_frames=args.num_frames or 4, system_prompt=args.system_prompt,
     )
     bridge = _checked(lambda: Bridge(config, vision, llm))
     if bert is not None:

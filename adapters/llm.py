@@ -24,11 +24,15 @@ from .vision import FrozenModule
 # Built-in offline LLMs: real pretrained weights shipped inside packages as GGUF files.
 OFFLINE_LLMS = ("smollm2-135m-instruct", "gemma3-270m")
 
-# Gemma 3's turn format; its GGUF file carries no chat template. Training targets end in <end_of_turn>,
-# which therefore also stops generation.
+# Gemma 3's turn format; its GGUF file carries no chat template. As in Gemma's own template, a system
+# message is no turn of its own but opens the first user turn (an empty one adds nothing). Training targets
+# end in <end_of_turn>, which therefore also stops generation.
 GEMMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
-    "<start_of_turn>{{ role }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{{ bos_token }}{% set ns = namespace(prefix='') %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.prefix = (m['content'] | trim + '\n\n') if m['content'] | trim else '' %}"
+    "{% else %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "<start_of_turn>{{ role }}\n{{ ns.prefix if role == 'user' else '' }}{{ m['content'] | trim }}<end_of_turn>\n"
+    "{% if role == 'user' %}{% set ns.prefix = '' %}{% endif %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
@@ -77,14 +81,19 @@ class LanguageModel(FrozenModule):
             inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs
         )
 
-    def chat_prompt(self, question: str, history: list[tuple[str, str]] | None = None) -> tuple[list[int], int]:
-        """Token ids of a chat turn with the visual prompt in the first user message, and where it goes."""
+    def chat_prompt(
+        self, question: str, history: list[tuple[str, str]] | None = None, system: str | None = None
+    ) -> tuple[list[int], int]:
+        """Token ids of a chat turn with the visual prompt in the first user message, and where it goes.
+
+        system: a system message (None: whatever the template does without one; SmolLM2's adds its own).
+        """
         tok = self.tokenizer
         if tok is None:
             raise ValueError(f"{self.name}: this language model has no tokenizer; pass input_ids yourself")
         history = history or []
         if getattr(tok, "chat_template", None):
-            messages = []
+            messages = [] if system is None else [{"role": "system", "content": system}]
             for i, (q, a) in enumerate(history):
                 messages += [{"role": "user", "content": (VISUAL_MARK if i == 0 else "") + q}, {"role": "assistant", "content": a}]
             messages.append({"role": "user", "content": ("" if history else VISUAL_MARK) + question})
@@ -160,7 +169,9 @@ def _gguf_as_safetensors(spec: str) -> str:
     if not src.is_file():
         raise FileNotFoundError(f"{spec}: no such GGUF file")
     st = src.stat()
-    key = hashlib.sha1(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    # The template is part of the key: a corrected template must not be hidden by an older cached copy.
+    template = f":{GEMMA3_CHAT_TEMPLATE}" if spec == "gemma3-270m" else ""
+    key = hashlib.sha1(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}{template}".encode()).hexdigest()[:12]
     target = cache_dir() / "llm" / f"{src.stem}-{key}"
     if (target / "config.json").exists():
         return str(target)

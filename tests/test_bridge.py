@@ -147,6 +147,19 @@ def test_visual_prompt_is_spliced_where_asked(tiny_bridge):
     assert torch.allclose(ours, torch.cat([full[:, :2], full[:, 2 + Q :]], dim=1), atol=1e-6)
 
 
+def test_system_prompt_opens_every_chat_and_is_never_a_target(tiny_bridge):
+    question, answer = "what color is the background ?", "white"
+    plain = tiny_bridge.answer_batch([question], [answer])
+    tiny_bridge.config.system_prompt = "describe the clip"
+    told = tiny_bridge.answer_batch([question], [answer])
+    tok = tiny_bridge.llm.tokenizer
+    assert tok.decode(told["input_ids"][0]).startswith("<bos> <unk> describe the clip <eos> <|user|>")  # <|system|> is not in the tiny vocabulary
+    assert told["input_ids"].shape[1] == plain["input_ids"].shape[1] + 5
+    assert told["visual_position"].item() == plain["visual_position"].item() + 5
+    targets = lambda batch: batch["labels"][batch["labels"] != -100].tolist()  # noqa: E731
+    assert targets(told) == targets(plain) == tok(f"{answer} <eos>", add_special_tokens=False)["input_ids"]
+
+
 def test_batched_answers_equal_single_answers(tiny_bridge):
     bridge = tiny_bridge.eval()
     rng = np.random.default_rng(0)

@@ -34,6 +34,25 @@ def test_efficientnet_lite0_recognises_a_real_photo():
     assert vision.encode(vision.preprocess(skimage.data.coffee())).shape == (1, 49, 1280)
 
 
+def test_efficientnet_lite0_block_features_are_the_network_s_own():
+    import skimage.data
+
+    from adapters.vision import load_vision
+
+    vision = load_vision("efficientnet-lite0", layer=10, resolution=128)
+    px = vision.preprocess(skimage.data.coffee())
+    captured = []
+    hook = vision.net._blocks[10].register_forward_hook(lambda module, args, out: captured.append(out))
+    with torch.no_grad():
+        vision.net.extract_features(px)
+    hook.remove()
+    tokens = vision.encode(px)
+    assert (vision.width, vision.num_tokens, tuple(tokens.shape)) == (112, 64, (1, 64, 112))  # stride 16: 8x8
+    assert torch.equal(tokens, captured[0].flatten(2).transpose(1, 2))
+    with pytest.raises(ValueError, match="blocks 0..15; got layer 16"):
+        load_vision("efficientnet-lite0", layer=16)
+
+
 def test_smollm2_loads_with_its_chat_template():
     from adapters.llm import load_llm
 
@@ -76,3 +95,7 @@ def test_gemma3_loads_for_rebridging():
     assert llm.width == 640
     ids, at = llm.chat_prompt("what shape is the red object?")
     assert llm.tokenizer.decode(ids[:at]).endswith("<start_of_turn>user\n")
+    # Gemma has no system turn: a system message opens the first user turn, an empty one adds nothing.
+    told, at = llm.chat_prompt("what shape is the red object?", system="Answer in one word.")
+    assert llm.tokenizer.decode(told[:at]).endswith("<start_of_turn>user\nAnswer in one word.\n\n")
+    assert llm.chat_prompt("what shape is the red object?", system="") == llm.chat_prompt("what shape is the red object?")
