@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, is_tensorboard_available, set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from tqdm.auto import tqdm
@@ -310,10 +310,11 @@ def main(argv=None) -> Bridge:
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     scheduler = accelerator.prepare(get_cosine_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps))
 
-    # Checkpoints hold the trainable weights only, never copies of the frozen backbones.
+    # Checkpoints hold the trainable weights only, never copies of the frozen backbones; with the config
+    # beside them each checkpoint is itself a bridge (bench/quality.py --bridge out/checkpoints/step-N).
     def save_trainable_only(models, weights, directory):
         if accelerator.is_main_process:
-            save_file({k: v.detach().contiguous().cpu() for k, v in bridge.trainable_state_dict().items()}, str(Path(directory) / WEIGHTS_NAME))
+            bridge.save_pretrained(directory)
         weights.clear()
 
     def load_trainable_only(models, directory):

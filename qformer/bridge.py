@@ -99,10 +99,14 @@ class Bridge(nn.Module):
         state.update({f"llm.{k}": p.detach() for k, p in self.llm.named_parameters() if "lora_" in k})
         return state
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Config and trainable weights; dtype (e.g. torch.float16 to halve a shipped file) casts floating
+        weights on the way out, and from_pretrained casts them back to the bridge's own dtype."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         save_file(state, str(d / WEIGHTS_NAME))
         (d / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
 

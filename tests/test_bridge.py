@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from qformer import Bridge, LoraConfig
 
@@ -85,6 +86,21 @@ def test_save_and_load_round_trip(tiny_bridge, tiny_dirs, tmp_path):
         after = loaded(**batch).logits
     assert torch.equal(before, after)
     assert torch.equal(tokens, loaded.generate(**batch, max_new_tokens=5, min_new_tokens=5))
+
+
+def test_half_precision_file_loads_into_a_full_precision_bridge(tiny_bridge, tmp_path):
+    bridge = tiny_bridge.eval()
+    batch = _batch(bridge, T=2)
+    batch.pop("labels")
+    bridge.save_pretrained(tmp_path / "full")
+    bridge.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    full, half = (load_file(str(tmp_path / d / "bridge.safetensors")) for d in ("full", "half"))
+    assert {v.dtype for v in half.values()} == {torch.float16}
+    assert all(torch.equal(half[k].float(), full[k].half().float()) for k in full)
+    loaded = Bridge.from_pretrained(tmp_path / "half").eval()
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, bridge(**batch).logits, atol=1e-2)
 
 
 def test_lora_trains_and_round_trips(tiny_dirs, tmp_path):

@@ -201,6 +201,10 @@ def test_a_killed_run_resumes_with_the_uninterrupted_losses(tiny_dirs, qformer_b
     for step in range(5, 8):
         assert cut[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
     assert [p.name for p in sorted((tmp_path / "cut" / "checkpoints").iterdir())] == ["step-00000006", "step-00000007"]
+    # Every checkpoint is a bridge of its own, the last one the same as the output.
+    last = Bridge.from_pretrained(tmp_path / "cut" / "checkpoints" / "step-00000007").trainable_state_dict()
+    final = Bridge.from_pretrained(tmp_path / "cut").trainable_state_dict()
+    assert all(torch.equal(last[k], final[k]) for k in final)
 
 
 def test_backbones_are_bitwise_unchanged_and_only_trainable_parts_reach_the_optimizer(tiny_dirs, qformer_bert, captions, tmp_path, monkeypatch):
