@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/demo-bridge}
 PY=${PYTHON:-python}
 STAGE1_STEPS=${STAGE1_STEPS:-250}
-STAGE2_STEPS=${STAGE2_STEPS:-1400}
+STAGE2_STEPS=${STAGE2_STEPS:-1000}
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 
@@ -42,7 +42,7 @@ if [ ! -f "$OUT/stage2/.done" ]; then
     # An empty system prompt replaces SmolLM2's built-in one: 20 fewer tokens in every step.
     $PY train.py --stage 2 --init-from "$OUT/stage1" --instruct --system-prompt "" \
         --data "$OUT/data/world_captions.jsonl:2" --data "$OUT/data/world_vqa.jsonl:1.5" --data "$OUT/data/easy_vqa.jsonl:1" \
-        --output "$OUT/stage2" "${VISION[@]}" --batch-size 16 --lr 3e-4 \
+        --output "$OUT/stage2" "${VISION[@]}" --batch-size 16 --lr 2e-4 \
         --max-steps "$STAGE2_STEPS" --save-every 100 $(resume_flag "$OUT/stage2")
     touch "$OUT/stage2/.done"
 fi

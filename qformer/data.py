@@ -71,12 +71,13 @@ def _check_columns(columns: set[str], where: str) -> None:
 
 
 def _file_identity(path: str) -> str:
-    """What the feature cache keys a file by: a change of content (size or mtime) makes a new key."""
+    """What the feature cache keys a file by: the file itself (symlinks resolved), and a change of content
+    (size or mtime) makes a new key."""
     try:
         st = os.stat(path)
     except OSError as e:
         raise ClipError(f"{path}: cannot access: {e.strerror}") from None
-    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
 
 class ManifestSource:

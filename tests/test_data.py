@@ -183,6 +183,10 @@ def test_feature_cache_keys_follow_content_and_spec_and_shards_are_atomic(images
     ds = ClipDataset([source], 4, None, _preprocess, cache)
     key = ds.cache_key(0)
     assert FeatureCache(tmp_path / "other", "enc-b|res=32").key(source.identity(0)) != key  # another encoder
+    # The same files reached through a symlinked folder are the same samples.
+    (tmp_path / "linked").symlink_to(images, target_is_directory=True)
+    linked = open_source(str(tmp_path / "linked" / "manifest.jsonl"))
+    assert cache.key(linked.identity(0)) == key
     cache.write({key: torch.ones(1, 2, 3)})
     assert sorted(p.name.startswith("shard-") for p in (tmp_path / "cache").iterdir()) == [True]
     assert torch.equal(ds[0]["features"], torch.ones(1, 2, 3))
