@@ -56,6 +56,8 @@ class LanguageModel(FrozenModule):
             )
         self.width = self.model.get_input_embeddings().embedding_dim
         self._takes_position_ids = "position_ids" in inspect.signature(self.model.forward).parameters
+        base = self.model.get_base_model() if lora is not None else self.model
+        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
         if tokenizer is not None and tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -66,11 +68,15 @@ class LanguageModel(FrozenModule):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 
-    def forward(self, inputs_embeds, attention_mask, **kwargs):
+    def forward(self, inputs_embeds, attention_mask, logits_to_keep: int = 0, **kwargs):
+        """Vocabulary logits (B, S, V), or of the last `logits_to_keep` positions only (B, keep, V)."""
         if self._takes_position_ids and "position_ids" not in kwargs:
             # Positions count real tokens only, so left-padded rows match what generate() computes.
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return self.model(inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask, **kwargs).logits
+        if logits_to_keep and self._takes_logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep  # the LM head then runs on those positions alone
+        logits = self.model(inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask, **kwargs).logits
+        return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
     @torch.no_grad()
     def generate(self, inputs_embeds, attention_mask, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:

@@ -8,7 +8,6 @@ weights train; save_pretrained writes just those plus references to the backbone
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -221,11 +220,7 @@ class Bridge(nn.Module):
         rows, cols = (target != -100).nonzero(as_tuple=True)
         at = source[rows, cols]  # (n,) spliced positions whose logits the loss reads
         keep = S - int(at.min()) if len(at) else 1
-        base = self.llm.model.get_base_model() if hasattr(self.llm.model, "get_base_model") else self.llm.model
-        if "logits_to_keep" in inspect.signature(base.forward).parameters:
-            logits = self.llm(embeds, mask, logits_to_keep=keep)  # (B, keep, V)
-        else:
-            logits = self.llm(embeds, mask)[:, S - keep :]
+        logits = self.llm(embeds, mask, logits_to_keep=keep)  # (B, keep, V)
         picked = logits[rows, at - (S - keep)]  # (n, V)
         return F.cross_entropy(picked.float(), target[rows, cols])
 
