@@ -46,8 +46,11 @@ class Stage1Objective(nn.Module):
         temperature = self.heads.temperature.clamp(0.001, 0.5)
         # Similarity of clip i and text j: the best-matching query (BLIP-2).
         sim = torch.einsum("iqe,je->ijq", query_feats, text_feat).amax(-1) / temperature  # (B, B)
-        targets = torch.arange(len(sim), device=sim.device)
-        itc = (F.cross_entropy(sim, targets, label_smoothing=ls) + F.cross_entropy(sim.t(), targets, label_smoothing=ls)) / 2
+        # Two samples with the same text (common in templated captions) are both right for each other's
+        # clip: like BLIP-2's image ids, the target mass is shared among them and neither is a negative.
+        same = (text_ids[:, None] == text_ids[None]).all(-1)  # (B, B); rows are padded alike
+        targets = same.float() / same.sum(1, keepdim=True)
+        itc = (F.cross_entropy(sim, targets, label_smoothing=ls) + F.cross_entropy(sim.t(), targets.t(), label_smoothing=ls)) / 2
 
         # 2. ITM with hard negatives: for each clip a wrong text, for each text a wrong clip, drawn with
         #    probability softmax(similarity), so pairs that ITC confuses are the ones ITM learns from.
@@ -55,9 +58,12 @@ class Stage1Objective(nn.Module):
         texts, clips = pos, pos
         if len(sim) > 1:  # one sample has no negative; its positive pair alone keeps the head in the graph
             with torch.no_grad():
-                eye = torch.eye(len(sim), dtype=torch.bool)
-                w_text = sim.detach().float().cpu().softmax(1).masked_fill(eye, 0)  # (B, B) per clip, over texts
-                w_clip = sim.detach().float().cpu().t().softmax(1).masked_fill(eye, 0)  # per text, over clips
+                not_neg = same.cpu()
+                # A row whose every other text is the same has no true negative; it draws among them and
+                # the pair is labelled a match below.
+                not_neg = not_neg & ~not_neg.all(1, keepdim=True) | torch.eye(len(sim), dtype=torch.bool)
+                w_text = sim.detach().float().cpu().softmax(1).masked_fill(not_neg, 0)  # (B, B) per clip, over texts
+                w_clip = sim.detach().float().cpu().t().softmax(1).masked_fill(not_neg, 0)  # per text, over clips
                 neg_text = torch.multinomial(w_text, 1, generator=generator).squeeze(1)
                 neg_clip = torch.multinomial(w_clip, 1, generator=generator).squeeze(1)
             texts = torch.cat([pos, neg_text, pos])
@@ -65,7 +71,7 @@ class Stage1Objective(nn.Module):
         texts, clips = texts.to(sim.device), clips.to(sim.device)
         hidden = self.qformer(features[clips], text_ids[texts], text_mask[texts], mode="bidirectional")
         itm_logits = self.heads.itm(hidden[:, :Q]).mean(1)  # (3B, 2)
-        matches = (texts == clips).long()
+        matches = same[clips, texts].long()
         itm = F.cross_entropy(itm_logits, matches)
 
         # 3. ITG: next-word prediction over the text, every word seeing all queries (causal mask).

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from qformer import Bridge
+from qformer.losses import Stage1Objective
 
 from conftest import make_tokenizer
 
@@ -407,3 +409,29 @@ def test_stage1_then_stage2_on_the_offline_backbones(captions, tmp_path):
     for out in ("s1", "s2"):
         assert all(math.isfinite(m["loss"]) for m in _metrics(tmp_path / out))
     assert Bridge.from_pretrained(tmp_path / "s2").heads is not None  # kept, frozen, from stage 1
+
+
+def test_identical_captions_are_never_each_other_s_negatives():
+    """Templated captions repeat within a batch: such pairs share the ITC target and ITM labels them a match."""
+    from qformer import QFormerConfig
+    from qformer.model import QFormer, QFormerHeads
+
+    torch.manual_seed(0)
+    cfg = QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_queries=4, vision_width=24,
+                        vocab_size=50, max_text_len=16, dropout=0.0, embed_dim=16)
+    objective = Stage1Objective(QFormer(cfg), QFormerHeads(cfg), label_smoothing=0.0)
+    seen = {}
+    objective.heads.itm.register_forward_hook(lambda m, args, out: seen.update(itm=out.mean(1)))
+    objective.heads.vision_proj.register_forward_hook(lambda m, args, out: seen.setdefault("clip", out))
+    objective.heads.text_proj.register_forward_hook(lambda m, args, out: seen.setdefault("text", out))
+    features = torch.randn(3, 1, 5, 24)
+    text = torch.tensor([[1, 7, 8, 9, 2]] * 3)  # one caption for all three clips
+    losses = objective(features, text, torch.ones_like(text), generator=torch.Generator().manual_seed(0))
+
+    # Every ITM pair, the drawn "negatives" included, is a match.
+    assert losses["itm"].item() == pytest.approx(F.cross_entropy(seen["itm"], torch.ones(9, dtype=torch.long)).item(), abs=1e-6)
+    # ITC: each clip's target is spread evenly over the three identical texts.
+    clip, text_feat = F.normalize(seen["clip"], dim=-1), F.normalize(seen["text"], dim=-1)
+    sim = torch.einsum("iqe,je->ijq", clip, text_feat).amax(-1) / objective.heads.temperature
+    even = torch.full((3, 3), 1 / 3)
+    assert losses["itc"].item() == pytest.approx(((F.cross_entropy(sim, even) + F.cross_entropy(sim.t(), even)) / 2).item(), abs=1e-5)
