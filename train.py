@@ -42,6 +42,7 @@ from transformers import AutoConfig, get_cosine_schedule_with_warmup
 from adapters.llm import load_llm
 from adapters.vision import load_vision
 from qformer import Bridge, BridgeConfig, QFormerConfig
+from qformer.config import LoraConfig
 from qformer.bridge import CONFIG_NAME, WEIGHTS_NAME
 from qformer.convert import load_bert_into_qformer
 from qformer.data import ClipDataset, FeatureCache, MixedBatchSampler, collate, fill_cache, open_source, parse_data_arg
@@ -74,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fps", type=float, default=None, help="sample clips at this rate, at most --num-frames frames")
     p.add_argument("--instruct", action="store_true", help="InstructBLIP: the question also enters the Q-Former (stage 2)")
     p.add_argument("--train", choices=["all", "projection"], default="all", help="'projection': only the projection learns")
+    p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                   help="stage 2: also train LoRA adapters of this rank on the LLM's attention (q_proj, v_proj); the LLM's own "
+                        "weights stay frozen (default: none, or the --init-from bridge's)")
     # Optimisation.
     p.add_argument("--batch-size", type=int, default=8, help="per process")
     p.add_argument("--grad-accum", type=int, default=1)
@@ -151,14 +155,15 @@ def build_bridge(args) -> Bridge:
         if args.vision_layer is not None and args.vision_layer != source.vision_layer:
             fail(f"--vision-layer {args.vision_layer}: the Q-Former in {d} was trained on layer {source.vision_layer}; drop --vision-layer")
         vision = load_vision(source.vision, source.vision_layer, args.vision_resolution or source.vision_resolution)
-        llm = load_llm(args.llm or source.llm, lora=source.lora)
+        lora = LoraConfig(r=args.lora, alpha=2 * args.lora) if args.lora else source.lora
+        llm = load_llm(args.llm or source.llm, lora=lora)
         qformer_config = replace(source.qformer, stage1_heads=source.qformer.stage1_heads or stage == 1)
         config = replace(
             source, qformer=qformer_config, llm=args.llm or source.llm, llm_width=llm.width,
             vision_resolution=args.vision_resolution or source.vision_resolution,
             instruct=args.instruct or source.instruct, num_frames=args.num_frames or source.num_frames,
             qformer_tokenizer=args.qformer_tokenizer or source.qformer_tokenizer,
-            system_prompt=source.system_prompt if args.system_prompt is None else args.system_prompt,
+            system_prompt=source.system_prompt if args.system_prompt is None else args.system_prompt, lora=lora,
         )
         bridge = _checked(lambda: Bridge(config, vision, llm))
         state = load_file(str(d / WEIGHTS_NAME))
@@ -169,11 +174,19 @@ def build_bridge(args) -> Bridge:
             # Re-bridging: the projection into another LLM starts fresh; everything else carries over.
             if module is not None and weights and (part != "projection" or same_llm):
                 module.load_state_dict(weights)
+        # LoRA adapters belong to their LLM: kept when it and the adapter shape stay, else they start fresh.
+        lora_weights = {k: v for k, v in state.items() if k.startswith("llm.")}
+        if lora_weights and same_llm and lora == source.lora:
+            params = dict(bridge.named_parameters())
+            with torch.no_grad():
+                for k, v in lora_weights.items():
+                    params[k].copy_(v)
         print(f"initialised from {d}" + ("" if same_llm else f"; new projection into {config.llm} ({llm.width} wide)"))
         return bridge
 
     vision = load_vision(args.vision or "efficientnet-lite0", args.vision_layer, args.vision_resolution)
-    llm = load_llm(args.llm or "smollm2-135m-instruct")
+    lora = LoraConfig(r=args.lora, alpha=2 * args.lora) if args.lora else None
+    llm = load_llm(args.llm or "smollm2-135m-instruct", lora=lora)
     bert = None
     if args.qformer_init == "minilm":
         from adapters.offline import minilm_dir
@@ -196,7 +209,7 @@ def build_bridge(args) -> Bridge:
         qformer=q, vision=args.vision or "efficientnet-lite0", llm=args.llm or "smollm2-135m-instruct",
         vision_layer=args.vision_layer, vision_resolution=args.vision_resolution, llm_width=llm.width, instruct=args.instruct,
         qformer_tokenizer=args.qformer_tokenizer or ("minilm" if args.qformer_init == "minilm" else bert),
-        num_frames=args.num_frames or 4, system_prompt=args.system_prompt,
+        num_frames=args.num_frames or 4, system_prompt=args.system_prompt, lora=lora,
     )
     bridge = _checked(lambda: Bridge(config, vision, llm))
     if bert is not None:
@@ -216,6 +229,10 @@ def choose_trainable(bridge: Bridge, stage: int, train: str) -> None:
     for part in (bridge.qformer, bridge.projection, bridge.heads):
         if part is not None:
             part.requires_grad_(False)
+    # LoRA adapters (if any) learn with everything else in stage 2; stage 1 never runs the LLM.
+    for name, p in bridge.llm.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(stage == 2 and train == "all")
     if train == "projection":
         bridge.projection.requires_grad_(True)
         return
@@ -245,6 +262,8 @@ def main(argv=None) -> Bridge:
         fail("--train projection is for stage 2 (stage 1 trains the Q-Former without an LLM)")
     if stage == 1 and args.instruct:
         fail("--instruct is for stage 2 (stage 1 already shows the Q-Former the text)")
+    if args.lora is not None and (stage == 1 or args.lora < 1):
+        fail("--lora RANK is for stage 2 (stage 1 does not run the LLM), with a rank of at least 1")
     if args.batch_size < 1 or args.grad_accum < 1:
         fail("--batch-size and --grad-accum must be at least 1")
     if not args.resume and latest_checkpoint(out) is not None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Retrain the default bridge (demos/bridge) from nothing on this machine's CPU:
-# world data -> stage 1 -> stage 2 (instructed VQA) -> scores -> a half-precision copy to ship.
+# world data -> stage 1 -> stage 2a (projection) -> stage 2b (instructed VQA) -> scores -> a half-precision copy to ship.
 #
 #   demos/train_bridge.sh [OUT]        OUT defaults to runs/demo-bridge
 #   make bridge                        the same, in the background, logging to runs/demo-bridge/train.log
@@ -14,7 +14,9 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/demo-bridge}
 PY=${PYTHON:-python}
 STAGE1_STEPS=${STAGE1_STEPS:-250}
-STAGE2_STEPS=${STAGE2_STEPS:-1000}
+STAGE2A_STEPS=${STAGE2A_STEPS:-150}
+STAGE2_STEPS=${STAGE2_STEPS:-800}
+CLIPS=${CLIPS:-4000}
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 
@@ -27,7 +29,7 @@ resume_flag() {  # --resume once a stage has checkpoints to continue from
 }
 
 echo "== $(date -u +%FT%TZ) world clips and manifests"
-$PY demos/world_data.py "$OUT/data" --clips 6000
+$PY demos/world_data.py "$OUT/data" --clips "$CLIPS"
 
 if [ ! -f "$OUT/stage1/.done" ]; then
     echo "== $(date -u +%FT%TZ) stage 1: ITC + ITM + ITG on world captions"
@@ -37,13 +39,26 @@ if [ ! -f "$OUT/stage1/.done" ]; then
     touch "$OUT/stage1/.done"
 fi
 
-if [ ! -f "$OUT/stage2/.done" ]; then
-    echo "== $(date -u +%FT%TZ) stage 2: captions and instructed VQA through SmolLM2-135M-Instruct"
+# Stage 2 in two steps. The LLM cannot read the stage-1 queries yet, so at first their variation from clip
+# to clip only disturbs it, and training everything at once learns to erase it (the queries collapse to
+# one constant prompt and captions ignore the clip). So the projection alone learns to speak the LLM's
+# language first, over a frozen Q-Former; then everything trains, at a lower rate, with LoRA adapters on
+# the LLM's attention taking the answer format (the LLM's own weights stay frozen), so the visual prompt
+# is left to carry what is in the clip.
+STAGE2=(--data "$OUT/data/world_captions.jsonl:2" --data "$OUT/data/world_vqa.jsonl:1.5" --data "$OUT/data/easy_vqa.jsonl:1"
+        "${VISION[@]}" --batch-size 16)
+if [ ! -f "$OUT/stage2a/.done" ]; then
+    echo "== $(date -u +%FT%TZ) stage 2a: the projection alone, into SmolLM2-135M-Instruct"
     # An empty system prompt replaces SmolLM2's built-in one: 20 fewer tokens in every step.
-    $PY train.py --stage 2 --init-from "$OUT/stage1" --instruct --system-prompt "" \
-        --data "$OUT/data/world_captions.jsonl:2" --data "$OUT/data/world_vqa.jsonl:1.5" --data "$OUT/data/easy_vqa.jsonl:1" \
-        --output "$OUT/stage2" "${VISION[@]}" --batch-size 16 --lr 2e-4 \
-        --max-steps "$STAGE2_STEPS" --save-every 100 $(resume_flag "$OUT/stage2")
+    $PY train.py --stage 2 --init-from "$OUT/stage1" --instruct --system-prompt "" --train projection --lr 1e-3 \
+        "${STAGE2[@]}" --output "$OUT/stage2a" --max-steps "$STAGE2A_STEPS" --save-every 50 $(resume_flag "$OUT/stage2a")
+    touch "$OUT/stage2a/.done"
+fi
+
+if [ ! -f "$OUT/stage2/.done" ]; then
+    echo "== $(date -u +%FT%TZ) stage 2b: Q-Former, projection and LoRA, captions and instructed VQA"
+    $PY train.py --stage 2 --init-from "$OUT/stage2a" --lr 1e-4 --lora 8 \
+        "${STAGE2[@]}" --output "$OUT/stage2" --max-steps "$STAGE2_STEPS" --save-every 100 $(resume_flag "$OUT/stage2")
     touch "$OUT/stage2/.done"
 fi
 

@@ -114,8 +114,12 @@ class Bridge(nn.Module):
         d = Path(directory)
         if not d.is_dir():
             from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import HFValidationError
 
-            d = Path(snapshot_download(str(directory)))
+            try:
+                d = Path(snapshot_download(str(directory)))
+            except HFValidationError:
+                raise FileNotFoundError(f"{directory}: no such bridge directory (nor a hub id)") from None
         if not (d / CONFIG_NAME).exists():
             raise FileNotFoundError(f"{d}: not a bridge directory (no {CONFIG_NAME})")
         config = BridgeConfig.from_dict(json.loads((d / CONFIG_NAME).read_text()))

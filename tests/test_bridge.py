@@ -215,6 +215,11 @@ def test_missing_file_is_an_error_naming_it(tiny_bridge, tmp_path):
         tiny_bridge.caption([str(tmp_path / "nothing-here.mp4")])
 
 
+def test_a_missing_bridge_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="runs/old/checkpoints/step-7: no such bridge directory"):
+        Bridge.from_pretrained(tmp_path / "runs" / "old" / "checkpoints" / "step-7")
+
+
 def test_backbones_that_do_not_fit_are_named(tiny_dirs):
     with pytest.raises(ValueError, match="16-wide features but this bridge's Q-Former reads 24"):
         Bridge(tiny_config(tiny_dirs, vision=tiny_dirs["vit"]))

@@ -293,6 +293,28 @@ def test_rebridging_to_an_llm_of_another_width_and_tokenizer(tiny_dirs, qformer_
     assert not torch.equal(both.qformer.query_tokens, rebridged.qformer.query_tokens)
 
 
+def test_lora_adapters_learn_while_the_llm_stays_frozen_and_carry_over(tiny_dirs, qformer_bert, captions, tmp_path):
+    bridge = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "lora", "--max-steps", "3", "--lora", "2", stage="2", data=captions))
+    untouched = Bridge.from_pretrained(tmp_path / "lora")  # the same backbones, freshly loaded
+    lora = {k: v for k, v in bridge.trainable_state_dict().items() if "lora_" in k}
+    assert lora and bridge.config.lora.r == 2
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # peft starts B at zero: it learned
+    base = {k: v for k, v in bridge.llm.state_dict().items() if "lora_" not in k}
+    fresh = untouched.llm.state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in base.items())
+    assert all(torch.equal(v, untouched.trainable_state_dict()[k]) for k, v in lora.items())
+    # Continuing with the projection alone keeps the adapters as they are, and frozen.
+    more = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "proj", "--max-steps", "1", "--init-from", str(tmp_path / "lora"),
+                            "--train", "projection", stage="2", data=captions))
+    assert all(torch.equal(v, more.trainable_state_dict()[k]) for k, v in lora.items())
+    assert not any(p.requires_grad for n, p in more.llm.named_parameters())
+
+
+def test_lora_is_refused_in_stage_1(tiny_dirs, qformer_bert, captions, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--lora RANK is for stage 2"):
+        train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s1", "--lora", "2", data=captions))
+
+
 def test_the_cheap_loss_path_gives_the_forward_loss(tiny_bridge):
     bridge = tiny_bridge.eval()
     batch = bridge.answer_batch(["describe the clip .", "what color is the square ?", "how many ?"], ["a red square", "blue", "two"])
