@@ -86,6 +86,7 @@ def main(argv=None) -> dict:
     fresh = [
         "--qformer-init", "minilm", "--vision", c.vision, "--num-queries", str(c.qformer.num_queries),
         *(["--vision-layer", str(c.vision_layer)] if c.vision_layer is not None else []),
+        *(["--lora", str(c.lora.r)] if c.lora is not None else []),  # the other arm gets its LoRA through --init-from
     ]
     arms = {
         "from-bridge": run("from-bridge", ["--init-from", args.source], args, source),
@@ -97,7 +98,7 @@ def main(argv=None) -> dict:
 
     source_accuracy = score(source)
     del source
-    llm = load_llm(args.llm)
+    llm = load_llm(args.llm, lora=c.lora)  # one LLM for every checkpoint; each brings its own LoRA weights
     steps = list(range(args.eval_every, args.steps + 1, args.eval_every))
     curves = {}
     for name, out in arms.items():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qformer import Bridge
+from qformer.config import LoraConfig
 
 from conftest import make_tokenizer, tiny_config
 
@@ -34,7 +35,8 @@ def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_r
                                  bos_token_id=1, eos_token_id=2, pad_token_id=0)).save_pretrained(tmp_path / "new-llm")
     tok.save_pretrained(tmp_path / "new-llm")
     torch.manual_seed(0)
-    Bridge(tiny_config(tiny_dirs)).save_pretrained(tmp_path / "source")
+    # A source with LoRA adapters: each arm gets adapters of the same rank for the new LLM.
+    Bridge(tiny_config(tiny_dirs, lora=LoraConfig(r=2, alpha=4))).save_pretrained(tmp_path / "source")
     _load("world_data", ROOT / "demos" / "world_data.py").main([str(tmp_path / "data"), "--clips", "4"])
 
     bench = _load("rebridge", ROOT / "bench" / "rebridge.py")
@@ -48,7 +50,9 @@ def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_r
     assert all(len(v) == 2 and all(0.0 <= a <= 1.0 for a in v) for v in results["slot_accuracy"].values())
     assert json.loads((tmp_path / "out" / "rebridge.json").read_text()) == results
     assert (tmp_path / "out" / "rebridge.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert Bridge.from_pretrained(tmp_path / "out" / "from-minilm").config.qformer.hidden_size == 384  # MiniLM
+    minilm_arm = Bridge.from_pretrained(tmp_path / "out" / "from-minilm").config
+    assert minilm_arm.qformer.hidden_size == 384  # MiniLM
+    assert minilm_arm.lora.r == Bridge.from_pretrained(tmp_path / "out" / "from-bridge").config.lora.r == 2
 
     # Finished arms are reused, not trained again: the same figures come back.
     again = bench.main(argv)
