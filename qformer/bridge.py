@@ -125,7 +125,9 @@ class Bridge(nn.Module):
         config = BridgeConfig.from_dict(json.loads((d / CONFIG_NAME).read_text()))
         bridge = cls(config, vision, llm)
         bridge.load_trainable(load_file(str(d / WEIGHTS_NAME)), source=str(d))
-        return bridge
+        # Ready to answer, as transformers' from_pretrained is: in train mode the Q-Former's dropout would
+        # make every answer a draw. Training calls train() itself.
+        return bridge.eval()
 
     def load_trainable(self, state: dict[str, torch.Tensor], source: str = "state") -> None:
         own = self.trainable_state_dict()

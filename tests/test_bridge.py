@@ -88,6 +88,21 @@ def test_save_and_load_round_trip(tiny_bridge, tiny_dirs, tmp_path):
     assert torch.equal(tokens, loaded.generate(**batch, max_new_tokens=5, min_new_tokens=5))
 
 
+def test_a_loaded_bridge_is_ready_to_answer(tiny_dirs, tmp_path):
+    """from_pretrained gives eval mode: with the Q-Former's dropout on, the same question could get another answer."""
+    from dataclasses import replace
+
+    cfg = tiny_config(tiny_dirs)
+    torch.manual_seed(0)
+    Bridge(replace(cfg, qformer=replace(cfg.qformer, dropout=0.5))).save_pretrained(tmp_path / "b")
+    loaded = Bridge.from_pretrained(tmp_path / "b")
+    assert not loaded.training and not loaded.qformer.training
+    batch = _batch(loaded, T=2)
+    batch.pop("labels")
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, loaded(**batch).logits)
+
+
 def test_half_precision_file_loads_into_a_full_precision_bridge(tiny_bridge, tmp_path):
     bridge = tiny_bridge.eval()
     batch = _batch(bridge, T=2)
