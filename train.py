@@ -145,6 +145,7 @@ def fail(message: str):
 
 def build_bridge(args) -> Bridge:
     stage = int(args.stage)
+    new_lora = LoraConfig(r=args.lora, alpha=2 * args.lora) if args.lora else None
     if args.init_from:
         d = Path(args.init_from)
         if not (d / CONFIG_NAME).exists():
@@ -155,7 +156,7 @@ def build_bridge(args) -> Bridge:
         if args.vision_layer is not None and args.vision_layer != source.vision_layer:
             fail(f"--vision-layer {args.vision_layer}: the Q-Former in {d} was trained on layer {source.vision_layer}; drop --vision-layer")
         vision = load_vision(source.vision, source.vision_layer, args.vision_resolution or source.vision_resolution)
-        lora = LoraConfig(r=args.lora, alpha=2 * args.lora) if args.lora else source.lora
+        lora = new_lora or source.lora
         llm = load_llm(args.llm or source.llm, lora=lora)
         qformer_config = replace(source.qformer, stage1_heads=source.qformer.stage1_heads or stage == 1)
         config = replace(
@@ -185,8 +186,7 @@ def build_bridge(args) -> Bridge:
         return bridge
 
     vision = load_vision(args.vision or "efficientnet-lite0", args.vision_layer, args.vision_resolution)
-    lora = LoraConfig(r=args.lora, alpha=2 * args.lora) if args.lora else None
-    llm = load_llm(args.llm or "smollm2-135m-instruct", lora=lora)
+    llm = load_llm(args.llm or "smollm2-135m-instruct", lora=new_lora)
     bert = None
     if args.qformer_init == "minilm":
         from adapters.offline import minilm_dir
@@ -209,7 +209,7 @@ def build_bridge(args) -> Bridge:
         qformer=q, vision=args.vision or "efficientnet-lite0", llm=args.llm or "smollm2-135m-instruct",
         vision_layer=args.vision_layer, vision_resolution=args.vision_resolution, llm_width=llm.width, instruct=args.instruct,
         qformer_tokenizer=args.qformer_tokenizer or ("minilm" if args.qformer_init == "minilm" else bert),
-        num_frames=args.num_frames or 4, system_prompt=args.system_prompt, lora=lora,
+        num_frames=args.num_frames or 4, system_prompt=args.system_prompt, lora=new_lora,
     )
     bridge = _checked(lambda: Bridge(config, vision, llm))
     if bert is not None:
