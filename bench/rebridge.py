@@ -1,13 +1,14 @@
 """Give a new LLM eyes: re-bridge a trained Q-Former to it, against a Q-Former started from MiniLM.
 
     python bench/rebridge.py --data DIR [--source DIR] [--llm gemma3-270m] [--steps 200]
-                             [--eval-every 50] [--world 100] [--out runs/rebridge]
+                             [--projection-steps 50] [--eval-every 50] [--world 100] [--out runs/rebridge]
 
 DIR holds the manifests of `demos/world_data.py`. Two stage-2 runs into the new LLM, identical in data,
 settings, seed and steps; only the Q-Former's start differs: the source bridge's trained Q-Former (with
-a new projection) or the MiniLM init. Every checkpoint is scored by world `test-iid` caption slot
-accuracy on the first N clips, as is the source bridge. Prints a table; writes OUT/rebridge.json and
-OUT/rebridge.png. Rerunning continues killed runs and reuses finished ones.
+a new projection) or the MiniLM init. Each run follows the source's stage-2 recipe: the projection
+alone, then everything with LoRA. The end of the first part and every --eval-every steps after it are
+scored by world `test-iid` caption slot accuracy on the first N clips, as is the source bridge. Prints a
+table; writes OUT/rebridge.json and OUT/rebridge.png. Rerunning continues killed runs and reuses finished ones.
 """
 from __future__ import annotations
 
@@ -29,36 +30,51 @@ from qformer.bridge import DEFAULT_BRIDGE  # noqa: E402
 SPLIT = "test-iid"
 
 
-def run(name: str, start: list[str], args, source: Bridge) -> Path:
-    """Train one arm (or continue it); returns its output directory."""
-    out = Path(args.out) / name
+def train_once(out: Path, argv: list[str], args) -> Path:
+    """One train.py run into OUT, continued if it was killed, skipped if it finished."""
     if (out / ".done").exists():
         return out
-    c = source.config
-    data = Path(args.data)
-    argv = [
-        "--stage", "2", "--llm", args.llm, "--output", str(out), *start,
-        "--data", f"{data / 'world_captions.jsonl'}:2", "--data", f"{data / 'world_vqa.jsonl'}:1.5",
-        "--data", f"{data / 'easy_vqa.jsonl'}:1",
-        "--num-frames", str(c.num_frames),
-        "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--max-steps", str(args.steps),
-        "--save-every", str(args.eval_every), "--keep-checkpoints", str(args.steps // args.eval_every + 1),
-        "--log-with", "none",
-    ]
-    if c.vision_resolution is not None:
-        argv += ["--vision-resolution", str(c.vision_resolution)]
-    if c.instruct:
-        argv.append("--instruct")
-    if c.system_prompt is not None:
-        argv += ["--system-prompt", c.system_prompt]
-    if args.cache_features:
-        argv += ["--cache-features", args.cache_features]
     if (out / "checkpoints").is_dir():
-        argv.append("--resume")
-    print(f"== {name}: python train.py {' '.join(argv)}", flush=True)
+        argv = [*argv, "--resume"]
+    print(f"== python train.py {' '.join(argv)}", flush=True)
     train.main(argv)
     (out / ".done").touch()
     return out
+
+
+def run(name: str, start: list[str], args, source: Bridge) -> list[Path]:
+    """Train one arm with the source's stage-2 recipe; returns the bridge at every scored step.
+
+    As when the source was made: first the new projection alone (a fresh projection's noise would
+    otherwise teach the Q-Former to erase the clip), then everything, LoRA included, at a lower rate.
+    """
+    c = source.config
+    data = Path(args.data)
+    common = [
+        "--stage", "2", "--llm", args.llm,
+        "--data", f"{data / 'world_captions.jsonl'}:2", "--data", f"{data / 'world_vqa.jsonl'}:1.5",
+        "--data", f"{data / 'easy_vqa.jsonl'}:1",
+        "--num-frames", str(c.num_frames), "--batch-size", str(args.batch_size), "--log-with", "none",
+    ]
+    if c.vision_resolution is not None:
+        common += ["--vision-resolution", str(c.vision_resolution)]
+    if c.instruct:
+        common.append("--instruct")
+    if c.system_prompt is not None:
+        common += ["--system-prompt", c.system_prompt]
+    if args.cache_features:
+        common += ["--cache-features", args.cache_features]
+    out = Path(args.out) / name
+    first = train_once(out / "projection", [
+        *common, *start, "--output", str(out / "projection"), "--train", "projection", "--lr", str(args.projection_lr),
+        "--max-steps", str(args.projection_steps), "--save-every", str(args.projection_steps),
+    ], args)
+    rest = args.steps - args.projection_steps
+    train_once(out, [
+        *common, "--init-from", str(first), "--output", str(out), "--lr", str(args.lr),
+        "--max-steps", str(rest), "--save-every", str(args.eval_every), "--keep-checkpoints", str(rest // args.eval_every),
+    ], args)
+    return [first, *(out / "checkpoints" / f"step-{s:08d}" for s in range(args.eval_every, rest + 1, args.eval_every))]
 
 
 def main(argv=None) -> dict:
@@ -66,16 +82,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", required=True, help="folder written by demos/world_data.py")
     ap.add_argument("--source", default=str(DEFAULT_BRIDGE), help="trained bridge whose Q-Former is re-bridged (default: the shipped one)")
     ap.add_argument("--llm", default="gemma3-270m", help="the new LLM (an adapters.load_llm spec)")
-    ap.add_argument("--steps", type=int, default=200, help="stage-2 steps of each run")
-    ap.add_argument("--eval-every", type=int, default=50, help="score a checkpoint every this many steps")
+    ap.add_argument("--steps", type=int, default=200, help="stage-2 steps of each run, both parts together")
+    ap.add_argument("--projection-steps", type=int, default=50, help="of those, the first ones train the projection alone")
+    ap.add_argument("--eval-every", type=int, default=50, help="score a checkpoint every this many steps after those")
     ap.add_argument("--world", type=int, default=100, help=f"world {SPLIT} clips scored per checkpoint")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--projection-lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-4, help="once everything trains")
     ap.add_argument("--cache-features", metavar="DIR", help="frozen-feature cache shared with the source's training")
     ap.add_argument("--out", default="runs/rebridge")
     args = ap.parse_args(argv)
-    if args.steps % args.eval_every:
-        ap.error(f"--steps {args.steps} must be a multiple of --eval-every {args.eval_every}")
+    if not 0 < args.projection_steps < args.steps or (args.steps - args.projection_steps) % args.eval_every:
+        ap.error(f"--steps {args.steps} must exceed --projection-steps {args.projection_steps} by a multiple of "
+                 f"--eval-every {args.eval_every}")
     for name in ("world_captions.jsonl", "world_vqa.jsonl", "easy_vqa.jsonl"):
         if not (Path(args.data) / name).is_file():
             ap.error(f"--data {args.data}: no {name}; write the manifests with `python demos/world_data.py {args.data}`")
@@ -99,11 +118,9 @@ def main(argv=None) -> dict:
     source_accuracy = score(source)
     del source
     llm = load_llm(args.llm, lora=c.lora)  # one LLM for every checkpoint; each brings its own LoRA weights
-    steps = list(range(args.eval_every, args.steps + 1, args.eval_every))
-    curves = {}
-    for name, out in arms.items():
-        checkpoints = [out / "checkpoints" / f"step-{s:08d}" for s in steps]
-        curves[name] = [score(Bridge.from_pretrained(d, vision=vision, llm=llm)) for d in checkpoints]
+    steps = list(range(args.projection_steps, args.steps + 1, args.eval_every))
+    curves = {name: [score(Bridge.from_pretrained(d, vision=vision, llm=llm)) for d in checkpoints]
+              for name, checkpoints in arms.items()}
     results = {
         "llm": args.llm, "source": args.source, "split": SPLIT, "clips": args.world,
         "source_slot_accuracy": source_accuracy, "steps": steps, "slot_accuracy": curves,

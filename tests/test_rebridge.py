@@ -41,18 +41,24 @@ def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_r
 
     bench = _load("rebridge", ROOT / "bench" / "rebridge.py")
     argv = ["--data", str(tmp_path / "data"), "--source", str(tmp_path / "source"), "--llm", str(tmp_path / "new-llm"),
-            "--steps", "2", "--eval-every", "1", "--world", "2", "--batch-size", "2", "--out", str(tmp_path / "out")]
+            "--steps", "3", "--projection-steps", "1", "--eval-every", "1", "--world", "2", "--batch-size", "2", "--out", str(tmp_path / "out")]
     results = bench.main(argv)
     printed = capsys.readouterr().out
     assert "new projection into" in printed and "(48 wide)" in printed
-    assert results["steps"] == [1, 2]
+    assert results["steps"] == [1, 2, 3]
     assert set(results["slot_accuracy"]) == {"from-bridge", "from-minilm"}
-    assert all(len(v) == 2 and all(0.0 <= a <= 1.0 for a in v) for v in results["slot_accuracy"].values())
+    assert all(len(v) == 3 and all(0.0 <= a <= 1.0 for a in v) for v in results["slot_accuracy"].values())
     assert json.loads((tmp_path / "out" / "rebridge.json").read_text()) == results
     assert (tmp_path / "out" / "rebridge.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     minilm_arm = Bridge.from_pretrained(tmp_path / "out" / "from-minilm").config
     assert minilm_arm.qformer.hidden_size == 384  # MiniLM
     assert minilm_arm.lora.r == Bridge.from_pretrained(tmp_path / "out" / "from-bridge").config.lora.r == 2
+    # The first part trains the projection alone: the source's Q-Former is untouched at its end, not after.
+    source_q = Bridge.from_pretrained(tmp_path / "source").qformer.state_dict()
+    first_q = Bridge.from_pretrained(tmp_path / "out" / "from-bridge" / "projection").qformer.state_dict()
+    last_q = Bridge.from_pretrained(tmp_path / "out" / "from-bridge").qformer.state_dict()
+    assert all(torch.equal(source_q[k], first_q[k]) for k in source_q)
+    assert not all(torch.equal(source_q[k], last_q[k]) for k in source_q)
 
     # Finished arms are reused, not trained again: the same figures come back.
     again = bench.main(argv)
