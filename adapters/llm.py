@@ -24,18 +24,6 @@ from .vision import FrozenModule
 # Built-in offline LLMs: real pretrained weights shipped inside packages as GGUF files.
 OFFLINE_LLMS = ("smollm2-135m-instruct", "gemma3-270m")
 
-# Gemma 3's turn format; its GGUF file carries no chat template. As in Gemma's own template, a system
-# message is no turn of its own but opens the first user turn (an empty one adds nothing). Training targets
-# end in <end_of_turn>, which therefore also stops generation.
-GEMMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% set ns = namespace(prefix='') %}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{% set ns.prefix = (m['content'] | trim + '\n\n') if m['content'] | trim else '' %}"
-    "{% else %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
-    "<start_of_turn>{{ role }}\n{{ ns.prefix if role == 'user' else '' }}{{ m['content'] | trim }}<end_of_turn>\n"
-    "{% if role == 'user' %}{% set ns.prefix = '' %}{% endif %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
-
 # Stands for the visual prompt while the chat template is rendered as text; split out afterwards.
 VISUAL_MARK = "<<visual-prompt>>"
 
@@ -107,8 +95,9 @@ class LanguageModel(FrozenModule):
             before, after = text.split(VISUAL_MARK, 1)
             ids_before = tok(before, add_special_tokens=False)["input_ids"]
             return ids_before + tok(after, add_special_tokens=False)["input_ids"], len(ids_before)
-        # No chat template (e.g. BLIP-2's OPT): visual prompt first, then BLIP-2's question format.
-        turns = [f"Question: {q} Answer: {a}" for q, a in history]
+        # No chat template (BLIP-2's OPT, or a base model such as the offline Gemma-3-270M, which was never
+        # taught the turn tokens): visual prompt first, then BLIP-2's question format.
+        turns = ([system] if system else []) + [f"Question: {q} Answer: {a}" for q, a in history]
         if question:
             turns.append(f"Question: {question} Answer:")
         return tok(" ".join(turns))["input_ids"], 0
@@ -175,9 +164,7 @@ def _gguf_as_safetensors(spec: str) -> str:
     if not src.is_file():
         raise FileNotFoundError(f"{spec}: no such GGUF file")
     st = src.stat()
-    # The template is part of the key: a corrected template must not be hidden by an older cached copy.
-    template = f":{GEMMA3_CHAT_TEMPLATE}" if spec == "gemma3-270m" else ""
-    key = hashlib.sha1(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}{template}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_dir() / "llm" / f"{src.stem}-{key}"
     if (target / "config.json").exists():
         return str(target)
@@ -194,10 +181,6 @@ def _gguf_as_safetensors(spec: str) -> str:
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    if spec == "gemma3-270m":
-        tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
-        end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-        model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:

@@ -88,14 +88,21 @@ def test_bridge_over_offline_backbones_captions_a_photo_and_a_clip(offline_bridg
     assert trainable == own and total - own > 100_000_000  # SmolLM2-135M and EfficientNet-Lite0 stay frozen
 
 
-def test_gemma3_loads_for_rebridging():
+def test_gemma3_loads_for_rebridging_and_speaks_in_the_format_it_knows():
+    import torch
+
     from adapters.llm import load_llm
 
     llm = load_llm("gemma3-270m")
     assert llm.width == 640
-    ids, at = llm.chat_prompt("what shape is the red object?")
-    assert llm.tokenizer.decode(ids[:at]).endswith("<start_of_turn>user\n")
-    # Gemma has no system turn: a system message opens the first user turn, an empty one adds nothing.
-    told, at = llm.chat_prompt("what shape is the red object?", system="Answer in one word.")
-    assert llm.tokenizer.decode(told[:at]).endswith("<start_of_turn>user\nAnswer in one word.\n\n")
+    # The offline Gemma-3-270M is the pretrained base model: it never learned Gemma's turn tokens (the
+    # answer "Paris<end_of_turn>" costs 31 nats at <end_of_turn>), so it gets BLIP-2's plain question format.
+    tok = llm.tokenizer
+    ids, at = llm.chat_prompt("What is the capital of France?")
+    assert at == 0 and tok.decode(ids) == "<bos>Question: What is the capital of France? Answer:"
+    with torch.no_grad():
+        logits = llm(llm.embed(torch.tensor([ids])), torch.ones(1, len(ids), dtype=torch.long))
+    assert tok.decode(int(logits[0, -1].argmax())) == " Paris"
+    told, _ = llm.chat_prompt("what shape is the red object?", system="Answer in one word.")
+    assert tok.decode(told) == "<bos>Answer in one word. Question: what shape is the red object? Answer:"
     assert llm.chat_prompt("what shape is the red object?", system="") == llm.chat_prompt("what shape is the red object?")

@@ -1,31 +1,23 @@
 """bench/quality.py end to end on a tiny bridge: every figure is computed and well-formed."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from qformer import Bridge
 
-from conftest import tiny_config
+from conftest import load_script, tiny_config
 
 pytestmark = pytest.mark.backbones  # reads the easy-VQA test split from its package
 
 
-def _load_bench():
-    path = Path(__file__).resolve().parent.parent / "bench" / "quality.py"
-    spec = importlib.util.spec_from_file_location("quality", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quality_bench_runs_and_reports_every_score(tiny_dirs, tmp_path, capsys):
     torch.manual_seed(0)
     Bridge(tiny_config(tiny_dirs)).save_pretrained(tmp_path / "b")
-    results = _load_bench().main(["--bridge", str(tmp_path / "b"), "--world", "2", "--easy-vqa", "3", "--json", str(tmp_path / "r.json")])
+    results = load_script("bench/quality.py").main(["--bridge", str(tmp_path / "b"), "--world", "2", "--easy-vqa", "3", "--json", str(tmp_path / "r.json")])
     printed = capsys.readouterr().out
     for key in ("world test-iid captions", "world test-novel captions", "world test-iid vqa", "world test-novel vqa", "easy-vqa test"):
         assert key in results

@@ -1,9 +1,7 @@
 """bench/rebridge.py end to end on tiny backbones: two arms trained, every checkpoint scored, table, JSON and PNG."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,18 +9,12 @@ import torch
 from qformer import Bridge
 from qformer.config import LoraConfig
 
-from conftest import make_tokenizer, tiny_config
+from conftest import load_script, make_tokenizer, tiny_config
 
 pytestmark = pytest.mark.backbones  # the MiniLM arm and the easy-VQA training split come from their packages
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_runs(tiny_dirs, tmp_path, capsys):
@@ -37,9 +29,9 @@ def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_r
     torch.manual_seed(0)
     # A source with LoRA adapters: each arm gets adapters of the same rank for the new LLM.
     Bridge(tiny_config(tiny_dirs, lora=LoraConfig(r=2, alpha=4))).save_pretrained(tmp_path / "source")
-    _load("world_data", ROOT / "demos" / "world_data.py").main([str(tmp_path / "data"), "--clips", "4"])
+    load_script("demos/world_data.py").main([str(tmp_path / "data"), "--clips", "4"])
 
-    bench = _load("rebridge", ROOT / "bench" / "rebridge.py")
+    bench = load_script("bench/rebridge.py")
     argv = ["--data", str(tmp_path / "data"), "--source", str(tmp_path / "source"), "--llm", str(tmp_path / "new-llm"),
             "--steps", "3", "--projection-steps", "1", "--eval-every", "1", "--world", "2", "--batch-size", "2", "--out", str(tmp_path / "out")]
     results = bench.main(argv)
