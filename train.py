@@ -72,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--qformer-tokenizer", default=None, help="Q-Former tokenizer (default: the --qformer-init BERT's)")
     p.add_argument("--num-queries", type=int, default=32)
     p.add_argument("--num-frames", type=int, default=None, help="frames per clip (default 4, or the --init-from bridge's)")
+    p.add_argument("--frame-queries", action="store_true",
+                   help="spread the queries over time, each reading only its part of the clip (kept by --init-from)")
     p.add_argument("--fps", type=float, default=None, help="sample clips at this rate, at most --num-frames frames")
     p.add_argument("--instruct", action="store_true", help="InstructBLIP: the question also enters the Q-Former (stage 2)")
     p.add_argument("--train", choices=["all", "projection"], default="all", help="'projection': only the projection learns")
@@ -158,7 +160,8 @@ def build_bridge(args) -> Bridge:
         vision = load_vision(source.vision, source.vision_layer, args.vision_resolution or source.vision_resolution)
         lora = new_lora or source.lora
         llm = load_llm(args.llm or source.llm, lora=lora)
-        qformer_config = replace(source.qformer, stage1_heads=source.qformer.stage1_heads or stage == 1)
+        qformer_config = replace(source.qformer, stage1_heads=source.qformer.stage1_heads or stage == 1,
+                                 frame_queries=source.qformer.frame_queries or args.frame_queries)
         config = replace(
             source, qformer=qformer_config, llm=args.llm or source.llm, llm_width=llm.width,
             vision_resolution=args.vision_resolution or source.vision_resolution,
@@ -201,10 +204,11 @@ def build_bridge(args) -> Bridge:
             intermediate_size=b.intermediate_size, vocab_size=b.vocab_size, max_text_len=b.max_position_embeddings,
             layer_norm_eps=b.layer_norm_eps, dropout=b.hidden_dropout_prob, hidden_act=b.hidden_act,
             pad_token_id=b.pad_token_id or 0, num_queries=args.num_queries, vision_width=vision.width,
-            stage1_heads=stage == 1,
+            stage1_heads=stage == 1, frame_queries=args.frame_queries,
         )
     else:
-        q = QFormerConfig(num_queries=args.num_queries, vision_width=vision.width, stage1_heads=stage == 1)
+        q = QFormerConfig(num_queries=args.num_queries, vision_width=vision.width, stage1_heads=stage == 1,
+                          frame_queries=args.frame_queries)
     config = BridgeConfig(
         qformer=q, vision=args.vision or "efficientnet-lite0", llm=args.llm or "smollm2-135m-instruct",
         vision_layer=args.vision_layer, vision_resolution=args.vision_resolution, llm_width=llm.width, instruct=args.instruct,

@@ -20,6 +20,10 @@ class QFormerConfig:
     max_text_len: int = 512
     # Learned per-frame embedding added to the frozen features, so queries can see frame order (motion).
     max_frames: int = 32
+    # Queries spread over time: query q cross-attends only to the frames in its share [q/Q, (q+1)/Q) of
+    # the clip, so each query summarises a moment and self-attention compares moments (motion). Off,
+    # every query reads every frame, and a clip's frames become one unordered bag of tokens.
+    frame_queries: bool = False
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1
     hidden_act: str = "gelu"

@@ -158,14 +158,27 @@ class QFormer(nn.Module):
         x = self.embeddings(queries, input_ids)  # (B, Q+L, D)
         Q = 0 if queries is None else queries.shape[1]
 
-        # 2. Self-attention bias for the chosen mode; cross-attention sees every vision token.
+        # 2. Self-attention bias for the chosen mode; cross-attention sees every vision token, or with
+        # frame_queries only those of each query's frames.
         bias = self_attention_bias(Q, input_ids, attention_mask, mode, x.dtype)
         vision = self.vision_tokens(features) if features is not None else None
+        vision_mask = None
+        if Q and self.config.frame_queries:
+            T, N = features.shape[1], features.shape[2]
+            vision_mask = frames_of_queries(Q, T).to(x.device).repeat_interleave(N, dim=1)  # (Q, T*N)
 
         # 3. The layers.
         for layer in self.layers:
-            x = layer(x, bias, Q, vision, None)
+            x = layer(x, bias, Q, vision, vision_mask)
         return x
+
+
+def frames_of_queries(Q: int, T: int) -> torch.Tensor:
+    """(Q, T) bool: query q reads frame t when its share of the clip, [q/Q, (q+1)/Q), overlaps the
+    frame's, [t/T, (t+1)/T). Every query reads at least one frame and every frame is read."""
+    q = torch.arange(Q)[:, None]
+    t = torch.arange(T)[None, :]
+    return (q * T < (t + 1) * Q) & (t * Q < (q + 1) * T)
 
 
 class QFormerHeads(nn.Module):

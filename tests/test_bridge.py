@@ -160,6 +160,41 @@ def test_temporal_embedding_makes_frame_order_visible(tiny_bridge):
     assert blind < 1e-5 and seeing > 1e-2
 
 
+def test_each_query_reads_its_share_of_the_clip():
+    from qformer.model import frames_of_queries
+
+    assert frames_of_queries(4, 2).int().tolist() == [[1, 0], [1, 0], [0, 1], [0, 1]]
+    assert frames_of_queries(2, 4).int().tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]
+    assert frames_of_queries(4, 3).int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert frames_of_queries(4, 1).all()  # an image: every query reads it
+
+
+def test_frame_queries_see_frame_order_without_a_temporal_embedding(tiny_dirs):
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    config = tiny_config(tiny_dirs)
+    # One layer: its cross-attention is the last place queries meet the frames, so query q's output
+    # depends on its own frames alone.
+    spread = Bridge(replace(config, qformer=replace(config.qformer, num_layers=1, frame_queries=True))).eval()
+    assert not spread.qformer.temporal_embed.any()
+    clip = torch.randn(1, 4, 3, 32, 32)
+    changed = clip.clone()
+    changed[:, 3] = torch.randn(3, 32, 32)  # another last frame: only the last of the 4 queries reads it
+    with torch.no_grad():
+        q = lambda px: spread.qformer(spread.frame_features(px))[0]  # (4 queries, D)
+        assert (q(clip) - q(clip.flip(1))).abs().max() > 1e-2
+        moved = (q(clip) - q(changed)).abs().amax(dim=1)
+    assert moved[:3].max() == 0 and moved[3] > 1e-3
+    # An image is read by every query, as without the option.
+    image = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    plain = Bridge(replace(config, qformer=replace(config.qformer, num_layers=1))).eval()
+    plain.load_state_dict(spread.state_dict())
+    with torch.no_grad():
+        assert torch.equal(plain.visual_prompt(image), spread.visual_prompt(image))
+
+
 def test_too_many_frames_is_a_clear_error(tiny_bridge):
     with pytest.raises(ValueError, match="at most 8"):
         tiny_bridge.visual_prompt(torch.randn(1, 9, 3, 32, 32))

@@ -293,6 +293,19 @@ def test_rebridging_to_an_llm_of_another_width_and_tokenizer(tiny_dirs, qformer_
     assert not torch.equal(both.qformer.query_tokens, rebridged.qformer.query_tokens)
 
 
+def test_frame_queries_are_chosen_for_a_new_qformer_or_switched_on_and_kept_by_init_from(tiny_dirs, qformer_bert, captions, tmp_path):
+    plain = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "plain", "--max-steps", "1", stage="1", data=captions))
+    assert not plain.config.qformer.frame_queries
+    spread = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "spread", "--max-steps", "1", "--init-from", str(tmp_path / "plain"),
+                              "--frame-queries", stage="2", data=captions))
+    assert Bridge.from_pretrained(tmp_path / "spread").config.qformer.frame_queries and spread.config.qformer.frame_queries
+    kept = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "kept", "--max-steps", "1", "--init-from", str(tmp_path / "spread"),
+                            stage="2", data=captions))
+    assert kept.config.qformer.frame_queries
+    new = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "new", "--max-steps", "1", "--frame-queries", stage="2", data=captions))
+    assert new.config.qformer.frame_queries
+
+
 def test_lora_adapters_learn_while_the_llm_stays_frozen_and_carry_over(tiny_dirs, qformer_bert, captions, tmp_path):
     bridge = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "lora", "--max-steps", "3", "--lora", "2", stage="2", data=captions))
     untouched = Bridge.from_pretrained(tmp_path / "lora")  # the same backbones, freshly loaded
