@@ -105,7 +105,9 @@ def main(argv=None) -> dict:
     fresh = [
         "--qformer-init", "minilm", "--vision", c.vision, "--num-queries", str(c.qformer.num_queries),
         *(["--vision-layer", str(c.vision_layer)] if c.vision_layer is not None else []),
-        *(["--lora", str(c.lora.r)] if c.lora is not None else []),  # the other arm gets its LoRA through --init-from
+        # The same architecture as the source's; the other arm gets these through --init-from.
+        *(["--lora", str(c.lora.r)] if c.lora is not None else []),
+        *(["--frame-queries"] if c.qformer.frame_queries else []),
     ]
     arms = {
         "from-bridge": run("from-bridge", ["--init-from", args.source], args, source),
