@@ -44,15 +44,13 @@ fi
 # one constant prompt and captions ignore the clip). So the projection alone learns to speak the LLM's
 # language first, over a frozen Q-Former; then everything trains, at a lower rate, with LoRA adapters on
 # the LLM's attention taking the answer format (the LLM's own weights stay frozen), so the visual prompt
-# is left to carry what is in the clip. From here on the queries are spread over time (--frame-queries):
-# each reads a quarter of the 4 frames, so the visual prompt tells moments apart and motion shows; with
-# every query reading all frames, the clip is one unordered bag of tokens and motion stays at chance.
+# is left to carry what is in the clip.
 STAGE2=(--data "$OUT/data/world_captions.jsonl:2" --data "$OUT/data/world_vqa.jsonl:1.5" --data "$OUT/data/easy_vqa.jsonl:1"
         "${VISION[@]}" --batch-size 16)
 if [ ! -f "$OUT/stage2a/.done" ]; then
     echo "== $(date -u +%FT%TZ) stage 2a: the projection alone, into SmolLM2-135M-Instruct"
     # An empty system prompt replaces SmolLM2's built-in one: 20 fewer tokens in every step.
-    $PY train.py --stage 2 --init-from "$OUT/stage1" --instruct --system-prompt "" --frame-queries --train projection --lr 1e-3 \
+    $PY train.py --stage 2 --init-from "$OUT/stage1" --instruct --system-prompt "" --train projection --lr 1e-3 \
         "${STAGE2[@]}" --output "$OUT/stage2a" --max-steps "$STAGE2A_STEPS" --save-every 50 $(resume_flag "$OUT/stage2a")
     touch "$OUT/stage2a/.done"
 fi
