@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.video import as_clip  # noqa: E402
+from bench.probe import frame_features  # noqa: E402
 from qformer import Bridge, world  # noqa: E402
 from qformer.bridge import DEFAULT_BRIDGE  # noqa: E402
 
@@ -38,13 +38,7 @@ def measure(bridge: Bridge, split: str, clips: int, batch_size: int) -> dict:
     bridge.eval()
     scenes = [world.scene(split, i) for i in range(clips)]
     captions = [world.caption(s) for s in scenes]
-    device = bridge.projection.weight.device
-    features = []
-    for i in range(0, clips, batch_size):
-        px = torch.stack([bridge.vision.preprocess(as_clip(world.render(s), num_frames=bridge.config.num_frames).frames)
-                          for s in scenes[i : i + batch_size]])
-        features.append(bridge.frame_features(px.to(device)))
-    features = torch.cat(features)  # (N, T, P, Dv)
+    features = frame_features(bridge, scenes, batch_size)  # (N, T, P, Dv)
     wrong = features.roll(1, dims=0)  # caption i with clip i-1: same clips, same captions, wrong pairs
 
     prompt = bridge.config.caption_prompt
