@@ -72,8 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--qformer-tokenizer", default=None, help="Q-Former tokenizer (default: the --qformer-init BERT's)")
     p.add_argument("--num-queries", type=int, default=32)
     p.add_argument("--num-frames", type=int, default=None, help="frames per clip (default 4, or the --init-from bridge's)")
-    p.add_argument("--frame-queries", action="store_true",
-                   help="spread the queries over time, each reading only its part of the clip (kept by --init-from)")
+    p.add_argument("--tubelets", action="store_true",
+                   help="new Q-Former: each place of the frame grid is one token over all --num-frames frames, so tokens "
+                        "carry motion (an --init-from bridge keeps its own choice)")
     p.add_argument("--fps", type=float, default=None, help="sample clips at this rate, at most --num-frames frames")
     p.add_argument("--instruct", action="store_true", help="InstructBLIP: the question also enters the Q-Former (stage 2)")
     p.add_argument("--train", choices=["all", "projection"], default="all", help="'projection': only the projection learns")
@@ -91,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
     p.add_argument("--max-text-len", type=int, default=64, help="Q-Former text tokens (stage 1)")
     p.add_argument("--max-answer-tokens", type=int, default=64, help="LLM tokens of an answer or caption (stage 2)")
-    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto", help="auto: bf16/fp16 on GPUs, fp32 on the CPU")
+    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto", help="auto: bf16/fp16 on GPUs, fp32 on the CPU; bf16 pays on CPUs with AVX512-BF16 or AMX")
     p.add_argument("--seed", type=int, default=0)
     # Data handling.
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader processes that decode clips")
@@ -160,8 +161,9 @@ def build_bridge(args) -> Bridge:
         vision = load_vision(source.vision, source.vision_layer, args.vision_resolution or source.vision_resolution)
         lora = new_lora or source.lora
         llm = load_llm(args.llm or source.llm, lora=lora)
-        qformer_config = replace(source.qformer, stage1_heads=source.qformer.stage1_heads or stage == 1,
-                                 frame_queries=source.qformer.frame_queries or args.frame_queries)
+        if args.tubelets and not source.qformer.tubelet_frames:
+            fail(f"--tubelets: the Q-Former in {d} reads frames one by one; tubelets change its input, start a new one")
+        qformer_config = replace(source.qformer, stage1_heads=source.qformer.stage1_heads or stage == 1)
         config = replace(
             source, qformer=qformer_config, llm=args.llm or source.llm, llm_width=llm.width,
             vision_resolution=args.vision_resolution or source.vision_resolution,
@@ -197,6 +199,10 @@ def build_bridge(args) -> Bridge:
         bert = minilm_dir()
     elif args.qformer_init != "random":
         bert = args.qformer_init
+    num_frames = args.num_frames or 4
+    # A CNN's feature map does not say where a token is: such encoders get grid positions.
+    new_vision_reading = dict(stage1_heads=stage == 1, tubelet_frames=num_frames if args.tubelets else 0,
+                              grid_positions=not getattr(vision, "encodes_position", True))
     if bert is not None:
         b = AutoConfig.from_pretrained(bert)
         q = QFormerConfig(
@@ -204,16 +210,15 @@ def build_bridge(args) -> Bridge:
             intermediate_size=b.intermediate_size, vocab_size=b.vocab_size, max_text_len=b.max_position_embeddings,
             layer_norm_eps=b.layer_norm_eps, dropout=b.hidden_dropout_prob, hidden_act=b.hidden_act,
             pad_token_id=b.pad_token_id or 0, num_queries=args.num_queries, vision_width=vision.width,
-            stage1_heads=stage == 1, frame_queries=args.frame_queries,
+            **new_vision_reading,
         )
     else:
-        q = QFormerConfig(num_queries=args.num_queries, vision_width=vision.width, stage1_heads=stage == 1,
-                          frame_queries=args.frame_queries)
+        q = QFormerConfig(num_queries=args.num_queries, vision_width=vision.width, **new_vision_reading)
     config = BridgeConfig(
         qformer=q, vision=args.vision or "efficientnet-lite0", llm=args.llm or "smollm2-135m-instruct",
         vision_layer=args.vision_layer, vision_resolution=args.vision_resolution, llm_width=llm.width, instruct=args.instruct,
         qformer_tokenizer=args.qformer_tokenizer or ("minilm" if args.qformer_init == "minilm" else bert),
-        num_frames=args.num_frames or 4, system_prompt=args.system_prompt, lora=new_lora,
+        num_frames=num_frames, system_prompt=args.system_prompt, lora=new_lora,
     )
     bridge = _checked(lambda: Bridge(config, vision, llm))
     if bert is not None:
@@ -279,7 +284,9 @@ def main(argv=None) -> Bridge:
     except ValueError as e:
         fail(str(e))
 
-    # 2. Accelerate: devices, processes, precision. fp32 on the CPU, where bf16 matmuls are ~80x slower.
+    # 2. Accelerate: devices, processes, precision. fp32 on the CPU by default: bf16 is only fast on CPUs
+    # with native bf16 matmuls (AVX512-BF16, AMX: a stage-2 step of the default bridge 2.2 s instead of
+    # 3.5 s), and exact-resume tests and users' numbers should not depend on which CPU ran them.
     precision = args.mixed_precision
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "no"

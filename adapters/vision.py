@@ -3,6 +3,7 @@
     width: int                       feature width D
     preprocess(frames) -> (T, 3, H, W) float tensor    frames: uint8 (T, H, W, 3) or (H, W, 3)
     encode(pixel_values (B, 3, H, W)) -> (B, N, D)     under no_grad, in eval mode
+    encodes_position: bool           optional (default True): whether a token's features say where it is
 
 Each encoder is frozen when built and stays in eval mode whatever `train()` is called on a parent.
 """
@@ -61,6 +62,9 @@ class EfficientNetLite0(FrozenModule):
     after it are never run.
     """
 
+    # A convolutional feature map says what is at a place, not where the place is.
+    encodes_position = False
+
     def __init__(self, resolution: int = 224, layer: int | None = None):
         super().__init__()
         weights = efficientnet_lite0_weights()
@@ -110,6 +114,9 @@ class HFVision(FrozenModule):
     layer: None for the last hidden state (after the model's own final norm, as BLIP-2 uses it),
     or an index into hidden_states (LLaVA-style -2 = the second-to-last layer).
     """
+
+    # ViTs add position embeddings to their patches, so their features carry where each patch is.
+    encodes_position = True
 
     def __init__(self, model: nn.Module, image_size: int, mean, std, layer: int | None = None, processor=None):
         super().__init__()

@@ -1,13 +1,18 @@
-"""What does a bridge's Q-Former keep of a clip? Linear probes of the first object's slots.
+"""What does a bridge's Q-Former keep of a clip, and what of it reaches the LLM? Probes of the first object's slots.
 
     python bench/probe.py [--bridge DIR ...] [--train 1500] [--test 500] [--json FILE]
 
 For world clips (WORLD.md), a linear classifier is fitted to predict the first object's colour, motion,
 size and shape from (a) the frozen vision features, each frame mean-pooled and the frames kept in
-order, and (b) each bridge's query outputs (with its caption prompt as the instruction when it is
-instructed). Fitted on the first N `train` clips, scored on the first M `test-iid` clips; motion also
-on one-object clips alone. A slot the features carry but the queries do not is lost in the Q-Former;
-one the queries carry but the captions get wrong (bench/quality.py) is lost between projection and LLM.
+order, (b) each bridge's query outputs (with its caption prompt as the instruction when it is
+instructed) and (c) its visual prompt, the queries projected into the LLM. Fitted on the first N
+`train` clips, scored on the first M `test-iid` clips; colour and motion also on one-object clips alone.
+A slot the features carry but the queries do not is lost in the Q-Former; one the queries carry but
+the captions get wrong (bench/quality.py) is lost between projection and LLM.
+
+The linear probe standardises every input dimension, so it finds a slot however faint its direction.
+The LLM gets no such help: the last row per bridge classifies the visual prompt by the nearest class
+mean, as it is, which succeeds only where the slot is a large part of how prompts differ.
 """
 from __future__ import annotations
 
@@ -53,6 +58,20 @@ def query_outputs(bridge: Bridge, features: torch.Tensor, batch_size: int = 32) 
     return torch.cat(out)  # (n, Q * D)
 
 
+def nearest_class_mean(x_train, y_train, x_test, classes: int) -> torch.Tensor:
+    """The class whose mean training input is closest (Euclidean, no standardising) to each test input."""
+    means = torch.stack([x_train[y_train == k].mean(0) if (y_train == k).any() else torch.full_like(x_train[0], float("inf"))
+                         for k in range(classes)])
+    return torch.cdist(x_test, means).argmin(1)
+
+
+@torch.no_grad()
+def visual_prompt(bridge: Bridge, queries: torch.Tensor) -> torch.Tensor:
+    """query_outputs' rows through the bridge's projection: what the LLM is given, (n, Q * Dl)."""
+    Q = bridge.config.qformer.num_queries
+    return bridge.projection(queries.view(len(queries), Q, -1)).flatten(1)
+
+
 def labels(scenes) -> dict[str, torch.Tensor]:
     return {slot: torch.tensor([values.index(getattr(s.objects[0], slot)) for s in scenes]) for slot, values in SLOTS.items()}
 
@@ -73,13 +92,13 @@ def linear_probe(x_train, y_train, x_test, classes: int, steps: int = 300) -> to
     return (x_test @ w + b).argmax(1)
 
 
-def probe_all(x_train, x_test, y_train, y_test, single) -> dict[str, float]:
+def probe_all(x_train, x_test, y_train, y_test, single, classify=linear_probe) -> dict[str, float]:
     scores = {}
     for slot, values in SLOTS.items():
-        right = linear_probe(x_train, y_train[slot], x_test, len(values)) == y_test[slot]
+        right = classify(x_train, y_train[slot], x_test, len(values)) == y_test[slot]
         scores[slot] = float(right.float().mean())
-        if slot == "motion":
-            scores["motion, one object"] = float(right[single].float().mean())
+        if slot in ("colour", "motion"):
+            scores[f"{slot}, one object"] = float(right[single].float().mean())
     return scores
 
 
@@ -107,12 +126,16 @@ def main(argv=None) -> dict:
         if key not in features:  # bridges over the same frozen features share them, and their row
             features[key] = frame_features(bridge, train_scenes), frame_features(bridge, test_scenes)
             f_train, f_test = features[key]
-            results[f"features {c.vision} (frames mean-pooled, in order)"] = probe_all(
+            layer = "" if c.vision_layer is None else f" layer {c.vision_layer}"
+            results[f"features {c.vision}{layer} (frames mean-pooled, in order)"] = probe_all(
                 f_train.mean(2).flatten(1), f_test.mean(2).flatten(1), y_train, y_test, single)
-        f_train, f_test = features[key]
-        results[f"queries of {spec}"] = probe_all(query_outputs(bridge, f_train), query_outputs(bridge, f_test), y_train, y_test, single)
+        q_train, q_test = (query_outputs(bridge, f) for f in features[key])
+        results[f"queries of {spec}"] = probe_all(q_train, q_test, y_train, y_test, single)
+        p_train, p_test = (visual_prompt(bridge, q) for q in (q_train, q_test))
+        results[f"visual prompt of {spec}"] = probe_all(p_train, p_test, y_train, y_test, single)
+        results[f"visual prompt of {spec}, nearest class mean"] = probe_all(p_train, p_test, y_train, y_test, single, nearest_class_mean)
 
-    print(f"linear probes of the first object's slots: fitted on {args.train} world train clips, scored on {args.test} test-iid clips")
+    print(f"probes of the first object's slots (linear unless said): fitted on {args.train} world train clips, scored on {args.test} test-iid clips")
     columns = list(next(iter(results.values())))
     width = max(len(name) for name in results)
     print(f"{'':{width}}  " + "  ".join(f"{c:>18}" for c in columns))

@@ -55,6 +55,7 @@ def run(name: str, start: list[str], args, source: Bridge) -> list[Path]:
         "--data", f"{data / 'world_captions.jsonl'}:2", "--data", f"{data / 'world_vqa.jsonl'}:1.5",
         "--data", f"{data / 'easy_vqa.jsonl'}:1",
         "--num-frames", str(c.num_frames), "--batch-size", str(args.batch_size), "--log-with", "none",
+        "--mixed-precision", args.mixed_precision,
     ]
     if c.vision_resolution is not None:
         common += ["--vision-resolution", str(c.vision_resolution)]
@@ -89,6 +90,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--projection-lr", type=float, default=1e-3)
     ap.add_argument("--lr", type=float, default=1e-4, help="once everything trains")
+    ap.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto", help="passed to train.py")
     ap.add_argument("--cache-features", metavar="DIR", help="frozen-feature cache shared with the source's training")
     ap.add_argument("--out", default="runs/rebridge")
     args = ap.parse_args(argv)
@@ -107,7 +109,7 @@ def main(argv=None) -> dict:
         *(["--vision-layer", str(c.vision_layer)] if c.vision_layer is not None else []),
         # The same architecture as the source's; the other arm gets these through --init-from.
         *(["--lora", str(c.lora.r)] if c.lora is not None else []),
-        *(["--frame-queries"] if c.qformer.frame_queries else []),
+        *(["--tubelets"] if c.qformer.tubelet_frames else []),
     ]
     arms = {
         "from-bridge": run("from-bridge", ["--init-from", args.source], args, source),

@@ -18,12 +18,19 @@ class QFormerConfig:
     vision_width: int = 1280
     vocab_size: int = 30522
     max_text_len: int = 512
-    # Learned per-frame embedding added to the frozen features, so queries can see frame order (motion).
+    # Learned per-frame embedding added to the frozen features, so queries can see frame order.
     max_frames: int = 32
-    # Queries spread over time: query q cross-attends only to the frames in its share [q/Q, (q+1)/Q) of
-    # the clip, so each query summarises a moment and self-attention compares moments (motion). Off,
-    # every query reads every frame, and a clip's frames become one unordered bag of tokens.
-    frame_queries: bool = False
+    # Video as tubelets: each place of the frame grid becomes ONE token holding its features in all
+    # `tubelet_frames` frames (that many times vision_width wide), so a token says how its place changes
+    # over the clip, which is what motion is, and attention never has to find the same place in separate
+    # frames (ViViT's tubelet embedding, over frozen per-frame features; 4x fewer tokens at 4 frames).
+    # A clip of another length is read at that many evenly spaced frames, an image as a still clip.
+    # 0: every frame's tokens are separate (BLIP-2), told apart by the temporal embedding.
+    tubelet_frames: int = 0
+    # Fixed 2-D sine-cosine positions added to the vision tokens (as DETR does for CNN features): a CNN's
+    # feature map does not say where a token is, so left, right and which object is leftmost are
+    # invisible without them. ViT features carry positions already. Needs a square token grid.
+    grid_positions: bool = False
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1
     hidden_act: str = "gelu"

@@ -7,6 +7,8 @@ BLIP-2 / InstructBLIP Q-Former each load through one key map (see convert.py).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,15 +73,15 @@ class Layer(nn.Module):
     def __init__(self, cfg: QFormerConfig, cross: bool):
         super().__init__()
         self.self_attn = Attention(cfg, cfg.hidden_size)
-        self.cross_attn = Attention(cfg, cfg.vision_width) if cross else None
+        self.cross_attn = Attention(cfg, token_width(cfg)) if cross else None
         self.mlp_query = MLP(cfg)
         self.mlp_text = MLP(cfg)
 
-    def forward(self, x, self_bias, num_queries, vision, vision_bias):
+    def forward(self, x, self_bias, num_queries, vision):
         x = self.self_attn(x, x, self_bias)  # (B, Q+L, D)
         q, t = x[:, :num_queries], x[:, num_queries:]
         if num_queries and self.cross_attn is not None:
-            q = self.cross_attn(q, vision, vision_bias)  # (B, Q, D)
+            q = self.cross_attn(q, vision, None)  # (B, Q, D)
         return torch.cat([self.mlp_query(q), self.mlp_text(t)], dim=1)
 
 
@@ -112,7 +114,8 @@ class QFormer(nn.Module):
         self.config = cfg
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_queries, cfg.hidden_size) * 0.02)
         # Zero at the start, so an image (one frame) or an imported image bridge is unchanged by it.
-        self.temporal_embed = nn.Parameter(torch.zeros(cfg.max_frames, cfg.vision_width))
+        # Tubelets hold time in their channels and need none.
+        self.temporal_embed = None if cfg.tubelet_frames else nn.Parameter(torch.zeros(cfg.max_frames, cfg.vision_width))
         self.vision_norm = nn.LayerNorm(cfg.vision_width) if cfg.vision_norm else nn.Identity()
         self.embeddings = TextEmbeddings(cfg)
         self.layers = nn.ModuleList(Layer(cfg, i % cfg.cross_attention_every == 0) for i in range(cfg.num_layers))
@@ -126,14 +129,26 @@ class QFormer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def vision_tokens(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, T, N, Dv) frame features -> (B, T*N, Dv) keys/values for cross-attention."""
+        """(B, T, N, Dv) frame features -> (B, T*N, Dv) keys/values for cross-attention, or with tubelets
+        (B, N, F*Dv): token n is place n in each of F frames."""
         B, T, N, Dv = features.shape
-        if T > self.config.max_frames:
-            raise ValueError(f"clip of {T} frames: this Q-Former has temporal embeddings for at most {self.config.max_frames}")
-        if Dv != self.config.vision_width:
-            raise ValueError(f"vision features are {Dv} wide but this Q-Former expects {self.config.vision_width}")
-        x = self.vision_norm(features) + self.temporal_embed[:T, None, :]  # (B, T, N, Dv)
-        return x.reshape(B, T * N, Dv)
+        cfg = self.config
+        if Dv != cfg.vision_width:
+            raise ValueError(f"vision features are {Dv} wide but this Q-Former expects {cfg.vision_width}")
+        x = self.vision_norm(features)  # (B, T, N, Dv)
+        if cfg.tubelet_frames:
+            frames = cfg.tubelet_frames
+            # Evenly spaced frames, by the rule adapters.video samples files with: T == frames keeps every
+            # frame in order, an image (T == 1) becomes a still clip.
+            picked = ((torch.arange(frames) + 0.5) * T / frames).long()
+            x = x[:, picked].permute(0, 2, 1, 3).reshape(B, 1, N, frames * Dv)  # (B, 1, N, F*Dv)
+        else:
+            if T > cfg.max_frames:
+                raise ValueError(f"clip of {T} frames: this Q-Former has temporal embeddings for at most {cfg.max_frames}")
+            x = x + self.temporal_embed[:T, None, :]  # (B, T, N, Dv)
+        if cfg.grid_positions:
+            x = x + grid_positions(N, x.shape[-1]).to(x)
+        return x.flatten(1, 2)
 
     def forward(
         self,
@@ -158,27 +173,33 @@ class QFormer(nn.Module):
         x = self.embeddings(queries, input_ids)  # (B, Q+L, D)
         Q = 0 if queries is None else queries.shape[1]
 
-        # 2. Self-attention bias for the chosen mode; cross-attention sees every vision token, or with
-        # frame_queries only those of each query's frames.
+        # 2. Self-attention bias for the chosen mode; cross-attention sees every vision token.
         bias = self_attention_bias(Q, input_ids, attention_mask, mode, x.dtype)
         vision = self.vision_tokens(features) if features is not None else None
-        vision_mask = None
-        if Q and self.config.frame_queries:
-            T, N = features.shape[1], features.shape[2]
-            vision_mask = frames_of_queries(Q, T).to(x.device).repeat_interleave(N, dim=1)  # (Q, T*N)
 
         # 3. The layers.
         for layer in self.layers:
-            x = layer(x, bias, Q, vision, vision_mask)
+            x = layer(x, bias, Q, vision)
         return x
 
 
-def frames_of_queries(Q: int, T: int) -> torch.Tensor:
-    """(Q, T) bool: query q reads frame t when its share of the clip, [q/Q, (q+1)/Q), overlaps the
-    frame's, [t/T, (t+1)/T). Every query reads at least one frame and every frame is read."""
-    q = torch.arange(Q)[:, None]
-    t = torch.arange(T)[None, :]
-    return (q * T < (t + 1) * Q) & (t * Q < (q + 1) * T)
+def token_width(cfg: QFormerConfig) -> int:
+    """Width of a vision token as cross-attention reads it: one frame's feature, or a tubelet of them."""
+    return cfg.vision_width * max(1, cfg.tubelet_frames)
+
+
+def grid_positions(n: int, width: int) -> torch.Tensor:
+    """(n, width) fixed sine-cosine positions of n tokens in a square grid, row by row: a quarter of the
+    channels each for sin and cos of the row and of the column at geometric frequencies, the rest zero."""
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"grid positions need a square grid of vision tokens; got {n} tokens per frame")
+    k = width // 4
+    freqs = 10000.0 ** (-torch.arange(k, dtype=torch.float32) / max(k, 1))  # (k,)
+    idx = torch.arange(n)
+    rows, cols = (idx // side)[:, None] * freqs, (idx % side)[:, None] * freqs  # (n, k) each
+    enc = torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1)  # (n, 4k)
+    return F.pad(enc, (0, width - 4 * k))
 
 
 class QFormerHeads(nn.Module):

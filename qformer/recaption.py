@@ -470,12 +470,13 @@ def recaption(
     """Caption this shard's items not yet recorded in out, append their records, and merge when all are done.
 
     num_frames / fps as in adapters.video.read_clip; with fps the frame count is capped at what the
-    Q-Former's temporal embedding covers. bridge_name goes into every record (the bridge directory).
+    Q-Former reads: what its temporal embedding covers, or its tubelets' frames (more would be decoded
+    for nothing). bridge_name goes into every record (the bridge directory).
     """
     from tqdm import tqdm
 
     prompt = bridge.config.caption_prompt if prompt is None else prompt
-    max_frames = bridge.config.qformer.max_frames
+    max_frames = bridge.config.qformer.tubelet_frames or bridge.config.qformer.max_frames
     if fps is None:
         num_frames = num_frames or bridge.config.num_frames
         if num_frames > max_frames:

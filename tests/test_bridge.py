@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from qformer import Bridge, LoraConfig
+from qformer import Bridge, LoraConfig, QFormerConfig
+from qformer.model import QFormer, grid_positions
 
 from conftest import tiny_config
 
@@ -160,39 +162,52 @@ def test_temporal_embedding_makes_frame_order_visible(tiny_bridge):
     assert blind < 1e-5 and seeing > 1e-2
 
 
-def test_each_query_reads_its_share_of_the_clip():
-    from qformer.model import frames_of_queries
-
-    assert frames_of_queries(4, 2).int().tolist() == [[1, 0], [1, 0], [0, 1], [0, 1]]
-    assert frames_of_queries(2, 4).int().tolist() == [[1, 1, 0, 0], [0, 0, 1, 1]]
-    assert frames_of_queries(4, 3).int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1], [0, 0, 1]]
-    assert frames_of_queries(4, 1).all()  # an image: every query reads it
-
-
-def test_frame_queries_see_frame_order_without_a_temporal_embedding(tiny_dirs):
-    from dataclasses import replace
-
+def _tiny_qformer(**overrides) -> QFormer:
     torch.manual_seed(0)
-    config = tiny_config(tiny_dirs)
-    # One layer: its cross-attention is the last place queries meet the frames, so query q's output
-    # depends on its own frames alone.
-    spread = Bridge(replace(config, qformer=replace(config.qformer, num_layers=1, frame_queries=True))).eval()
-    assert not spread.qformer.temporal_embed.any()
-    clip = torch.randn(1, 4, 3, 32, 32)
-    changed = clip.clone()
-    changed[:, 3] = torch.randn(3, 32, 32)  # another last frame: only the last of the 4 queries reads it
+    cfg = QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_queries=4, vision_width=6,
+                        vocab_size=50, max_text_len=16, dropout=0.0, **overrides)
+    qf = QFormer(cfg).eval()
+    with torch.no_grad():  # weights of a trained size rather than init's 0.02, so attention is not uniform
+        for p in qf.parameters():
+            if p.dim() == 2:
+                p.normal_(std=0.3)
+    return qf
+
+
+def test_a_tubelet_is_one_place_in_every_frame():
+    qf = _tiny_qformer(tubelet_frames=4)
+    assert qf.temporal_embed is None  # time is in the tubelet's channels
+    features = torch.randn(2, 4, 9, 6)  # (B, T, N, Dv): a 3x3 grid
+    tokens = qf.vision_tokens(features)  # (B, N, 4 * Dv)
+    normed = qf.vision_norm(features)
+    assert tokens.shape == (2, 9, 24)
+    for n in range(9):
+        assert torch.equal(tokens[:, n], torch.cat([normed[:, t, n] for t in range(4)], dim=1))
     with torch.no_grad():
-        q = lambda px: spread.qformer(spread.frame_features(px))[0]  # (4 queries, D)
-        assert (q(clip) - q(clip.flip(1))).abs().max() > 1e-2
-        moved = (q(clip) - q(changed)).abs().amax(dim=1)
-    assert moved[:3].max() == 0 and moved[3] > 1e-3
-    # An image is read by every query, as without the option.
-    image = torch.randn(2, 3, 32, 32)
-    torch.manual_seed(0)
-    plain = Bridge(replace(config, qformer=replace(config.qformer, num_layers=1))).eval()
-    plain.load_state_dict(spread.state_dict())
+        # Frame order matters with no temporal embedding...
+        assert (qf(features) - qf(features.flip(1))).abs().max() > 1e-2
+        # ...an image is a still clip, and a longer clip is read at evenly spaced frames (1, 3, 5, 7 of 8).
+        image = torch.randn(2, 1, 9, 6)
+        assert torch.equal(qf(image), qf(image.expand(2, 4, 9, 6)))
+        eight = torch.randn(2, 8, 9, 6)
+        assert torch.equal(qf(eight), qf(eight[:, [1, 3, 5, 7]]))
+
+
+def test_grid_positions_are_exact_and_let_attention_tell_places_apart():
+    s, c = math.sin(1.0), math.cos(1.0)
+    # A 2x2 grid, width 5: one frequency (1) per axis, [sin row, cos row, sin col, cos col], one zero channel.
+    assert torch.allclose(grid_positions(4, 5), torch.tensor([
+        [0, 1, 0, 1, 0], [0, 1, s, c, 0], [s, c, 0, 1, 0], [s, c, s, c, 0]], dtype=torch.float32))
+    with pytest.raises(ValueError, match="square grid"):
+        grid_positions(17, 8)  # e.g. a ViT's patches with its class token
+    features = torch.randn(1, 1, 9, 6)
+    swapped = features[:, :, [1, 0, 2, 3, 4, 5, 6, 7, 8]]  # the first two places trade contents
     with torch.no_grad():
-        assert torch.equal(plain.visual_prompt(image), spread.visual_prompt(image))
+        # Without positions, cross-attention reads a set of tokens: where a thing is cannot matter.
+        plain = _tiny_qformer()
+        assert torch.allclose(plain(features), plain(swapped), atol=1e-5)
+        placed = _tiny_qformer(grid_positions=True)
+        assert (placed(features) - placed(swapped)).abs().max() > 1e-2
 
 
 def test_too_many_frames_is_a_clear_error(tiny_bridge):

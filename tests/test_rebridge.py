@@ -28,9 +28,9 @@ def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_r
                                  bos_token_id=1, eos_token_id=2, pad_token_id=0)).save_pretrained(tmp_path / "new-llm")
     tok.save_pretrained(tmp_path / "new-llm")
     torch.manual_seed(0)
-    # A source with LoRA adapters and queries spread over time: each arm gets both.
+    # A source with LoRA adapters and tubelets: each arm gets both.
     config = tiny_config(tiny_dirs, lora=LoraConfig(r=2, alpha=4))
-    Bridge(replace(config, qformer=replace(config.qformer, frame_queries=True))).save_pretrained(tmp_path / "source")
+    Bridge(replace(config, qformer=replace(config.qformer, tubelet_frames=config.num_frames))).save_pretrained(tmp_path / "source")
     load_script("demos/world_data.py").main([str(tmp_path / "data"), "--clips", "4"])
 
     bench = load_script("bench/rebridge.py")
@@ -47,7 +47,7 @@ def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_r
     minilm_arm = Bridge.from_pretrained(tmp_path / "out" / "from-minilm").config
     assert minilm_arm.qformer.hidden_size == 384  # MiniLM
     assert minilm_arm.lora.r == Bridge.from_pretrained(tmp_path / "out" / "from-bridge").config.lora.r == 2
-    assert minilm_arm.qformer.frame_queries and Bridge.from_pretrained(tmp_path / "out" / "from-bridge").config.qformer.frame_queries
+    assert minilm_arm.qformer.tubelet_frames == Bridge.from_pretrained(tmp_path / "out" / "from-bridge").config.qformer.tubelet_frames == 4
     # The first part trains the projection alone: the source's Q-Former is untouched at its end, not after.
     source_q = Bridge.from_pretrained(tmp_path / "source").qformer.state_dict()
     first_q = Bridge.from_pretrained(tmp_path / "out" / "from-bridge" / "projection").qformer.state_dict()

@@ -293,17 +293,19 @@ def test_rebridging_to_an_llm_of_another_width_and_tokenizer(tiny_dirs, qformer_
     assert not torch.equal(both.qformer.query_tokens, rebridged.qformer.query_tokens)
 
 
-def test_frame_queries_are_chosen_for_a_new_qformer_or_switched_on_and_kept_by_init_from(tiny_dirs, qformer_bert, captions, tmp_path):
+def test_tubelets_are_chosen_for_a_new_qformer_and_kept_by_init_from(tiny_dirs, qformer_bert, captions, tmp_path):
     plain = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "plain", "--max-steps", "1", stage="1", data=captions))
-    assert not plain.config.qformer.frame_queries
-    spread = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "spread", "--max-steps", "1", "--init-from", str(tmp_path / "plain"),
-                              "--frame-queries", stage="2", data=captions))
-    assert Bridge.from_pretrained(tmp_path / "spread").config.qformer.frame_queries and spread.config.qformer.frame_queries
-    kept = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "kept", "--max-steps", "1", "--init-from", str(tmp_path / "spread"),
+    assert plain.config.qformer.tubelet_frames == 0
+    # The tiny CLIP's patches carry their positions: no grid positions are added to them.
+    assert not plain.config.qformer.grid_positions
+    tube = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "tube", "--max-steps", "1", "--tubelets", stage="1", data=captions))
+    assert tube.config.qformer.tubelet_frames == 2 == tube.config.num_frames  # _args: --num-frames 2
+    kept = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "kept", "--max-steps", "1", "--init-from", str(tmp_path / "tube"),
                             stage="2", data=captions))
-    assert kept.config.qformer.frame_queries
-    new = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "new", "--max-steps", "1", "--frame-queries", stage="2", data=captions))
-    assert new.config.qformer.frame_queries
+    assert kept.config.qformer.tubelet_frames == 2 and Bridge.from_pretrained(tmp_path / "kept").config.qformer.tubelet_frames == 2
+    with pytest.raises(SystemExit, match="tubelets change its input"):
+        train.main(_args(tiny_dirs, qformer_bert, tmp_path / "no", "--max-steps", "1", "--init-from", str(tmp_path / "plain"),
+                         "--tubelets", stage="2", data=captions))
 
 
 def test_lora_adapters_learn_while_the_llm_stays_frozen_and_carry_over(tiny_dirs, qformer_bert, captions, tmp_path):
