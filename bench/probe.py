@@ -102,6 +102,14 @@ def probe_all(x_train, x_test, y_train, y_test, single, classify=linear_probe) -
     return scores
 
 
+def print_table(rows: dict[str, dict[str, float]], columns: list[str]) -> None:
+    """One line of scores per row, under the column names."""
+    width = max(len(name) for name in rows)
+    print(f"{'':{width}}  " + "  ".join(f"{c:>18}" for c in columns))
+    for name, scores in rows.items():
+        print(f"{name:{width}}  " + "  ".join(f"{scores[c]:>18.3f}" for c in columns))
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bridge", action="append", help="bridge directory or hub id; repeat to compare (default: the shipped one)")
@@ -136,11 +144,7 @@ def main(argv=None) -> dict:
         results[f"visual prompt of {spec}, nearest class mean"] = probe_all(p_train, p_test, y_train, y_test, single, nearest_class_mean)
 
     print(f"probes of the first object's slots (linear unless said): fitted on {args.train} world train clips, scored on {args.test} test-iid clips")
-    columns = list(next(iter(results.values())))
-    width = max(len(name) for name in results)
-    print(f"{'':{width}}  " + "  ".join(f"{c:>18}" for c in columns))
-    for name, scores in results.items():
-        print(f"{name:{width}}  " + "  ".join(f"{scores[c]:>18.3f}" for c in columns))
+    print_table(results, list(next(iter(results.values()))))
     print(f"time: {time.time() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
