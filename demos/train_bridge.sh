@@ -24,8 +24,8 @@ mkdir -p "$OUT"
 # per clip. The final 4x4 map is too coarse for 20 px objects and their motion; block 10 (same grid, 112
 # wide) has shape as plainly but colour faintly (see the model card).
 VISION=(--vision-resolution 128 --vision-layer 7 --num-frames 4 --cache-features "$OUT/features")
-# bf16 autocast in stage 2 (the LLM's matmuls; the Q-Former stays fp32): on CPUs with AMX or AVX512-BF16
-# a step takes about 0.6 of its fp32 time. PRECISION=no for fp32 elsewhere.
+# bf16 autocast over all of stage 2's forward (Q-Former and LLM): on CPUs with AMX or AVX512-BF16 a step
+# of stage 2b took 2.3 s here (see the model card). PRECISION=no for fp32 on other CPUs, where bf16 is slow.
 PRECISION=${PRECISION:-bf16}
 
 resume_flag() {  # --resume once a stage has checkpoints to continue from
