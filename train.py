@@ -285,8 +285,8 @@ def main(argv=None) -> Bridge:
         fail(str(e))
 
     # 2. Accelerate: devices, processes, precision. fp32 on the CPU by default: bf16 is only fast on CPUs
-    # with native bf16 matmuls (AVX512-BF16, AMX: a stage-2 step of the default bridge 2.2 s instead of
-    # 3.5 s), and exact-resume tests and users' numbers should not depend on which CPU ran them.
+    # with native bf16 matmuls (AVX512-BF16, AMX; the default bridge's retrain uses it there), and
+    # exact-resume tests and users' numbers should not depend on which CPU ran them.
     precision = args.mixed_precision
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "no"
