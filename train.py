@@ -79,8 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--instruct", action="store_true", help="InstructBLIP: the question also enters the Q-Former (stage 2)")
     p.add_argument("--train", choices=["all", "projection"], default="all", help="'projection': only the projection learns")
     p.add_argument("--lora", type=int, default=None, metavar="RANK",
-                   help="stage 2: also train LoRA adapters of this rank on the LLM's attention (q_proj, v_proj); the LLM's own "
+                   help="stage 2: also train LoRA adapters of this rank on the LLM (on --lora-modules); the LLM's own "
                         "weights stay frozen (default: none, or the --init-from bridge's)")
+    p.add_argument("--lora-modules", default=None, metavar="NAMES",
+                   help="with --lora: the LLM's modules to adapt, comma-separated, or all-linear for every linear layer "
+                        "but the output head (default: q_proj,v_proj)")
     # Optimisation.
     p.add_argument("--batch-size", type=int, default=8, help="per process")
     p.add_argument("--grad-accum", type=int, default=1)
@@ -146,9 +149,15 @@ def fail(message: str):
 # ---- building the bridge ---------------------------------------------------------------------------
 
 
+def lora_modules(names: str | None) -> list[str] | str:
+    if names is None:
+        return LoraConfig().target_modules
+    return names if names == "all-linear" else [n.strip() for n in names.split(",") if n.strip()]
+
+
 def build_bridge(args) -> Bridge:
     stage = int(args.stage)
-    new_lora = LoraConfig(r=args.lora, alpha=2 * args.lora) if args.lora else None
+    new_lora = LoraConfig(r=args.lora, alpha=2 * args.lora, target_modules=lora_modules(args.lora_modules)) if args.lora else None
     if args.init_from:
         d = Path(args.init_from)
         if not (d / CONFIG_NAME).exists():
@@ -273,6 +282,8 @@ def main(argv=None) -> Bridge:
         fail("--instruct is for stage 2 (stage 1 already shows the Q-Former the text)")
     if args.lora is not None and (stage == 1 or args.lora < 1):
         fail("--lora RANK is for stage 2 (stage 1 does not run the LLM), with a rank of at least 1")
+    if args.lora_modules is not None and (args.lora is None or not lora_modules(args.lora_modules)):
+        fail(f"--lora-modules {args.lora_modules!r}: give module names (or all-linear) together with --lora RANK")
     if args.batch_size < 1 or args.grad_accum < 1:
         fail("--batch-size and --grad-accum must be at least 1")
     if not args.resume and latest_checkpoint(out) is not None:

@@ -40,7 +40,7 @@ class LanguageModel(FrozenModule):
 
             self.model = peft.get_peft_model(
                 model,
-                peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)),
+                peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules),
             )
         self.width = self.model.get_input_embeddings().embedding_dim
         self._takes_position_ids = "position_ids" in inspect.signature(self.model.forward).parameters

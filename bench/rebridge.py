@@ -104,11 +104,12 @@ def main(argv=None) -> dict:
     source = Bridge.from_pretrained(args.source).eval()
     c = source.config
     vision = load_vision(c.vision, c.vision_layer, c.vision_resolution)
+    modules = c.lora and (c.lora.target_modules if isinstance(c.lora.target_modules, str) else ",".join(c.lora.target_modules))
     fresh = [
         "--qformer-init", "minilm", "--vision", c.vision, "--num-queries", str(c.qformer.num_queries),
         *(["--vision-layer", str(c.vision_layer)] if c.vision_layer is not None else []),
         # The same architecture as the source's; the other arm gets these through --init-from.
-        *(["--lora", str(c.lora.r)] if c.lora is not None else []),
+        *(["--lora", str(c.lora.r), "--lora-modules", modules] if c.lora is not None else []),
         *(["--tubelets"] if c.qformer.tubelet_frames else []),
     ]
     arms = {

@@ -51,7 +51,8 @@ class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Module names of the LLM to adapt, or peft's "all-linear" (every linear layer but the output head).
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
 @dataclass

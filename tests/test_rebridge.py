@@ -29,7 +29,7 @@ def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_r
     tok.save_pretrained(tmp_path / "new-llm")
     torch.manual_seed(0)
     # A source with LoRA adapters and tubelets: each arm gets both.
-    config = tiny_config(tiny_dirs, lora=LoraConfig(r=2, alpha=4))
+    config = tiny_config(tiny_dirs, lora=LoraConfig(r=2, alpha=4, target_modules="all-linear"))
     Bridge(replace(config, qformer=replace(config.qformer, tubelet_frames=config.num_frames))).save_pretrained(tmp_path / "source")
     load_script("demos/world_data.py").main([str(tmp_path / "data"), "--clips", "4"])
 
@@ -46,7 +46,7 @@ def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_r
     assert (tmp_path / "out" / "rebridge.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     minilm_arm = Bridge.from_pretrained(tmp_path / "out" / "from-minilm").config
     assert minilm_arm.qformer.hidden_size == 384  # MiniLM
-    assert minilm_arm.lora.r == Bridge.from_pretrained(tmp_path / "out" / "from-bridge").config.lora.r == 2
+    assert minilm_arm.lora == Bridge.from_pretrained(tmp_path / "out" / "from-bridge").config.lora == config.lora
     assert minilm_arm.qformer.tubelet_frames == Bridge.from_pretrained(tmp_path / "out" / "from-bridge").config.qformer.tubelet_frames == 4
     # The first part trains the projection alone: the source's Q-Former is untouched at its end, not after.
     source_q = Bridge.from_pretrained(tmp_path / "source").qformer.state_dict()

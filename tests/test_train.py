@@ -330,6 +330,25 @@ def test_lora_is_refused_in_stage_1(tiny_dirs, qformer_bert, captions, tmp_path,
         train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s1", "--lora", "2", data=captions))
 
 
+def test_lora_modules_choose_what_is_adapted_and_are_saved(tiny_dirs, qformer_bert, captions, tmp_path):
+    def adapted(bridge):  # e.g. "...layers.0.mlp.down_proj.lora_A.default.weight" -> "down_proj"
+        return {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in bridge.trainable_state_dict() if "lora_" in k}
+
+    every = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "all", "--max-steps", "1", "--lora", "2",
+                             "--lora-modules", "all-linear", stage="2", data=captions))
+    # The tiny Llama's seven linear layers of each block; never the output head.
+    assert adapted(every) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    again = Bridge.from_pretrained(tmp_path / "all")
+    assert again.config.lora.target_modules == "all-linear" and adapted(again) == adapted(every)
+    some = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "some", "--max-steps", "1", "--lora", "2",
+                            "--lora-modules", "o_proj, down_proj", stage="2", data=captions))
+    assert adapted(some) == {"o_proj", "down_proj"} and some.config.lora.target_modules == ["o_proj", "down_proj"]
+    plain = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "plain", "--max-steps", "1", "--lora", "2", stage="2", data=captions))
+    assert adapted(plain) == {"q_proj", "v_proj"}
+    with pytest.raises(SystemExit, match="together with --lora RANK"):
+        train.main(_args(tiny_dirs, qformer_bert, tmp_path / "no", "--lora-modules", "all-linear", stage="2", data=captions))
+
+
 def test_the_cheap_loss_path_gives_the_forward_loss(tiny_bridge):
     bridge = tiny_bridge.eval()
     batch = bridge.answer_batch(["describe the clip .", "what color is the square ?", "how many ?"], ["a red square", "blue", "two"])
