@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qformer import Bridge
+from qformer import Bridge, world
 
 from conftest import load_script, tiny_config
 
@@ -24,5 +24,21 @@ def test_quality_bench_runs_and_reports_every_score(tiny_dirs, tmp_path, capsys)
     iid = results["world test-iid captions"]
     assert iid["clips"] == 2 and 0.0 <= iid["slot_accuracy"] <= 1.0
     assert set(iid["per_slot"]) >= {"background", "count", "size", "colour", "shape", "motion"}
+    assert [len(world.scene("test-iid", i).objects) for i in range(2)] == [1, 1]  # so both count as one-object clips
+    assert iid["one_object_clips"] == 2
+    assert set(iid["one_object_per_slot"]) == {"background", "count", "size", "colour", "shape", "motion"}
+    assert "one object:" in printed
     assert results["easy-vqa test"]["questions"] == 3
     assert "slot accuracy" in printed and (tmp_path / "r.json").exists()
+
+
+def test_each_world_question_is_scored_under_the_slot_it_asks_about():
+    question_slot = load_script("bench/quality.py").question_slot
+    qa = dict(world.questions(world.scene("test-iid", 2)))  # two objects: every template that applies
+    slots = {q: question_slot(q) for q in qa}
+    assert slots["what color is the background?"] == "background"
+    assert slots["how many objects are there?"] == "count"
+    assert {question_slot(q) for q in qa} == {"background", "count", "colour", "shape", "motion", "size"}
+    assert all(slot == "colour" for q, slot in slots.items() if q.startswith("what color is the") and q != "what color is the background?")
+    with pytest.raises(ValueError, match="not a WORLD.md question"):
+        question_slot("why is the sky blue?")
