@@ -8,7 +8,9 @@ order, (b) each bridge's query outputs (with its caption prompt as the instructi
 instructed) and (c) its visual prompt, the queries projected into the LLM. Fitted on the first N
 `train` clips, scored on the first M `test-iid` clips; colour and motion also on one-object clips alone.
 A slot the features carry but the queries do not is lost in the Q-Former; one the queries carry but
-the captions get wrong (bench/quality.py) is lost between projection and LLM.
+the captions get wrong (bench/quality.py) is lost between projection and LLM. A bridge that has its
+stage-1 heads also gets (d): its ITG head's own reading of the slots, teacher-forced on the captions,
+and (e): how alike its ITC text features are for captions that differ in one slot alone.
 
 The linear probe standardises every input dimension, so it finds a slot however faint its direction.
 The LLM gets no such help: the last row per bridge classifies the visual prompt by the nearest class
@@ -72,6 +74,64 @@ def visual_prompt(bridge: Bridge, queries: torch.Tensor) -> torch.Tensor:
     return bridge.projection(queries.view(len(queries), Q, -1)).flatten(1)
 
 
+@torch.no_grad()
+def itg_words(bridge: Bridge, scenes, features: torch.Tensor, single: torch.Tensor, batch_size: int = 32) -> dict[str, float]:
+    """The stage-1 ITG head, teacher-forced on each clip's caption: how often it predicts every word of the
+    first object's size, colour, shape and motion phrase. Chance here means the queries never carried
+    the slot to where stage 1 could use it."""
+    tok, Q = bridge.qformer_tokenizer, bridge.config.qformer.num_queries
+    rows, spans = [], []
+    for s in scenes:
+        o = s.objects[0]
+        caption = world.caption(s)
+        full = tok(caption)["input_ids"]
+        words = caption.split()  # "a", size, colour, shape, then the motion phrase's one or two words
+        motion_words = len(world.MOTION_PHRASES[s.objects[0].motion].split())
+        at = next(k for k in range(len(full)) if full[k : k + 2] == tok(caption, add_special_tokens=False)["input_ids"][:2])  # after [CLS]
+
+        def end(k):  # token position where the first k words end
+            return at + len(tok(" ".join(words[:k]), add_special_tokens=False)["input_ids"])
+
+        span = {slot: range(end(k), end(k + n)) for slot, k, n in (("size", 1, 1), ("colour", 2, 1), ("shape", 3, 1), ("motion", 4, motion_words))}
+        rows.append(full)
+        spans.append(span)
+    right = {slot: [] for slot in SLOTS}
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        enc = tok.pad({"input_ids": chunk}, return_tensors="pt")
+        hidden = bridge.qformer(features[i : i + batch_size], enc["input_ids"], enc["attention_mask"], mode="causal")
+        pred = bridge.heads.lm_logits(hidden[:, Q:], bridge.qformer.embeddings.word).argmax(-1)  # word t+1 at t
+        for j, span in enumerate(spans[i : i + batch_size]):
+            for slot in SLOTS:
+                right[slot].append(all(int(pred[j, t - 1]) == chunk[j][t] for t in span[slot]))
+    scores = {}
+    for slot, hits in right.items():
+        hits = torch.tensor(hits)
+        scores[slot] = float(hits.float().mean())
+        if slot in ("colour", "motion"):
+            scores[f"{slot}, one object"] = float(hits[single].float().mean())
+    return {k: scores[k] for k in ("colour", "colour, one object", "motion", "motion, one object", "size", "shape")}
+
+
+@torch.no_grad()
+def text_feature_similarity(bridge: Bridge) -> dict[str, float]:
+    """Mean cosine between the ITC text features of captions that differ in one slot alone. Near 1 means
+    ITC's text side cannot tell those captions apart, so ITC teaches the queries to ignore that slot."""
+    base = dict(size="large", colour="red", shape="circle", motion="left", background="white")
+    values = {"colour": world.COLOURS, "motion": ("left", "right", "up", "down"), "size": world.SIZES,
+              "shape": world.SHAPES, "background": world.BACKGROUNDS}
+    tok, Q = bridge.qformer_tokenizer, bridge.config.qformer.num_queries
+    scores = {}
+    for slot, options in values.items():
+        captions = [("a {size} {colour} {shape} moves {motion} on a {background} background").format(**{**base, slot: v}) for v in options]
+        enc = tok(captions, return_tensors="pt", padding=True)
+        hidden = bridge.qformer(None, enc["input_ids"], enc["attention_mask"], mode="unimodal", use_queries=False)
+        feats = F.normalize(bridge.heads.text_proj(hidden[:, 0]), dim=-1)
+        n = len(captions)
+        scores[slot] = float(((feats @ feats.t()).sum() - n) / (n * n - n))
+    return scores
+
+
 def labels(scenes) -> dict[str, torch.Tensor]:
     return {slot: torch.tensor([values.index(getattr(s.objects[0], slot)) for s in scenes]) for slot, values in SLOTS.items()}
 
@@ -127,7 +187,7 @@ def main(argv=None) -> dict:
     y_train, y_test = labels(train_scenes), labels(test_scenes)
     single = torch.tensor([len(s.objects) == 1 for s in test_scenes])
 
-    results, features = {}, {}
+    results, features, text_similarity = {}, {}, {}
     for spec, bridge in bridges.items():
         c = bridge.config
         key = (c.vision, c.vision_layer, c.vision_resolution, c.num_frames)
@@ -142,10 +202,17 @@ def main(argv=None) -> dict:
         p_train, p_test = (visual_prompt(bridge, q) for q in (q_train, q_test))
         results[f"visual prompt of {spec}"] = probe_all(p_train, p_test, y_train, y_test, single)
         results[f"visual prompt of {spec}, nearest class mean"] = probe_all(p_train, p_test, y_train, y_test, single, nearest_class_mean)
+        if bridge.heads is not None and bridge.qformer_tokenizer is not None:  # stage-1 heads (trained in stage 1 only, so exact for a stage-1 bridge)
+            results[f"ITG head of {spec}, teacher-forced words"] = itg_words(bridge, test_scenes, features[key][1], single)
+            text_similarity[f"ITC text feature of {spec}"] = text_feature_similarity(bridge)
 
     print(f"probes of the first object's slots (linear unless said): fitted on {args.train} world train clips, scored on {args.test} test-iid clips")
     print_table(results, list(next(iter(results.values()))))
+    if text_similarity:
+        print("\nmean cosine between captions that differ only in this slot (1: the text side cannot tell them apart)")
+        print_table(text_similarity, list(next(iter(text_similarity.values()))))
     print(f"time: {time.time() - t0:.0f} s")
+    results.update(text_similarity)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return results

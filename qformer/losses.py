@@ -18,10 +18,18 @@ from .model import QFormer, QFormerHeads
 class Stage1Objective(nn.Module):
     """The Q-Former with its stage-1 heads; forward returns the three losses (and their sum)."""
 
-    def __init__(self, qformer: QFormer, heads: QFormerHeads, label_smoothing: float = 0.1):
+    LOSSES = ("itc", "itm", "itg")
+
+    def __init__(self, qformer: QFormer, heads: QFormerHeads, label_smoothing: float = 0.1, losses=LOSSES):
         super().__init__()
+        unknown = set(losses) - set(self.LOSSES)
+        if unknown or not losses:
+            raise ValueError(f"stage-1 losses {sorted(losses)}: choose among {', '.join(self.LOSSES)}")
         self.qformer = qformer
         self.heads = heads
+        # Which losses the sum trains on; all three are still reported. ITC's similarities pick ITM's hard
+        # negatives even when ITC itself does not train.
+        self.losses = tuple(losses)
         # BLIP-2 smooths ITC and ITG targets by 0.1.
         self.label_smoothing = label_smoothing
 
@@ -80,4 +88,5 @@ class Stage1Objective(nn.Module):
         labels = text_ids.masked_fill(text_mask == 0, -100)
         itg = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, label_smoothing=ls)
 
-        return {"loss": itc + itm + itg, "itc": itc, "itm": itm, "itg": itg}
+        parts = {"itc": itc, "itm": itm, "itg": itg}
+        return {"loss": sum(parts[k] for k in self.losses), **parts}

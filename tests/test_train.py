@@ -491,3 +491,30 @@ def test_identical_captions_are_never_each_other_s_negatives():
     sim = torch.einsum("iqe,je->ijq", clip, text_feat).amax(-1) / objective.heads.temperature
     even = torch.full((3, 3), 1 / 3)
     assert losses["itc"].item() == pytest.approx(((F.cross_entropy(sim, even) + F.cross_entropy(sim.t(), even)) / 2).item(), abs=1e-5)
+
+
+def test_stage_1_trains_on_the_chosen_losses_only(tiny_dirs, qformer_bert, captions, tmp_path):
+    from qformer import QFormerConfig
+    from qformer.model import QFormer, QFormerHeads
+
+    torch.manual_seed(0)
+    cfg = QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_queries=4, vision_width=24,
+                        vocab_size=50, max_text_len=16, dropout=0.0, embed_dim=16)
+    objective = Stage1Objective(QFormer(cfg), QFormerHeads(cfg), losses=("itm", "itg"))
+    features, text = torch.randn(3, 1, 5, 24), torch.tensor([[1, 7, 8, 2], [1, 9, 10, 2], [1, 11, 12, 2]])
+    losses = objective(features, text, torch.ones_like(text), generator=torch.Generator().manual_seed(0))
+    assert losses["loss"].item() == pytest.approx((losses["itm"] + losses["itg"]).item(), rel=1e-6)
+    assert losses["itc"].item() > 0  # still reported
+    losses["loss"].backward()
+    # ITC's own heads get no gradient: only its similarities (to draw ITM's negatives) are used.
+    assert objective.heads.text_proj.weight.grad is None and objective.heads.temperature.grad is None
+    with pytest.raises(ValueError, match="choose among itc, itm, itg"):
+        Stage1Objective(QFormer(cfg), QFormerHeads(cfg), losses=("itc", "mlm"))
+
+    bridge = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s1", "--max-steps", "1", "--stage1-losses", "itg, itm", data=captions))
+    m = [m for m in _metrics(tmp_path / "s1") if "loss" in m][-1]
+    assert m["loss"] == pytest.approx(m["itm"] + m["itg"], rel=1e-5) and bridge.heads is not None
+    with pytest.raises(SystemExit, match="choose among itc, itm, itg"):
+        train.main(_args(tiny_dirs, qformer_bert, tmp_path / "bad", "--stage1-losses", "itc,contrast", data=captions))
+    with pytest.raises(SystemExit, match="--stage1-losses is for stage 1"):
+        train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s2", "--stage1-losses", "itg", stage="2", data=captions))
