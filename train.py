@@ -77,8 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "carry motion (an --init-from bridge keeps its own choice)")
     p.add_argument("--fps", type=float, default=None, help="sample clips at this rate, at most --num-frames frames")
     p.add_argument("--instruct", action="store_true", help="InstructBLIP: the question also enters the Q-Former (stage 2)")
-    p.add_argument("--stage1-losses", default="itc,itm,itg", metavar="NAMES",
-                   help="stage 1: the losses trained on, comma-separated (itc, itm, itg). ITC aligns the queries with "
+    p.add_argument("--stage1-losses", default=None, metavar="NAMES",
+                   help="stage 1: the losses trained on, comma-separated (default itc,itm,itg). ITC aligns the queries with "
                         "the text encoder's sentence feature, so what that feature ignores the queries learn to drop")
     p.add_argument("--train", choices=["all", "projection"], default="all", help="'projection': only the projection learns")
     p.add_argument("--lora", type=int, default=None, metavar="RANK",
@@ -152,7 +152,9 @@ def fail(message: str):
 # ---- building the bridge ---------------------------------------------------------------------------
 
 
-def stage1_losses(names: str) -> tuple[str, ...]:
+def stage1_losses(names: str | None) -> tuple[str, ...]:
+    if names is None:
+        return Stage1Objective.LOSSES
     chosen = tuple(n.strip() for n in names.split(",") if n.strip())
     if not chosen or set(chosen) - set(Stage1Objective.LOSSES):
         fail(f"--stage1-losses {names!r}: choose among {', '.join(Stage1Objective.LOSSES)}, comma-separated")
@@ -292,10 +294,9 @@ def main(argv=None) -> Bridge:
         fail("--instruct is for stage 2 (stage 1 already shows the Q-Former the text)")
     if args.lora is not None and (stage == 1 or args.lora < 1):
         fail("--lora RANK is for stage 2 (stage 1 does not run the LLM), with a rank of at least 1")
-    if args.stage1_losses != "itc,itm,itg":
-        if stage != 1:
-            fail("--stage1-losses is for stage 1")
-        stage1_losses(args.stage1_losses)
+    if args.stage1_losses is not None and stage != 1:
+        fail("--stage1-losses is for stage 1")
+    stage1_loss_names = stage1_losses(args.stage1_losses)
     if args.lora_modules is not None and (args.lora is None or not lora_modules(args.lora_modules)):
         fail(f"--lora-modules {args.lora_modules!r}: give module names (or all-linear) together with --lora RANK")
     if args.batch_size < 1 or args.grad_accum < 1:
@@ -354,7 +355,7 @@ def main(argv=None) -> Bridge:
         eval_loader = DataLoader(eval_set, batch_sampler=BatchSampler(SequentialSampler(eval_set), args.batch_size, False), **loader_kwargs)
 
     # 5. Optimizer over the trainable parameters only; warmup then cosine decay.
-    model = TrainStep(bridge, stage, stage1_losses(args.stage1_losses))
+    model = TrainStep(bridge, stage, stage1_loss_names)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
