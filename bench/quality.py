@@ -25,31 +25,54 @@ def batched(items, n):
         yield items[i : i + n]
 
 
+OBJECT_SLOTS = ("size", "colour", "shape", "motion")
+
+
+def swapped(pred: str, ref: str) -> bool:
+    """Does a caption of a two-object clip name the objects in the wrong order?
+
+    True when more of the objects' slots match with the prediction's two objects taken the other way
+    round. WORLD.md scores objects in order (the leftmost first), so a swap costs every object slot
+    even when both objects are described right.
+    """
+    p, r = world.parse_caption(pred), world.parse_caption(ref)
+    if p is None or r is None or len(p.objects) != 2 or len(r.objects) != 2:
+        return False
+    def matches(objects):
+        return sum(getattr(a, k) == getattr(b, k) for a, b in zip(objects, r.objects) for k in OBJECT_SLOTS)
+    return matches(p.objects[::-1]) > matches(p.objects)
+
+
 def world_captions(bridge: Bridge, split: str, n: int, batch_size: int) -> dict:
     scenes = [world.scene(split, i) for i in range(n)]
-    totals = defaultdict(lambda: [0, 0])
-    # The same for one-object clips alone: no object order to get wrong, so a slot the bridge cannot
-    # read shows plainly.
-    alone = defaultdict(lambda: [0, 0])
-    exact = correct = total = 0
+    # Also by object count: one-object clips have no object order to get wrong, so a slot the bridge
+    # cannot read shows plainly; two-object clips show what the order costs.
+    totals, by_count = defaultdict(lambda: [0, 0]), {1: defaultdict(lambda: [0, 0]), 2: defaultdict(lambda: [0, 0])}
+    exact = correct = total = swaps = 0
     for chunk in batched(scenes, batch_size):
         preds = bridge.caption([world.render(s) for s in chunk], batch_size=batch_size)
         for s, pred in zip(chunk, preds):
-            score = world.score_caption(pred, world.caption(s))
+            ref = world.caption(s)
+            score = world.score_caption(pred, ref)
             exact += score["exact"]
             correct += score["correct"]
             total += score["total"]
+            swaps += swapped(pred, ref)
             for slot, (c, t) in score["slots"].items():
-                for tally in (totals, alone) if len(s.objects) == 1 else (totals,):
+                for tally in (totals, by_count[len(s.objects)]):
                     tally[slot][0] += c
                     tally[slot][1] += t
+    one, two = by_count[1], by_count[2]
     return {
         "clips": n,
         "exact_match": exact / n,
         "slot_accuracy": correct / total,
         "per_slot": {k: c / t for k, (c, t) in totals.items() if t},
-        "one_object_clips": alone["background"][1],
-        "one_object_per_slot": {k: c / t for k, (c, t) in alone.items() if t},
+        "one_object_clips": one["background"][1],
+        "one_object_per_slot": {k: c / t for k, (c, t) in one.items() if t},
+        "two_object_clips": two["background"][1],
+        "two_object_per_slot": {k: c / t for k, (c, t) in two.items() if t},
+        "two_object_swapped": swaps / two["background"][1] if two["background"][1] else 0.0,
     }
 
 
@@ -113,6 +136,9 @@ def main(argv=None) -> dict:
         print(f"world {split:10s} captions: exact {r['exact_match']:.3f}  slot accuracy {r['slot_accuracy']:.3f}  ({per}; {r['clips']} clips)")
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["one_object_per_slot"].items())
         print(f"{'':>28}one object: {per}; {r['one_object_clips']} clips")
+        per = ", ".join(f"{k} {v:.3f}" for k, v in r["two_object_per_slot"].items())
+        print(f"{'':>28}two objects: {per}; {r['two_object_clips']} clips, "
+              f"{r['two_object_swapped']:.3f} of them captioned in the wrong order")
     for split in ("test-iid", "test-novel"):
         r = results[f"world {split} vqa"] = world_vqa(bridge, split, args.world, args.batch_size)
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_slot"].items())

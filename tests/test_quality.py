@@ -28,6 +28,7 @@ def test_quality_bench_runs_and_reports_every_score(tiny_dirs, tmp_path, capsys)
     assert iid["one_object_clips"] == 2
     assert set(iid["one_object_per_slot"]) == {"background", "count", "size", "colour", "shape", "motion"}
     assert "one object:" in printed
+    assert iid["two_object_clips"] == 0 and iid["two_object_swapped"] == 0.0 and "two objects:" in printed
     assert results["easy-vqa test"]["questions"] == 3
     assert "slot accuracy" in printed and (tmp_path / "r.json").exists()
 
@@ -42,3 +43,17 @@ def test_each_world_question_is_scored_under_the_slot_it_asks_about():
     assert all(slot == "colour" for q, slot in slots.items() if q.startswith("what color is the") and q != "what color is the background?")
     with pytest.raises(ValueError, match="not a WORLD.md question"):
         question_slot("why is the sky blue?")
+
+
+def test_a_two_object_caption_in_the_wrong_order_is_counted_as_swapped():
+    swapped = load_script("bench/quality.py").swapped
+    ref = "a small red circle moves left and a large blue square grows on a white background"
+    other_way = "a large blue square grows and a small red circle moves left on a white background"
+    assert world.score_caption(other_way, ref)["slots"]["colour"] == (0, 2)  # scored in order: both wrong
+    assert swapped(other_way, ref)
+    assert not swapped(ref, ref)
+    # One slot wrong each way round is no swap; the other way round must match more.
+    assert not swapped("a small blue circle moves left and a large red square grows on a white background", ref)
+    assert swapped("a large blue square grows and a small green circle moves left on a white background", ref)
+    assert not swapped("a small red circle moves left on a white background", ref)  # one object named
+    assert not swapped("two things on white", ref)  # does not parse
