@@ -32,8 +32,8 @@ def swapped(pred: str, ref: str) -> bool:
     """Does a caption of a two-object clip name the objects in the wrong order?
 
     True when more of the objects' slots match with the prediction's two objects taken the other way
-    round. WORLD.md scores objects in order (the leftmost first), so a swap costs every object slot
-    even when both objects are described right.
+    round. WORLD.md scores objects in order (the leftmost first), so a swap scores each object against
+    the other one even when both are described right.
     """
     p, r = world.parse_caption(pred), world.parse_caption(ref)
     if p is None or r is None or len(p.objects) != 2 or len(r.objects) != 2:
