@@ -89,8 +89,10 @@ def frozen_floor(items, bridge, prompt: str, num_frames: int, args) -> tuple[flo
         t0 = time.perf_counter()
         features = bridge.frame_features(px)  # the frozen vision encoder
         seconds += time.perf_counter() - t0
-        visual = bridge.visual_prompt(features=features)
         text = bridge._prompt_batch([prompt] * len(chunk), [[] for _ in chunk])
+        # An instructed bridge's Q-Former reads the prompt too; without it the tokens would differ.
+        visual = bridge.visual_prompt(features=features, instruction_ids=text.get("instruction_ids"),
+                                      instruction_mask=text.get("instruction_mask"))
         embeds, mask, _ = bridge._splice(visual, text["input_ids"], text["attention_mask"], text["visual_position"])
         t0 = time.perf_counter()
         ids = bridge.llm.generate(embeds, mask, max_new_tokens=args.max_new_tokens)  # the frozen LLM: prefill + decode
