@@ -82,12 +82,12 @@ def itg_words(bridge: Bridge, scenes, features: torch.Tensor, single: torch.Tens
     tok, Q = bridge.qformer_tokenizer, bridge.config.qformer.num_queries
     rows, spans = [], []
     for s in scenes:
-        o = s.objects[0]
         caption = world.caption(s)
         full = tok(caption)["input_ids"]
         words = caption.split()  # "a", size, colour, shape, then the motion phrase's one or two words
         motion_words = len(world.MOTION_PHRASES[s.objects[0].motion].split())
-        at = next(k for k in range(len(full)) if full[k : k + 2] == tok(caption, add_special_tokens=False)["input_ids"][:2])  # after [CLS]
+        head = tok(caption, add_special_tokens=False)["input_ids"][:2]
+        at = next(k for k in range(len(full)) if full[k : k + 2] == head)  # where the caption starts, after [CLS]
 
         def end(k):  # token position where the first k words end
             return at + len(tok(" ".join(words[:k]), add_special_tokens=False)["input_ids"])

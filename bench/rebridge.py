@@ -6,9 +6,10 @@
 DIR holds the manifests of `demos/world_data.py`. Two stage-2 runs into the new LLM, identical in data,
 settings, seed and steps; only the Q-Former's start differs: the source bridge's trained Q-Former (with
 a new projection) or the MiniLM init. Each run follows the source's stage-2 recipe: the projection
-alone, then everything with LoRA (by default at 3x the source's rate: --lr). The end of the first part and every --eval-every steps after it are
-scored by world `test-iid` caption slot accuracy on the first N clips, as is the source bridge. Prints a
-table; writes OUT/rebridge.json and OUT/rebridge.png. Rerunning continues killed runs and reuses finished ones.
+alone, then everything with LoRA (by default at 3x the source's rate: --lr). The end of the first part
+and every --eval-every steps after it are scored by world `test-iid` caption slot accuracy on the first
+N clips, as is the source bridge. Prints a table; writes OUT/rebridge.json and OUT/rebridge.png.
+Rerunning continues killed runs and reuses finished ones.
 """
 from __future__ import annotations
 
