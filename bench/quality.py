@@ -103,17 +103,32 @@ def world_vqa(bridge: Bridge, split: str, n: int, batch_size: int) -> dict:
     return {"questions": len(items), "accuracy": right / len(items), "per_slot": {k: c / t for k, (c, t) in by_kind.items()}}
 
 
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+
+
+def easy_vqa_kind(question: str, answer: str) -> str:
+    """What an easy-VQA question asks: the shape, the colour, or yes/no, apart from yes/no with a negation
+    ("is there not a red shape?", "is no red shape present?"), where the answer is the other way round."""
+    if answer in ("yes", "no"):
+        return "yes/no negated" if {"not", "no"} & set(question.rstrip("?").split()) else "yes/no"
+    return "shape" if answer in EASY_VQA_SHAPES else "colour"
+
+
 def easy_vqa(bridge: Bridge, n: int, batch_size: int) -> dict:
     import easy_vqa
 
     questions, answers, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
     items = list(zip(questions, answers, image_ids))[: n or None]
-    right = 0
+    by_kind = defaultdict(lambda: [0, 0])
     for chunk in batched(items, batch_size):
         preds = bridge.ask([paths[i] for _, _, i in chunk], [q for q, _, _ in chunk])
-        right += sum(world.score_answer(p, a) for p, (_, a, _) in zip(preds, chunk))
-    return {"questions": len(items), "accuracy": right / len(items)}
+        for p, (q, a, _) in zip(preds, chunk):
+            kind = easy_vqa_kind(q, a)
+            by_kind[kind][0] += world.score_answer(p, a)
+            by_kind[kind][1] += 1
+    right = sum(c for c, _ in by_kind.values())
+    return {"questions": len(items), "accuracy": right / len(items), "per_kind": {k: c / t for k, (c, t) in by_kind.items()}}
 
 
 def main(argv=None) -> dict:
@@ -144,7 +159,8 @@ def main(argv=None) -> dict:
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_slot"].items())
         print(f"world {split:10s} VQA: accuracy {r['accuracy']:.3f}  ({per}; {r['questions']} questions)")
     r = results["easy-vqa test"] = easy_vqa(bridge, args.easy_vqa, args.batch_size)
-    print(f"easy-VQA test: accuracy {r['accuracy']:.3f}  ({r['questions']} questions)")
+    per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_kind"].items())
+    print(f"easy-VQA test: accuracy {r['accuracy']:.3f}  ({per}; {r['questions']} questions)")
     print(f"time: {time.time() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

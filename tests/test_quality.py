@@ -30,6 +30,7 @@ def test_quality_bench_runs_and_reports_every_score(tiny_dirs, tmp_path, capsys)
     assert "one object:" in printed
     assert iid["two_object_clips"] == 0 and iid["two_object_swapped"] == 0.0 and "two objects:" in printed
     assert results["easy-vqa test"]["questions"] == 3
+    assert set(results["easy-vqa test"]["per_kind"]) == {"shape", "colour"}  # the split's first three ask those
     assert "slot accuracy" in printed and (tmp_path / "r.json").exists()
 
 
@@ -57,3 +58,15 @@ def test_a_two_object_caption_in_the_wrong_order_is_counted_as_swapped():
     assert swapped("a large blue square grows and a small green circle moves left on a white background", ref)
     assert not swapped("a small red circle moves left on a white background", ref)  # one object named
     assert not swapped("two things on white", ref)  # does not parse
+
+
+def test_easy_vqa_questions_are_told_apart_by_what_they_ask():
+    kind = load_script("bench/quality.py").easy_vqa_kind
+    assert kind("what shape is in the image?", "circle") == "shape"
+    assert kind("what is the blue shape?", "rectangle") == "shape"
+    assert kind("what color is the shape?", "teal") == "colour"
+    assert kind("is there a red shape?", "no") == "yes/no"
+    assert kind("does the image contain a circle?", "yes") == "yes/no"
+    assert kind("is there not a red shape?", "yes") == "yes/no negated"
+    assert kind("is no gray shape present?", "yes") == "yes/no negated"
+    assert kind("does the image not contain a black shape?", "no") == "yes/no negated"
