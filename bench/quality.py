@@ -1,10 +1,12 @@
 """How good is a bridge? Held-out world captions and VQA, and easy-VQA test accuracy.
 
-    python bench/quality.py [--bridge DIR] [--world N] [--easy-vqa N] [--json FILE]
+    python bench/quality.py [--bridge DIR] [--world N] [--easy-vqa N] [--splits S,S] [--json FILE]
 
 World sets: the first N clips of `test-iid` and of `test-novel` (unseen colour-shape pairs), scored
 slot by slot as WORLD.md says; world VQA: every applicable WORLD.md question about those clips;
-easy-VQA: the first N questions of its test split (all 9673 with --easy-vqa 0).
+easy-VQA: the first N questions of its test split (all 9673 with --easy-vqa 0). `--splits
+train,test-iid` compares a bridge on the clips it trained on (`demos/world_data.py` writes the first
+`train` clips) with held-out ones: alike scores mean it underfits, and more data would not help.
 """
 from __future__ import annotations
 
@@ -137,15 +139,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--world", type=int, default=200, help="clips per world test split")
     ap.add_argument("--easy-vqa", type=int, default=2000, help="easy-VQA test questions (0 = all)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--splits", type=lambda v: v.split(","), default=["test-iid", "test-novel"], metavar="S,S",
+                    help=f"world splits to score, of {', '.join(world.SPLITS)} (default test-iid,test-novel)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
+    if unknown := [s for s in args.splits if s not in world.SPLITS]:
+        ap.error(f"--splits: unknown world split {', '.join(unknown)}; expected some of {', '.join(world.SPLITS)}")
     if not Path(args.bridge).is_dir():
         sys.exit(f"{args.bridge}: no bridge there; pass --bridge DIR (a directory written by Bridge.save_pretrained)")
     bridge = Bridge.from_pretrained(args.bridge).eval()
     print(f"bridge: {args.bridge}")
     print(f"command: python bench/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     results, t0 = {}, time.time()
-    for split in ("test-iid", "test-novel"):
+    for split in args.splits:
         r = results[f"world {split} captions"] = world_captions(bridge, split, args.world, args.batch_size)
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_slot"].items())
         print(f"world {split:10s} captions: exact {r['exact_match']:.3f}  slot accuracy {r['slot_accuracy']:.3f}  ({per}; {r['clips']} clips)")
@@ -154,7 +160,7 @@ def main(argv=None) -> dict:
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["two_object_per_slot"].items())
         print(f"{'':>28}two objects: {per}; {r['two_object_clips']} clips, "
               f"{r['two_object_swapped']:.3f} of them captioned in the wrong order")
-    for split in ("test-iid", "test-novel"):
+    for split in args.splits:
         r = results[f"world {split} vqa"] = world_vqa(bridge, split, args.world, args.batch_size)
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_slot"].items())
         print(f"world {split:10s} VQA: accuracy {r['accuracy']:.3f}  ({per}; {r['questions']} questions)")

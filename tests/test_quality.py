@@ -70,3 +70,15 @@ def test_easy_vqa_questions_are_told_apart_by_what_they_ask():
     assert kind("is there not a red shape?", "yes") == "yes/no negated"
     assert kind("is no gray shape present?", "yes") == "yes/no negated"
     assert kind("does the image not contain a black shape?", "no") == "yes/no negated"
+
+
+def test_the_training_split_can_be_scored_beside_a_held_out_one(tiny_dirs, tmp_path, capsys):
+    torch.manual_seed(0)
+    Bridge(tiny_config(tiny_dirs)).save_pretrained(tmp_path / "b")
+    quality = load_script("bench/quality.py")
+    results = quality.main(["--bridge", str(tmp_path / "b"), "--world", "1", "--easy-vqa", "1", "--splits", "train,test-iid"])
+    assert {k for k in results if k.startswith("world")} == {"world train captions", "world test-iid captions", "world train vqa", "world test-iid vqa"}
+    assert results["world train vqa"]["questions"] == len(world.questions(world.scene("train", 0)))
+    with pytest.raises(SystemExit):
+        quality.main(["--bridge", str(tmp_path / "b"), "--splits", "train,val"])
+    assert "unknown world split val" in capsys.readouterr().err
