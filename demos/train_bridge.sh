@@ -15,7 +15,7 @@ OUT=${1:-runs/demo-bridge}
 PY=${PYTHON:-python}
 STAGE1_STEPS=${STAGE1_STEPS:-800}
 STAGE2A_STEPS=${STAGE2A_STEPS:-150}
-STAGE2_STEPS=${STAGE2_STEPS:-900}
+STAGE2_STEPS=${STAGE2_STEPS:-1500}
 CLIPS=${CLIPS:-4000}
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
@@ -64,7 +64,7 @@ fi
 
 if [ ! -f "$OUT/stage2/.done" ]; then
     echo "== $(date -u +%FT%TZ) stage 2b: Q-Former, projection and LoRA, captions and instructed VQA"
-    $PY train.py --stage 2 --init-from "$OUT/stage2a" --lr 1e-4 --lora 8 \
+    $PY train.py --stage 2 --init-from "$OUT/stage2a" --lr 3e-4 --lora 8 \
         "${STAGE2[@]}" --output "$OUT/stage2" --max-steps "$STAGE2_STEPS" --save-every 100 $(resume_flag "$OUT/stage2")
     touch "$OUT/stage2/.done"
 fi
