@@ -6,7 +6,7 @@
 DIR holds the manifests of `demos/world_data.py`. Two stage-2 runs into the new LLM, identical in data,
 settings, seed and steps; only the Q-Former's start differs: the source bridge's trained Q-Former (with
 a new projection) or the MiniLM init. Each run follows the source's stage-2 recipe: the projection
-alone, then everything with LoRA (by default at 3x the source's rate: --lr). The end of the first part
+alone, then everything with LoRA (at --lr, by default 3e-4 as the source's 2b). The end of the first part
 and every --eval-every steps after it are scored by world `test-iid` caption slot accuracy on the first
 N clips, as is the source bridge. Prints a table; writes OUT/rebridge.json and OUT/rebridge.png.
 Rerunning continues killed runs and reuses finished ones.
@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--source", default=str(DEFAULT_BRIDGE), help="trained bridge whose Q-Former is re-bridged (default: the shipped one)")
     ap.add_argument("--llm", default="gemma3-270m", help="the new LLM (an adapters.load_llm spec)")
     ap.add_argument("--steps", type=int, default=250,
-                    help="stage-2 steps of each run, both parts together (250: within a quarter of the default bridge's 1,050)")
+                    help="stage-2 steps of each run, both parts together (250: within a quarter of the default bridge's 1,650)")
     ap.add_argument("--projection-steps", type=int, default=50, help="of those, the first ones train the projection alone")
     ap.add_argument("--eval-every", type=int, default=50, help="score a checkpoint every this many steps after those")
     ap.add_argument("--world", type=int, default=100, help=f"world {SPLIT} clips scored per checkpoint")
