@@ -91,8 +91,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--world", type=int, default=100, help=f"world {SPLIT} clips scored per checkpoint")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--projection-lr", type=float, default=1e-3)
-    # 3x the source's 2b rate: with a trained Q-Former the new LLM reads the clip within 250 steps at
-    # 3e-4 (0.775 slot accuracy) where 1e-4 gets 0.659 (bench/results/rebridge.json, README).
+    # The default bridge's own 2b rate. On an earlier default bridge (2b at 1e-4), re-bridging at 3e-4
+    # read the clip at 0.775 slot accuracy within 250 steps where 1e-4 got 0.659 (README).
     ap.add_argument("--lr", type=float, default=3e-4, help="once everything trains")
     ap.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto", help="passed to train.py")
     ap.add_argument("--cache-features", metavar="DIR", help="frozen-feature cache shared with the source's training")
