@@ -6,7 +6,8 @@ World sets: the first N clips of `test-iid` and of `test-novel` (unseen colour-s
 slot by slot as WORLD.md says; world VQA: every applicable WORLD.md question about those clips;
 easy-VQA: the first N questions of its test split (all 9673 with --easy-vqa 0). `--splits
 train,test-iid` compares a bridge on the clips it trained on (`demos/world_data.py` writes the first
-`train` clips) with held-out ones: alike scores mean it underfits, and more data would not help.
+`train` clips) with held-out ones: if it scores its own clips no better, it underfits, and more
+clips would not help it.
 """
 from __future__ import annotations
 
@@ -136,7 +137,7 @@ def easy_vqa(bridge: Bridge, n: int, batch_size: int) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bridge", default=str(DEFAULT_BRIDGE), help="bridge directory (default: the shipped demo bridge)")
-    ap.add_argument("--world", type=int, default=200, help="clips per world test split")
+    ap.add_argument("--world", type=int, default=200, help="clips per world split")
     ap.add_argument("--easy-vqa", type=int, default=2000, help="easy-VQA test questions (0 = all)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--splits", type=lambda v: v.split(","), default=["test-iid", "test-novel"], metavar="S,S",
