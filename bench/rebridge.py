@@ -1,6 +1,6 @@
 """Give a new LLM eyes: re-bridge a trained Q-Former to it, against a Q-Former started from MiniLM.
 
-    python bench/rebridge.py --data DIR [--source DIR] [--llm gemma3-270m] [--steps 250]
+    python bench/rebridge.py --data DIR [--source DIR] [--llm gemma3-270m] [--steps 400]
                              [--projection-steps 50] [--eval-every 50] [--world 100] [--out runs/rebridge]
 
 DIR holds the manifests of `demos/world_data.py`. Two stage-2 runs into the new LLM, identical in data,
@@ -84,8 +84,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", required=True, help="folder written by demos/world_data.py")
     ap.add_argument("--source", default=str(DEFAULT_BRIDGE), help="trained bridge whose Q-Former is re-bridged (default: the shipped one)")
     ap.add_argument("--llm", default="gemma3-270m", help="the new LLM (an adapters.load_llm spec)")
-    ap.add_argument("--steps", type=int, default=250,
-                    help="stage-2 steps of each run, both parts together (250: within a quarter of the default bridge's 1,650)")
+    ap.add_argument("--steps", type=int, default=400,
+                    help="stage-2 steps of each run, both parts together (400: within a quarter of the default bridge's 1,650)")
     ap.add_argument("--projection-steps", type=int, default=50, help="of those, the first ones train the projection alone")
     ap.add_argument("--eval-every", type=int, default=50, help="score a checkpoint every this many steps after those")
     ap.add_argument("--world", type=int, default=100, help=f"world {SPLIT} clips scored per checkpoint")
