@@ -94,16 +94,24 @@ def world_vqa(bridge: Bridge, split: str, n: int, batch_size: int) -> dict:
     for i in range(n):
         s = world.scene(split, i)
         frames = world.render(s)
-        items += [(frames, q, a) for q, a in world.questions(s)]
-    by_kind = defaultdict(lambda: [0, 0])
+        items += [(frames, q, a, len(s.objects)) for q, a in world.questions(s)]
+    # Also by object count, as for captions: a question about one of two objects must find the object
+    # it names before it can answer.
+    by_kind, by_count = defaultdict(lambda: [0, 0]), {1: defaultdict(lambda: [0, 0]), 2: defaultdict(lambda: [0, 0])}
     for chunk in batched(items, batch_size):
-        preds = bridge.ask([f for f, _, _ in chunk], [q for _, q, _ in chunk])
-        for (_, q, a), pred in zip(chunk, preds):
-            kind = question_slot(q)
-            by_kind[kind][0] += world.score_answer(pred, a)
-            by_kind[kind][1] += 1
+        preds = bridge.ask([f for f, _, _, _ in chunk], [q for _, q, _, _ in chunk])
+        for (_, q, a, objects), pred in zip(chunk, preds):
+            kind, right = question_slot(q), world.score_answer(pred, a)
+            for tally in (by_kind, by_count[objects]):
+                tally[kind][0] += right
+                tally[kind][1] += 1
     right = sum(c for c, _ in by_kind.values())
-    return {"questions": len(items), "accuracy": right / len(items), "per_slot": {k: c / t for k, (c, t) in by_kind.items()}}
+    result = {"questions": len(items), "accuracy": right / len(items), "per_slot": {k: c / t for k, (c, t) in by_kind.items()}}
+    for objects, name in ((1, "one_object"), (2, "two_object")):
+        tally = by_count[objects]
+        result[f"{name}_questions"] = sum(t for _, t in tally.values())
+        result[f"{name}_per_slot"] = {k: c / t for k, (c, t) in tally.items()}
+    return result
 
 
 EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
@@ -165,6 +173,9 @@ def main(argv=None) -> dict:
         r = results[f"world {split} vqa"] = world_vqa(bridge, split, args.world, args.batch_size)
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_slot"].items())
         print(f"world {split:10s} VQA: accuracy {r['accuracy']:.3f}  ({per}; {r['questions']} questions)")
+        for name, label in (("one_object", "one object"), ("two_object", "two objects")):
+            per = ", ".join(f"{k} {v:.3f}" for k, v in r[f"{name}_per_slot"].items())
+            print(f"{'':>23}{label}: {per}; {r[f'{name}_questions']} questions")
     r = results["easy-vqa test"] = easy_vqa(bridge, args.easy_vqa, args.batch_size)
     per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_kind"].items())
     print(f"easy-VQA test: accuracy {r['accuracy']:.3f}  ({per}; {r['questions']} questions)")

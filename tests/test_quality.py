@@ -29,6 +29,15 @@ def test_quality_bench_runs_and_reports_every_score(tiny_dirs, tmp_path, capsys)
     assert set(iid["one_object_per_slot"]) == {"background", "count", "size", "colour", "shape", "motion"}
     assert "one object:" in printed
     assert iid["two_object_clips"] == 0 and iid["two_object_swapped"] == 0.0 and "two objects:" in printed
+    vqa = results["world test-iid vqa"]
+    assert vqa["one_object_questions"] == vqa["questions"] == sum(len(world.questions(world.scene("test-iid", i))) for i in range(2))
+    assert vqa["two_object_questions"] == 0 and vqa["two_object_per_slot"] == {}
+    assert set(vqa["one_object_per_slot"]) == {"background", "count", "size", "colour", "shape", "motion"}
+    novel = results["world test-novel vqa"]  # its first clip has two objects, its second one
+    assert [len(world.scene("test-novel", i).objects) for i in range(2)] == [2, 1]
+    assert novel["two_object_questions"] == len(world.questions(world.scene("test-novel", 0)))
+    assert novel["one_object_questions"] == len(world.questions(world.scene("test-novel", 1)))
+    assert "two objects:" in printed.split("world test-novel VQA")[1]
     assert results["easy-vqa test"]["questions"] == 3
     assert set(results["easy-vqa test"]["per_kind"]) == {"shape", "colour"}  # the split's first three ask those
     assert "slot accuracy" in printed and (tmp_path / "r.json").exists()
