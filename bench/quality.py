@@ -31,6 +31,15 @@ def batched(items, n):
 OBJECT_SLOTS = ("size", "colour", "shape", "motion")
 
 
+def counts() -> defaultdict:
+    """Counts of [right, asked] by key."""
+    return defaultdict(lambda: [0, 0])
+
+
+def rates(tallies: dict) -> dict:
+    return {k: c / t for k, (c, t) in tallies.items() if t}
+
+
 def swapped(pred: str, ref: str) -> bool:
     """Does a caption of a two-object clip name the objects in the wrong order?
 
@@ -50,7 +59,7 @@ def world_captions(bridge: Bridge, split: str, n: int, batch_size: int) -> dict:
     scenes = [world.scene(split, i) for i in range(n)]
     # Also by object count: one-object clips have no object order to get wrong, so a slot the bridge
     # cannot read shows plainly; two-object clips show what the order costs.
-    totals, by_count = defaultdict(lambda: [0, 0]), {1: defaultdict(lambda: [0, 0]), 2: defaultdict(lambda: [0, 0])}
+    totals, by_count = counts(), {1: counts(), 2: counts()}
     exact = correct = total = swaps = 0
     for chunk in batched(scenes, batch_size):
         preds = bridge.caption([world.render(s) for s in chunk], batch_size=batch_size)
@@ -70,11 +79,11 @@ def world_captions(bridge: Bridge, split: str, n: int, batch_size: int) -> dict:
         "clips": n,
         "exact_match": exact / n,
         "slot_accuracy": correct / total,
-        "per_slot": {k: c / t for k, (c, t) in totals.items() if t},
+        "per_slot": rates(totals),
         "one_object_clips": one["background"][1],
-        "one_object_per_slot": {k: c / t for k, (c, t) in one.items() if t},
+        "one_object_per_slot": rates(one),
         "two_object_clips": two["background"][1],
-        "two_object_per_slot": {k: c / t for k, (c, t) in two.items() if t},
+        "two_object_per_slot": rates(two),
         "two_object_swapped": swaps / two["background"][1] if two["background"][1] else 0.0,
     }
 
@@ -97,7 +106,7 @@ def world_vqa(bridge: Bridge, split: str, n: int, batch_size: int) -> dict:
         items += [(frames, q, a, len(s.objects)) for q, a in world.questions(s)]
     # Also by object count, as for captions: a question about one of two objects must find the object
     # it names before it can answer.
-    by_kind, by_count = defaultdict(lambda: [0, 0]), {1: defaultdict(lambda: [0, 0]), 2: defaultdict(lambda: [0, 0])}
+    by_kind, by_count = counts(), {1: counts(), 2: counts()}
     for chunk in batched(items, batch_size):
         preds = bridge.ask([f for f, _, _, _ in chunk], [q for _, q, _, _ in chunk])
         for (_, q, a, objects), pred in zip(chunk, preds):
@@ -106,11 +115,11 @@ def world_vqa(bridge: Bridge, split: str, n: int, batch_size: int) -> dict:
                 tally[kind][0] += right
                 tally[kind][1] += 1
     right = sum(c for c, _ in by_kind.values())
-    result = {"questions": len(items), "accuracy": right / len(items), "per_slot": {k: c / t for k, (c, t) in by_kind.items()}}
+    result = {"questions": len(items), "accuracy": right / len(items), "per_slot": rates(by_kind)}
     for objects, name in ((1, "one_object"), (2, "two_object")):
         tally = by_count[objects]
         result[f"{name}_questions"] = sum(t for _, t in tally.values())
-        result[f"{name}_per_slot"] = {k: c / t for k, (c, t) in tally.items()}
+        result[f"{name}_per_slot"] = rates(tally)
     return result
 
 
@@ -131,7 +140,7 @@ def easy_vqa(bridge: Bridge, n: int, batch_size: int) -> dict:
     questions, answers, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
     items = list(zip(questions, answers, image_ids))[: n or None]
-    by_kind = defaultdict(lambda: [0, 0])
+    by_kind = counts()
     for chunk in batched(items, batch_size):
         preds = bridge.ask([paths[i] for _, _, i in chunk], [q for q, _, _ in chunk])
         for p, (q, a, _) in zip(preds, chunk):
@@ -139,7 +148,7 @@ def easy_vqa(bridge: Bridge, n: int, batch_size: int) -> dict:
             by_kind[kind][0] += world.score_answer(p, a)
             by_kind[kind][1] += 1
     right = sum(c for c, _ in by_kind.values())
-    return {"questions": len(items), "accuracy": right / len(items), "per_kind": {k: c / t for k, (c, t) in by_kind.items()}}
+    return {"questions": len(items), "accuracy": right / len(items), "per_kind": rates(by_kind)}
 
 
 def main(argv=None) -> dict:
