@@ -98,28 +98,46 @@ def question_slot(question: str) -> str:
     raise ValueError(f"not a WORLD.md question: {question!r}")
 
 
+def other_object_answers(scene: world.Scene) -> dict[str, str]:
+    """For a two-object clip: each question about one object, with the answer it has about the other
+    one, where that differs (so an answer that names the wrong object can be told from a wrong reading)."""
+    if len(scene.objects) != 2:
+        return {}
+    wrong = {}
+    for o, other in zip(scene.objects, scene.objects[::-1]):
+        wrong[f"what color is the {o.shape}?"] = other.colour
+        wrong[f"what shape is the {o.colour} object?"] = other.shape
+        wrong[f"what does the {o.colour} {o.shape} do?"] = world.MOTION_PHRASES[other.motion]
+        wrong[f"is the {o.colour} {o.shape} small or large?"] = other.size
+    return {q: wrong[q] for q, a in world.questions(scene) if q in wrong and wrong[q] != a}
+
+
 def world_vqa(bridge: Bridge, split: str, n: int, batch_size: int) -> dict:
     items = []
     for i in range(n):
         s = world.scene(split, i)
-        frames = world.render(s)
-        items += [(frames, q, a, len(s.objects)) for q, a in world.questions(s)]
+        frames, other = world.render(s), other_object_answers(s)
+        items += [(frames, q, a, len(s.objects), other.get(q)) for q, a in world.questions(s)]
     # Also by object count, as for captions: a question about one of two objects must find the object
-    # it names before it can answer.
-    by_kind, by_count = counts(), {1: counts(), 2: counts()}
+    # it names before it can answer; and how often it answers about the other object instead.
+    by_kind, by_count, about_other = counts(), {1: counts(), 2: counts()}, counts()
     for chunk in batched(items, batch_size):
-        preds = bridge.ask([f for f, _, _, _ in chunk], [q for _, q, _, _ in chunk])
-        for (_, q, a, objects), pred in zip(chunk, preds):
+        preds = bridge.ask([item[0] for item in chunk], [item[1] for item in chunk])
+        for (_, q, a, objects, other), pred in zip(chunk, preds):
             kind, right = question_slot(q), world.score_answer(pred, a)
             for tally in (by_kind, by_count[objects]):
                 tally[kind][0] += right
                 tally[kind][1] += 1
+            if other is not None:
+                about_other[kind][0] += world.score_answer(pred, other)
+                about_other[kind][1] += 1
     right = sum(c for c, _ in by_kind.values())
     result = {"questions": len(items), "accuracy": right / len(items), "per_slot": rates(by_kind)}
     for objects, name in ((1, "one_object"), (2, "two_object")):
         tally = by_count[objects]
         result[f"{name}_questions"] = sum(t for _, t in tally.values())
         result[f"{name}_per_slot"] = rates(tally)
+    result["two_object_about_the_other"] = rates(about_other)
     return result
 
 
@@ -185,6 +203,8 @@ def main(argv=None) -> dict:
         for name, label in (("one_object", "one object"), ("two_object", "two objects")):
             per = ", ".join(f"{k} {v:.3f}" for k, v in r[f"{name}_per_slot"].items())
             print(f"{'':>23}{label}: {per}; {r[f'{name}_questions']} questions")
+        per = ", ".join(f"{k} {v:.3f}" for k, v in r["two_object_about_the_other"].items())
+        print(f"{'':>23}two objects, answered about the other object: {per or 'no such questions'}")
     r = results["easy-vqa test"] = easy_vqa(bridge, args.easy_vqa, args.batch_size)
     per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_kind"].items())
     print(f"easy-VQA test: accuracy {r['accuracy']:.3f}  ({per}; {r['questions']} questions)")

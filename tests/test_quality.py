@@ -38,6 +38,11 @@ def test_quality_bench_runs_and_reports_every_score(tiny_dirs, tmp_path, capsys)
     assert novel["two_object_questions"] == len(world.questions(world.scene("test-novel", 0)))
     assert novel["one_object_questions"] == len(world.questions(world.scene("test-novel", 1)))
     assert "two objects:" in printed.split("world test-novel VQA")[1]
+    quality = load_script("bench/quality.py")
+    asked = {quality.question_slot(q) for q in quality.other_object_answers(world.scene("test-novel", 0))}
+    assert asked and set(novel["two_object_about_the_other"]) == asked
+    assert vqa["two_object_about_the_other"] == {}  # no two-object clip among test-iid's first two
+    assert "answered about the other object: no such questions" in printed.split("world test-novel VQA")[0]
     assert results["easy-vqa test"]["questions"] == 3
     assert set(results["easy-vqa test"]["per_kind"]) == {"shape", "colour"}  # the split's first three ask those
     assert "slot accuracy" in printed and (tmp_path / "r.json").exists()
@@ -91,3 +96,22 @@ def test_the_training_split_can_be_scored_beside_a_held_out_one(tiny_dirs, tmp_p
     with pytest.raises(SystemExit):
         quality.main(["--bridge", str(tmp_path / "b"), "--splits", "train,val"])
     assert "unknown world split val" in capsys.readouterr().err
+
+
+RED_DIAMOND = world.WorldObject(shape="diamond", size="small", colour="red", motion="right", x=14, y=101)
+BLUE_SQUARE = world.WorldObject(shape="square", size="small", colour="blue", motion="right", x=52, y=50)
+BLUE_DIAMOND = world.WorldObject(shape="diamond", size="large", colour="blue", motion="grows", x=14, y=101)
+
+
+@pytest.mark.parametrize("objects, expected", [
+    # Same size and motion: an answer naming the other object's would be right, so those are left out.
+    ((RED_DIAMOND, BLUE_SQUARE), {"what color is the diamond?": "blue", "what color is the square?": "red",
+                                  "what shape is the red object?": "square", "what shape is the blue object?": "diamond"}),
+    # Both blue: `what shape is the blue object?` is not asked, and the other's colour is no wrong answer.
+    ((BLUE_DIAMOND, BLUE_SQUARE), {"what does the blue diamond do?": "moves right", "what does the blue square do?": "grows",
+                                   "is the blue diamond small or large?": "small", "is the blue square small or large?": "large"}),
+    ((RED_DIAMOND,), {}),
+])
+def test_a_question_about_one_of_two_objects_knows_the_other_objects_answer(objects, expected):
+    other_object_answers = load_script("bench/quality.py").other_object_answers
+    assert other_object_answers(world.Scene("black", objects)) == expected
