@@ -158,15 +158,24 @@ def easy_vqa(bridge: Bridge, n: int, batch_size: int) -> dict:
     questions, answers, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
     items = list(zip(questions, answers, image_ids))[: n or None]
-    by_kind = counts()
+    # For yes/no questions also how often "yes" is the answer and how often the bridge says it: a bridge
+    # that leans one way shows it.
+    by_kind, yes = counts(), {"answer": 0, "said": 0, "asked": 0}
     for chunk in batched(items, batch_size):
         preds = bridge.ask([paths[i] for _, _, i in chunk], [q for q, _, _ in chunk])
         for p, (q, a, _) in zip(preds, chunk):
             kind = easy_vqa_kind(q, a)
             by_kind[kind][0] += world.score_answer(p, a)
             by_kind[kind][1] += 1
+            if a in ("yes", "no"):
+                yes["answer"] += a == "yes"
+                yes["said"] += world.score_answer(p, "yes")
+                yes["asked"] += 1
     right = sum(c for c, _ in by_kind.values())
-    return {"questions": len(items), "accuracy": right / len(items), "per_kind": rates(by_kind)}
+    asked = yes["asked"]
+    return {"questions": len(items), "accuracy": right / len(items), "per_kind": rates(by_kind),
+            "yes_no_questions": asked, "yes_answers": yes["answer"] / asked if asked else 0.0,
+            "said_yes": yes["said"] / asked if asked else 0.0}
 
 
 def main(argv=None) -> dict:
@@ -208,6 +217,8 @@ def main(argv=None) -> dict:
     r = results["easy-vqa test"] = easy_vqa(bridge, args.easy_vqa, args.batch_size)
     per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_kind"].items())
     print(f"easy-VQA test: accuracy {r['accuracy']:.3f}  ({per}; {r['questions']} questions)")
+    print(f"{'':>15}yes/no: the answer is yes for {r['yes_answers']:.3f} of {r['yes_no_questions']}, "
+          f"the bridge says yes to {r['said_yes']:.3f}")
     print(f"time: {time.time() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

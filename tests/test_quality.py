@@ -17,7 +17,7 @@ pytestmark = pytest.mark.backbones  # reads the easy-VQA test split from its pac
 def test_quality_bench_runs_and_reports_every_score(tiny_dirs, tmp_path, capsys):
     torch.manual_seed(0)
     Bridge(tiny_config(tiny_dirs)).save_pretrained(tmp_path / "b")
-    results = load_script("bench/quality.py").main(["--bridge", str(tmp_path / "b"), "--world", "2", "--easy-vqa", "3", "--json", str(tmp_path / "r.json")])
+    results = load_script("bench/quality.py").main(["--bridge", str(tmp_path / "b"), "--world", "2", "--easy-vqa", "5", "--json", str(tmp_path / "r.json")])
     printed = capsys.readouterr().out
     for key in ("world test-iid captions", "world test-novel captions", "world test-iid vqa", "world test-novel vqa", "easy-vqa test"):
         assert key in results
@@ -43,8 +43,13 @@ def test_quality_bench_runs_and_reports_every_score(tiny_dirs, tmp_path, capsys)
     assert asked and set(novel["two_object_about_the_other"]) == asked
     assert vqa["two_object_about_the_other"] == {}  # no two-object clip among test-iid's first two
     assert "answered about the other object: no such questions" in printed.split("world test-novel VQA")[0]
-    assert results["easy-vqa test"]["questions"] == 3
-    assert set(results["easy-vqa test"]["per_kind"]) == {"shape", "colour"}  # the split's first three ask those
+    easy = results["easy-vqa test"]
+    assert easy["questions"] == 5
+    # The split's first five: shape, colour, colour, "does the image contain a circle?" (no), "is there not
+    # a black shape in the image?" (yes).
+    assert set(easy["per_kind"]) == {"shape", "colour", "yes/no", "yes/no negated"}
+    assert easy["yes_no_questions"] == 2 and easy["yes_answers"] == 0.5 and easy["said_yes"] in (0.0, 0.5, 1.0)
+    assert "the answer is yes for 0.500 of 2" in printed
     assert "slot accuracy" in printed and (tmp_path / "r.json").exists()
 
 
