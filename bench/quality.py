@@ -160,22 +160,20 @@ def easy_vqa(bridge: Bridge, n: int, batch_size: int) -> dict:
     items = list(zip(questions, answers, image_ids))[: n or None]
     # For yes/no questions also how often "yes" is the answer and how often the bridge says it: a bridge
     # that leans one way shows it.
-    by_kind, yes = counts(), {"answer": 0, "said": 0, "asked": 0}
+    by_kind, yes_answers, said_yes = counts(), 0, 0
     for chunk in batched(items, batch_size):
         preds = bridge.ask([paths[i] for _, _, i in chunk], [q for q, _, _ in chunk])
         for p, (q, a, _) in zip(preds, chunk):
             kind = easy_vqa_kind(q, a)
             by_kind[kind][0] += world.score_answer(p, a)
             by_kind[kind][1] += 1
-            if a in ("yes", "no"):
-                yes["answer"] += a == "yes"
-                yes["said"] += world.score_answer(p, "yes")
-                yes["asked"] += 1
+            yes_answers += a == "yes"
+            said_yes += kind.startswith("yes/no") and world.score_answer(p, "yes")
     right = sum(c for c, _ in by_kind.values())
-    asked = yes["asked"]
+    asked = sum(t for kind, (_, t) in by_kind.items() if kind.startswith("yes/no"))
     return {"questions": len(items), "accuracy": right / len(items), "per_kind": rates(by_kind),
-            "yes_no_questions": asked, "yes_answers": yes["answer"] / asked if asked else 0.0,
-            "said_yes": yes["said"] / asked if asked else 0.0}
+            "yes_no_questions": asked, "yes_answers": yes_answers / asked if asked else 0.0,
+            "said_yes": said_yes / asked if asked else 0.0}
 
 
 def main(argv=None) -> dict:
