@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "carry motion (an --init-from bridge keeps its own choice)")
     p.add_argument("--fps", type=float, default=None, help="sample clips at this rate, at most --num-frames frames")
     p.add_argument("--instruct", action="store_true", help="InstructBLIP: the question also enters the Q-Former (stage 2)")
+    p.add_argument("--caption-first", action="store_true",
+                   help="stage 2: a question row's 'caption' (its clip's) goes before the question as the chat's first "
+                        "turn, and the bridge answers that way: its own caption first, then the answer")
     p.add_argument("--stage1-losses", default=None, metavar="NAMES",
                    help="stage 1: the losses trained on, comma-separated (default itc,itm,itg). ITC aligns the queries with "
                         "the text encoder's sentence feature, so what that feature ignores the queries learn to drop")
@@ -188,7 +191,8 @@ def build_bridge(args) -> Bridge:
         config = replace(
             source, qformer=qformer_config, llm=args.llm or source.llm, llm_width=llm.width,
             vision_resolution=args.vision_resolution or source.vision_resolution,
-            instruct=args.instruct or source.instruct, num_frames=args.num_frames or source.num_frames,
+            instruct=args.instruct or source.instruct, caption_first=args.caption_first or source.caption_first,
+            num_frames=args.num_frames or source.num_frames,
             qformer_tokenizer=args.qformer_tokenizer or source.qformer_tokenizer,
             system_prompt=source.system_prompt if args.system_prompt is None else args.system_prompt, lora=lora,
         )
@@ -238,6 +242,7 @@ def build_bridge(args) -> Bridge:
     config = BridgeConfig(
         qformer=q, vision=args.vision or "efficientnet-lite0", llm=args.llm or "smollm2-135m-instruct",
         vision_layer=args.vision_layer, vision_resolution=args.vision_resolution, llm_width=llm.width, instruct=args.instruct,
+        caption_first=args.caption_first,
         qformer_tokenizer=args.qformer_tokenizer or ("minilm" if args.qformer_init == "minilm" else bert),
         num_frames=num_frames, system_prompt=args.system_prompt, lora=new_lora,
     )
@@ -292,6 +297,8 @@ def main(argv=None) -> Bridge:
         fail("--train projection is for stage 2 (stage 1 trains the Q-Former without an LLM)")
     if stage == 1 and args.instruct:
         fail("--instruct is for stage 2 (stage 1 already shows the Q-Former the text)")
+    if stage == 1 and args.caption_first:
+        fail("--caption-first is for stage 2 (stage 1 does not answer questions)")
     if args.lora is not None and (stage == 1 or args.lora < 1):
         fail("--lora RANK is for stage 2 (stage 1 does not run the LLM), with a rank of at least 1")
     if args.stage1_losses is not None and stage != 1:
@@ -495,10 +502,14 @@ def model_inputs(batch: dict, bridge: Bridge, stage: int, qtok, args, accelerato
         # ITM negatives from a generator fixed by the batch, so resuming draws the same ones.
         inputs["generator"] = torch.Generator().manual_seed(args.seed * 1_000_003 + batch_id * accelerator.num_processes + accelerator.process_index)
     else:
-        # A caption answers the bridge's caption prompt.
-        qs = [q if c is None else bridge.config.caption_prompt for c, q in zip(captions, questions)]
-        ans = [a if c is None else c for c, a in zip(captions, answers)]
-        inputs["text"] = bridge.answer_batch(qs, ans, max_answer_tokens=args.max_answer_tokens)
+        # A row with a question is a question; a caption alone answers the bridge's caption prompt. A
+        # caption-first bridge sees a question row's caption (its clip's) as the chat's first turn.
+        prompt = bridge.config.caption_prompt
+        qs = [prompt if q is None else q for q in questions]
+        ans = [c if q is None else a for c, q, a in zip(captions, questions, answers)]
+        histories = [[(prompt, c)] if bridge.config.caption_first and q is not None and c is not None else []
+                     for c, q in zip(captions, questions)]
+        inputs["text"] = bridge.answer_batch(qs, ans, histories, max_answer_tokens=args.max_answer_tokens)
     return inputs
 
 

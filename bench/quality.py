@@ -7,7 +7,8 @@ slot by slot as WORLD.md says; world VQA: every applicable WORLD.md question abo
 easy-VQA: the first N questions of its test split (all 9673 with --easy-vqa 0). `--splits
 train,test-iid` compares a bridge on the clips it trained on (`demos/world_data.py` writes the first
 `train` clips) with held-out ones: if it scores its own clips no better, it underfits, and more
-clips would not help it.
+clips would not help it. A caption-first bridge answers as it always does (Bridge.ask): after its own
+caption of the clip.
 """
 from __future__ import annotations
 
@@ -191,7 +192,7 @@ def main(argv=None) -> dict:
     if not Path(args.bridge).is_dir():
         sys.exit(f"{args.bridge}: no bridge there; pass --bridge DIR (a directory written by Bridge.save_pretrained)")
     bridge = Bridge.from_pretrained(args.bridge).eval()
-    print(f"bridge: {args.bridge}")
+    print(f"bridge: {args.bridge}" + (" (answers caption-first)" if bridge.config.caption_first else ""))
     print(f"command: python bench/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     results, t0 = {}, time.time()
     for split in args.splits:

@@ -47,7 +47,8 @@ def run(name: str, start: list[str], args, source: Bridge) -> list[Path]:
     """Train one arm with the source's stage-2 recipe; returns the bridge at every scored step.
 
     As when the source was made: first the new projection alone (a fresh projection's noise would
-    otherwise teach the Q-Former to erase the clip), then everything, LoRA included, at a lower rate.
+    otherwise teach the Q-Former to erase the clip), then everything, LoRA included, at a lower rate. A
+    caption-first source's arms answer caption-first too, on its last stage's data (easy-VQA captions added).
     """
     c = source.config
     data = Path(args.data)
@@ -55,6 +56,7 @@ def run(name: str, start: list[str], args, source: Bridge) -> list[Path]:
         "--stage", "2", "--llm", args.llm,
         "--data", f"{data / 'world_captions.jsonl'}:2", "--data", f"{data / 'world_vqa.jsonl'}:1.5",
         "--data", f"{data / 'easy_vqa.jsonl'}:1",
+        *(["--caption-first", "--data", f"{data / 'easy_captions.jsonl'}:0.5"] if c.caption_first else []),
         "--num-frames", str(c.num_frames), "--batch-size", str(args.batch_size), "--log-with", "none",
         "--mixed-precision", args.mixed_precision,
     ]
@@ -101,7 +103,7 @@ def main(argv=None) -> dict:
     if not 0 < args.projection_steps < args.steps or (args.steps - args.projection_steps) % args.eval_every:
         ap.error(f"--steps {args.steps} must exceed --projection-steps {args.projection_steps} by a multiple of "
                  f"--eval-every {args.eval_every}")
-    for name in ("world_captions.jsonl", "world_vqa.jsonl", "easy_vqa.jsonl"):
+    for name in ("world_captions.jsonl", "world_vqa.jsonl", "easy_vqa.jsonl", "easy_captions.jsonl"):
         if not (Path(args.data) / name).is_file():
             ap.error(f"--data {args.data}: no {name}; write the manifests with `python demos/world_data.py {args.data}`")
     t0 = time.time()

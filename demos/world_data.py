@@ -4,8 +4,13 @@
 
 OUT/clips/NNNNNN.mp4       world clips of the split (WORLD.md), H.264
 OUT/world_captions.jsonl   {"video", "caption"}, one row per clip
-OUT/world_vqa.jsonl        {"video", "question", "answer"}, one row per WORLD.md question
-OUT/easy_vqa.jsonl         {"image", "question", "answer"}, the easy-VQA training split
+OUT/world_vqa.jsonl        {"video", "question", "answer", "caption"}, one row per WORLD.md question
+OUT/easy_captions.jsonl    {"image", "caption"}: "a blue rectangle", for the easy-VQA training images whose
+                           questions say both the colour and the shape of their one shape
+OUT/easy_vqa.jsonl         {"image", "question", "answer"[, "caption"]}, the easy-VQA training split
+
+A question row's caption is its clip's, so a bridge trained with --caption-first learns to answer with its
+own caption of the clip before it in the chat.
 
 Existing clips are kept, so a rerun (or a larger --clips) only writes what is missing.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 
 from tqdm import tqdm
@@ -44,16 +50,47 @@ def world_rows(out: Path, split: str, n: int):
             world.write_mp4(world.render(s), tmp)
             os.replace(tmp, out / rel)
         captions.append({"video": rel, "caption": world.caption(s)})
-        vqa += [{"video": rel, "question": q, "answer": a} for q, a in world.questions(s)]
+        vqa += [{"video": rel, "question": q, "answer": a, "caption": captions[-1]["caption"]} for q, a in world.questions(s)]
     return captions, vqa
 
 
+EASY_COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+EASY_SHAPES = ("circle", "rectangle", "triangle")
+
+
+def easy_facts(question: str, answer: str) -> dict[str, str]:
+    """What one easy-VQA question and answer say about the image's one shape: its colour, its shape, or both."""
+    colours, shapes = "|".join(EASY_COLOURS), "|".join(EASY_SHAPES)
+    if m := re.fullmatch(rf"what is the ({colours}) shape\?", question):
+        return {"colour": m[1], "shape": answer}
+    if m := re.fullmatch(rf"what (?:color is|is the color of) the ({shapes})\?", question):
+        return {"colour": answer, "shape": m[1]}
+    if re.fullmatch(r"what (?:color is|is the color of) the shape\?", question):
+        return {"colour": answer}
+    if re.fullmatch(r"what shape (?:is in the image|does the image contain|is present)\?", question):
+        return {"shape": answer}
+    if answer in ("yes", "no") and (m := re.search(rf"\b({colours}|{shapes})\b", question)):
+        negated = re.search(r"\b(?:not|no)\b", question) is not None
+        if (answer == "yes") != negated:  # it is there
+            return {("shape" if m[1] in EASY_SHAPES else "colour"): m[1]}
+    return {}
+
+
 def easy_vqa_rows():
+    """(caption rows, question rows) of the easy-VQA training split; a question row carries its image's
+    caption where the image's questions tell it."""
     import easy_vqa
 
     questions, answers, image_ids = easy_vqa.get_train_questions()
     paths = easy_vqa.get_train_image_paths()
-    return [{"image": paths[i], "question": q, "answer": a} for q, a, i in zip(questions, answers, image_ids)]
+    facts: dict[int, dict[str, str]] = {}
+    for q, a, i in zip(questions, answers, image_ids):
+        facts.setdefault(i, {}).update(easy_facts(q, a))
+    caption = {i: f"a {f['colour']} {f['shape']}" for i, f in facts.items() if len(f) == 2}
+    captions = [{"image": paths[i], "caption": c} for i, c in sorted(caption.items())]
+    vqa = [{"image": paths[i], "question": q, "answer": a} | ({"caption": caption[i]} if i in caption else {})
+           for q, a, i in zip(questions, answers, image_ids)]
+    return captions, vqa
 
 
 def main(argv=None):
@@ -66,7 +103,9 @@ def main(argv=None):
     captions, vqa = world_rows(out, args.split, args.clips)
     print(f"world_captions.jsonl: {write_jsonl(out / 'world_captions.jsonl', captions)} rows")
     print(f"world_vqa.jsonl: {write_jsonl(out / 'world_vqa.jsonl', vqa)} rows")
-    print(f"easy_vqa.jsonl: {write_jsonl(out / 'easy_vqa.jsonl', easy_vqa_rows())} rows")
+    easy_captions, easy_vqa = easy_vqa_rows()
+    print(f"easy_captions.jsonl: {write_jsonl(out / 'easy_captions.jsonl', easy_captions)} rows")
+    print(f"easy_vqa.jsonl: {write_jsonl(out / 'easy_vqa.jsonl', easy_vqa)} rows")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from .model import QFormer, QFormerHeads, count_parameters
 DEFAULT_BRIDGE = Path(__file__).resolve().parent.parent / "demos" / "bridge"
 CONFIG_NAME = "bridge_config.json"
 WEIGHTS_NAME = "bridge.safetensors"
+# Longest caption or answer generated unless asked otherwise: a two-object WORLD.md caption is 17 SmolLM2 tokens or so.
+MAX_NEW_TOKENS = 48
 
 
 def bridge_or_default(spec: str | None) -> str:
@@ -250,7 +252,7 @@ class Bridge(nn.Module):
 
     # ---- high level: captions and answers from paths, PIL images, arrays -------------------------
 
-    def caption(self, items, prompt: str | None = None, num_frames: int | None = None, max_new_tokens: int = 48, batch_size: int = 8) -> list[str]:
+    def caption(self, items, prompt: str | None = None, num_frames: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8) -> list[str]:
         """One caption per image or clip (paths, PIL images, uint8 arrays or adapters.video.Clip)."""
         prompt = self.config.caption_prompt if prompt is None else prompt
         items = list(items) if isinstance(items, (list, tuple)) else [items]
@@ -260,11 +262,11 @@ class Bridge(nn.Module):
             out += self.ask(chunk, [prompt] * len(chunk), num_frames=num_frames, max_new_tokens=max_new_tokens)
         return out
 
-    def answer(self, item, question: str, history: list[tuple[str, str]] | None = None, num_frames: int | None = None, max_new_tokens: int = 48, **generate_kwargs) -> str:
+    def answer(self, item, question: str, history: list[tuple[str, str]] | None = None, num_frames: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS, **generate_kwargs) -> str:
         """Answer a question about one image or clip; `history` holds earlier (question, answer) turns."""
         return self.ask([item], [question], [history or []], num_frames, max_new_tokens, **generate_kwargs)[0]
 
-    def ask(self, items, questions, histories=None, num_frames=None, max_new_tokens: int = 48, **generate_kwargs) -> list[str]:
+    def ask(self, items, questions, histories=None, num_frames=None, max_new_tokens: int = MAX_NEW_TOKENS, **generate_kwargs) -> list[str]:
         """Batched: one question (and history) per item. Items with different frame counts run separately."""
         from adapters.video import as_clip  # PyAV loads only when items need decoding
 
@@ -283,13 +285,22 @@ class Bridge(nn.Module):
         return answers
 
     @torch.no_grad()
-    def answer_pixels(self, pixel_values: torch.Tensor, questions, histories=None, max_new_tokens: int = 48, **generate_kwargs) -> list[str]:
+    def answer_pixels(self, pixel_values: torch.Tensor, questions, histories=None, max_new_tokens: int = MAX_NEW_TOKENS, **generate_kwargs) -> list[str]:
         """One answer per row of already preprocessed pixels (B, T, 3, H, W) or (B, 3, H, W).
 
         For callers that decode and preprocess elsewhere (the recaptioner's worker processes).
         """
-        histories = histories or [[] for _ in questions]
+        histories = [list(h) for h in histories] if histories else [[] for _ in questions]
         px = pixel_values.to(self.projection.weight.device)
+        if self.config.caption_first:
+            # The chat opens with the bridge's own caption, as in training: for every question that is not
+            # the caption prompt itself, unless the chat already opens with it. Greedy, and not streamed.
+            prompt = self.config.caption_prompt
+            need = [i for i, (q, h) in enumerate(zip(questions, histories)) if q != prompt and not (h and h[0][0] == prompt)]
+            if need:
+                ids = self.generate(px[need], **self._prompt_batch([prompt] * len(need), [[] for _ in need]), max_new_tokens=MAX_NEW_TOKENS)
+                for i, caption in zip(need, self.llm.tokenizer.batch_decode(ids, skip_special_tokens=True)):
+                    histories[i].insert(0, (prompt, caption.strip()))
         ids = self.generate(px, **self._prompt_batch(questions, histories), max_new_tokens=max_new_tokens, **generate_kwargs)
         return [text.strip() for text in self.llm.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 

@@ -73,6 +73,10 @@ class BridgeConfig:
     qformer_tokenizer: str | None = None
     # Prompt used by Bridge.caption when none is given.
     caption_prompt: str = "Describe the clip."
+    # Answer every question with the bridge's own caption of the clip as the chat's first turn (trained
+    # with train.py --caption-first). A caption binds each attribute to its object, which the visual prompt
+    # alone leaves the LLM to do; answering from the caption carries that binding over to the answers.
+    caption_first: bool = False
     # System message of every chat; None leaves the LLM's template to its default. "" drops a template's
     # built-in one (SmolLM2's costs 20 tokens of every training step).
     system_prompt: str | None = None

@@ -1,6 +1,7 @@
 """Training data: manifests, datasets saved to disk, webdataset shards, weighted mixing, a frozen-feature cache.
 
-A source is a list of samples, each an image or a video and a caption or a question with its answer:
+A source is a list of samples, each an image or a video and a caption or a question with its answer (a
+question row may also hold its clip's caption, which `train.py --caption-first` puts before the question):
   - a manifest: JSONL, CSV or Parquet with a column `image` or `video` (paths relative to the manifest)
     and `caption`, or `question` and `answer`;
   - a directory written by `datasets.Dataset.save_to_disk` with the same columns (images may be
@@ -282,7 +283,9 @@ class ClipDataset(Dataset):
         source, j = self.locate(i)
         ex = source.example(j)
         item = {"index": i, "name": ex.name, "caption": ex.caption, "question": ex.question, "answer": ex.answer}
-        if ex.caption is None and (ex.question is None or ex.answer is None):
+        if (ex.question is None) != (ex.answer is None):
+            return item | {"error": f"{ex.name}: a question without its answer or an answer without its question"}
+        if ex.caption is None and ex.question is None:
             return item | {"error": f"{ex.name}: no caption and no question/answer"}
         try:
             if self.cache is not None:

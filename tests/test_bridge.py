@@ -305,3 +305,27 @@ def test_instructed_bridge_reads_the_question(tiny_dirs):
     assert va.shape == vb.shape == (1, 4, 32)
     assert not torch.allclose(va, vb)
     assert isinstance(bridge.answer(np.zeros((32, 32, 3), np.uint8), "what color is the background ?", max_new_tokens=3), str)
+
+
+def test_a_caption_first_bridge_answers_after_its_own_caption(tiny_bridge):
+    bridge = tiny_bridge.eval()
+    prompt = bridge.config.caption_prompt
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(3)]
+    captions = bridge.caption(images)
+    assert all(captions)
+    earlier = [("how many objects are there ?", "one")]
+    # What it must do, spelled out on the same weights: the caption as the chat's first turn.
+    expected = bridge.ask(images, ["what color is the background ?", prompt, "describe"],
+                          [[(prompt, captions[0])], [], [(prompt, captions[2]), *earlier]], max_new_tokens=6)
+    bridge.config.caption_first = True
+    histories = [[], [], list(earlier)]
+    got = bridge.ask(images, ["what color is the background ?", prompt, "describe"], histories, max_new_tokens=6)
+    assert got == expected
+    assert got[1] == bridge.caption(images[1], max_new_tokens=6)[0]  # the caption prompt itself is asked as it is
+    assert histories == [[], [], earlier]  # the caller's histories are left as they were
+    # A chat that already opens with a caption is not captioned again.
+    opened = [(prompt, "a red square")]
+    answer = bridge.answer(images[0], "describe", opened, max_new_tokens=6)
+    bridge.config.caption_first = False
+    assert answer == bridge.answer(images[0], "describe", opened, max_new_tokens=6)

@@ -145,6 +145,42 @@ def test_stage2_and_instructed_smoke(tiny_dirs, qformer_bert, captions, vqa, tmp
     assert isinstance(loaded.answer(str(Path(vqa).parent / "clips" / "red.mp4"), "what color is the square ?", max_new_tokens=3), str)
 
 
+def test_caption_first_puts_a_question_row_s_caption_before_the_question(tiny_bridge):
+    from types import SimpleNamespace
+
+    prompt = tiny_bridge.config.caption_prompt
+    batch = {"captions": ["a red square", "a blue circle", None], "questions": [None, "what color is the circle ?", "what color is the square ?"],
+             "answers": [None, "blue", "red"]}
+    args = SimpleNamespace(max_answer_tokens=64)
+    text = lambda: train.model_inputs(batch, tiny_bridge, 2, None, args, None, 0)["text"]  # noqa: E731
+    questions = [prompt, "what color is the circle ?", "what color is the square ?"]
+    answers = ["a red square", "blue", "red"]
+    plain = tiny_bridge.answer_batch(questions, answers)
+    assert all(torch.equal(v, plain[k]) for k, v in text().items())  # the row's caption is no context by default
+    tiny_bridge.config.caption_first = True
+    first = tiny_bridge.answer_batch(questions, answers, [[], [(prompt, "a blue circle")], []])
+    assert all(torch.equal(v, first[k]) for k, v in text().items())
+    assert not torch.equal(first["input_ids"][1], plain["input_ids"][1])
+
+
+def test_a_caption_first_bridge_trains_and_keeps_answering_that_way(tiny_dirs, qformer_bert, captions, tmp_path, capsys):
+    rows = [json.loads(line) for line in Path(captions).read_text().splitlines()]
+    qa = [{"image": str(Path(captions).parent / r["image"]), "caption": r["caption"], "question": "what color is the shape ?",
+           "answer": r["caption"].split()[1]} for r in rows]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
+    with pytest.raises(SystemExit, match="--caption-first is for stage 2"):
+        train.main(_args(tiny_dirs, qformer_bert, tmp_path / "x", "--caption-first", data=captions))
+    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s1", "--max-steps", "1", data=captions))
+    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "first", "--max-steps", "2", "--caption-first", "--init-from",
+                     str(tmp_path / "s1"), stage="2", data=str(tmp_path / "qa.jsonl")))
+    assert sorted(_losses(tmp_path / "first")) == [1, 2]
+    assert Bridge.from_pretrained(tmp_path / "first").config.caption_first
+    # Later stages keep it without being told again.
+    bridge = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "more", "--max-steps", "1", "--init-from", str(tmp_path / "first"),
+                              stage="2", data=str(tmp_path / "qa.jsonl")))
+    assert bridge.config.caption_first
+
+
 @pytest.fixture(scope="session")
 def steerable_llm(tmp_path_factory):
     """A tiny LLM with larger weights than tiny_dirs': at 0.02 init its logits barely leave uniform whatever the

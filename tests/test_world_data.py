@@ -1,0 +1,41 @@
+"""demos/world_data.py: the demo bridge's training manifests."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import load_script
+from qformer import world
+
+
+@pytest.mark.parametrize("question, answer, facts", [
+    ("what is the blue shape?", "rectangle", {"colour": "blue", "shape": "rectangle"}),
+    ("what color is the triangle?", "red", {"colour": "red", "shape": "triangle"}),
+    ("what is the color of the circle?", "teal", {"colour": "teal", "shape": "circle"}),
+    ("what color is the shape?", "gray", {"colour": "gray"}),
+    ("what shape does the image contain?", "circle", {"shape": "circle"}),
+    ("is there a red shape in the image?", "yes", {"colour": "red"}),
+    ("is there a red shape in the image?", "no", {}),
+    ("does the image not contain a rectangle?", "no", {"shape": "rectangle"}),
+    ("is no yellow shape present?", "yes", {}),
+    ("is there not a blue shape?", "no", {"colour": "blue"}),
+])
+def test_easy_vqa_questions_say_what_they_say_about_the_shape(question, answer, facts):
+    assert load_script("demos/world_data.py").easy_facts(question, answer) == facts
+
+
+def test_question_rows_carry_their_clip_s_caption(tmp_path):
+    load_script("demos/world_data.py").main([str(tmp_path), "--clips", "3"])
+    read = lambda name: [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]  # noqa: E731
+    captions = {r["video"]: r["caption"] for r in read("world_captions.jsonl")}
+    assert list(captions.values()) == [world.caption(world.scene("train", i)) for i in range(3)]
+    vqa = read("world_vqa.jsonl")
+    assert len(vqa) == sum(len(world.questions(world.scene("train", i))) for i in range(3))
+    assert all(r["caption"] == captions[r["video"]] for r in vqa)
+
+    easy_captions, easy_vqa = read("easy_captions.jsonl"), read("easy_vqa.jsonl")
+    assert (len(easy_captions), len(easy_vqa)) == (3542, 38575)  # of the 4,000 training images, 38,575 questions
+    assert easy_captions[0]["caption"] == "a blue rectangle" and easy_captions[0]["image"].endswith("train/images/0.png")
+    by_image = {r["image"]: r["caption"] for r in easy_captions}
+    assert all(r.get("caption") == by_image.get(r["image"]) for r in easy_vqa)
