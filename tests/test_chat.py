@@ -76,6 +76,18 @@ def test_multi_turn_answers_are_the_librarys(bridge, world_clips):
     assert bridge.llm.tokenizer.decode(ids).count("<|user|>") == 2
 
 
+def test_a_caption_first_bridge_streams_its_answer_and_not_its_caption(bridge, world_clips):
+    bridge.config.caption_first = True
+    try:
+        session = ChatSession(bridge)
+        session.load(world_clips[0])
+        answer = bridge.answer(str(world_clips[0]), Q1)
+        assert "".join(session.stream(Q1)) == answer
+        assert session.history == [(Q1, answer)]
+    finally:
+        bridge.config.caption_first = False
+
+
 def test_reset_and_new_clips_start_new_conversations(bridge, world_clips):
     session = ChatSession(bridge, max_new_tokens=8)
     session.load(world_clips[0])
