@@ -79,7 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--instruct", action="store_true", help="InstructBLIP: the question also enters the Q-Former (stage 2)")
     p.add_argument("--caption-first", action="store_true",
                    help="stage 2: a question row's 'caption' (its clip's) goes before the question as the chat's first "
-                        "turn, and the bridge answers that way: its own caption first, then the answer")
+                        "turn (rows without one train as plain questions), and the bridge answers that way: its own "
+                        "caption first, then the answer")
     p.add_argument("--stage1-losses", default=None, metavar="NAMES",
                    help="stage 1: the losses trained on, comma-separated (default itc,itm,itg). ITC aligns the queries with "
                         "the text encoder's sentence feature, so what that feature ignores the queries learn to drop")
@@ -495,8 +496,8 @@ def model_inputs(batch: dict, bridge: Bridge, stage: int, qtok, args, accelerato
     inputs = {"features": batch.get("features"), "pixels": batch.get("pixels")}
     captions, questions, answers = batch["captions"], batch["questions"], batch["answers"]
     if stage == 1:
-        # Stage 1 aligns queries with text: the caption, or a question with its answer.
-        texts = [c if c is not None else f"{q} {a}" for c, q, a in zip(captions, questions, answers)]
+        # Stage 1 aligns queries with text: a question with its answer, or the caption.
+        texts = [c if q is None else f"{q} {a}" for c, q, a in zip(captions, questions, answers)]
         enc = qtok(texts, padding=True, truncation=True, max_length=args.max_text_len, return_tensors="pt")
         inputs["text"] = {k: enc[k].to(accelerator.device) for k in ("input_ids", "attention_mask")}
         # ITM negatives from a generator fixed by the batch, so resuming draws the same ones.

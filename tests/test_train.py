@@ -161,6 +161,11 @@ def test_caption_first_puts_a_question_row_s_caption_before_the_question(tiny_br
     first = tiny_bridge.answer_batch(questions, answers, [[], [(prompt, "a blue circle")], []])
     assert all(torch.equal(v, first[k]) for k, v in text().items())
     assert not torch.equal(first["input_ids"][1], plain["input_ids"][1])
+    # Stage 1 reads a question row as its question and answer, whatever caption it carries.
+    qtok, acc = make_tokenizer(), SimpleNamespace(device="cpu", num_processes=1, process_index=0)
+    got = train.model_inputs(batch, tiny_bridge, 1, qtok, SimpleNamespace(max_text_len=64, seed=0), acc, 0)["text"]["input_ids"]
+    texts = ["a red square", "what color is the circle ? blue", "what color is the square ? red"]
+    assert torch.equal(got, qtok(texts, padding=True, return_tensors="pt")["input_ids"])
 
 
 def test_a_caption_first_bridge_trains_and_keeps_answering_that_way(tiny_dirs, qformer_bert, captions, tmp_path, capsys):
