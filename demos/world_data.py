@@ -17,14 +17,19 @@ Existing clips are kept, so a rerun (or a larger --clips) only writes what is mi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from qformer import world
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ lives at the top of the repository
+
+from bench.quality import EASY_VQA_SHAPES, easy_vqa_kind  # noqa: E402
+from qformer import world  # noqa: E402
 
 
 def write_jsonl(path: Path, rows) -> int:
@@ -49,18 +54,23 @@ def world_rows(out: Path, split: str, n: int):
             tmp = out / (rel + ".tmp.mp4")
             world.write_mp4(world.render(s), tmp)
             os.replace(tmp, out / rel)
-        captions.append({"video": rel, "caption": world.caption(s)})
-        vqa += [{"video": rel, "question": q, "answer": a, "caption": captions[-1]["caption"]} for q, a in world.questions(s)]
+        caption = world.caption(s)
+        captions.append({"video": rel, "caption": caption})
+        vqa += [{"video": rel, "question": q, "answer": a, "caption": caption} for q, a in world.questions(s)]
     return captions, vqa
 
 
-EASY_COLOURS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
-EASY_SHAPES = ("circle", "rectangle", "triangle")
+@functools.cache
+def easy_colours() -> str:
+    """easy-VQA's colour names as a regex alternation: its answers that are neither a shape nor yes/no."""
+    import easy_vqa
+
+    return "|".join(a for a in easy_vqa.get_answers() if a not in (*EASY_VQA_SHAPES, "yes", "no"))
 
 
 def easy_facts(question: str, answer: str) -> dict[str, str]:
     """What one easy-VQA question and answer say about the image's one shape: its colour, its shape, or both."""
-    colours, shapes = "|".join(EASY_COLOURS), "|".join(EASY_SHAPES)
+    colours, shapes = easy_colours(), "|".join(EASY_VQA_SHAPES)
     if m := re.fullmatch(rf"what is the ({colours}) shape\?", question):
         return {"colour": m[1], "shape": answer}
     if m := re.fullmatch(rf"what (?:color is|is the color of) the ({shapes})\?", question):
@@ -70,9 +80,8 @@ def easy_facts(question: str, answer: str) -> dict[str, str]:
     if re.fullmatch(r"what shape (?:is in the image|does the image contain|is present)\?", question):
         return {"shape": answer}
     if answer in ("yes", "no") and (m := re.search(rf"\b({colours}|{shapes})\b", question)):
-        negated = re.search(r"\b(?:not|no)\b", question) is not None
-        if (answer == "yes") != negated:  # it is there
-            return {("shape" if m[1] in EASY_SHAPES else "colour"): m[1]}
+        if (answer == "yes") == (easy_vqa_kind(question, answer) == "yes/no"):  # it is there
+            return {("shape" if m[1] in EASY_VQA_SHAPES else "colour"): m[1]}
     return {}
 
 
