@@ -293,16 +293,21 @@ class Bridge(nn.Module):
         histories = [list(h) for h in histories] if histories else [[] for _ in questions]
         px = pixel_values.to(self.projection.weight.device)
         if self.config.caption_first:
-            # The chat opens with the bridge's own caption, as in training: for every question that is not
-            # the caption prompt itself, unless the chat already opens with it. Greedy, and not streamed.
+            # The chat opens with the bridge's own caption, as in training. Greedy, and not streamed.
             prompt = self.config.caption_prompt
-            need = [i for i, (q, h) in enumerate(zip(questions, histories)) if q != prompt and not (h and h[0][0] == prompt)]
+            need = [i for i, (q, h) in enumerate(zip(questions, histories)) if self.captions_before(q, h)]
             if need:
                 ids = self.generate(px[need], **self._prompt_batch([prompt] * len(need), [[] for _ in need]), max_new_tokens=MAX_NEW_TOKENS)
                 for i, caption in zip(need, self.llm.tokenizer.batch_decode(ids, skip_special_tokens=True)):
                     histories[i].insert(0, (prompt, caption.strip()))
         ids = self.generate(px, **self._prompt_batch(questions, histories), max_new_tokens=max_new_tokens, **generate_kwargs)
         return [text.strip() for text in self.llm.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def captions_before(self, question: str, history) -> bool:
+        """Whether the bridge captions the clip before it answers `question` after `history`: a caption-first
+        bridge does for every question but its caption prompt, unless the chat already opens with its caption."""
+        prompt = self.config.caption_prompt
+        return self.config.caption_first and question != prompt and not (history and history[0][0] == prompt)
 
     def _prompt_batch(self, questions, histories) -> dict[str, torch.Tensor]:
         """Left-padded chat prompts with the visual position of each row (and the Q-Former instruction)."""

@@ -24,7 +24,7 @@ import torch
 
 from adapters.video import Clip, ClipError, read_clip
 
-from .bridge import DEFAULT_BRIDGE, Bridge, bridge_or_default
+from .bridge import DEFAULT_BRIDGE, MAX_NEW_TOKENS, Bridge, bridge_or_default
 
 # The trained demo bridge, shipped in the repository next to the package.
 
@@ -53,6 +53,9 @@ class ChatSession:
         self.max_new_tokens = max_new_tokens
         self.clip: Clip | None = None
         self.history: list[tuple[str, str]] = []
+        # A caption-first bridge's opening turn (its caption) with the clip it is about: the bridge would
+        # caption the clip again for every turn, and greedy decoding gives the same caption each time.
+        self.opening: tuple[Clip | None, list[tuple[str, str]]] = (None, [])
 
     def load(self, path: str | Path, max_duration_s: float | None = None) -> Clip:
         """Make the image or clip at `path` the subject of a new conversation.
@@ -97,8 +100,14 @@ class ChatSession:
 
         def generate() -> None:
             try:
+                turns = list(history)
+                if self.bridge.captions_before(question, turns):
+                    if self.opening[0] is not clip:  # keyed by the clip: another may have been loaded meanwhile
+                        prompt = self.bridge.config.caption_prompt
+                        self.opening = (clip, [(prompt, self.bridge.answer(clip, prompt, max_new_tokens=MAX_NEW_TOKENS))])
+                    turns = self.opening[1] + turns
                 outcome["answer"] = self.bridge.answer(
-                    clip, question, list(history), max_new_tokens=self.max_new_tokens,
+                    clip, question, turns, max_new_tokens=self.max_new_tokens,
                     streamer=streamer, stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
                 )
             except BaseException as e:  # handed to the caller's thread below

@@ -88,6 +88,35 @@ def test_a_caption_first_bridge_streams_its_answer_and_not_its_caption(bridge, w
         bridge.config.caption_first = False
 
 
+def test_a_caption_first_chat_captions_each_clip_once(bridge, world_clips, monkeypatch):
+    """Every turn's answer is the library's (which captions before each call), with one caption per clip."""
+    prompt = bridge.config.caption_prompt
+    bridge.config.caption_first = True
+    try:
+        clip0, clip1 = str(world_clips[0]), str(world_clips[1])
+        expected = {
+            (clip0, 1): bridge.answer(clip0, Q1),
+            (clip0, 2): bridge.answer(clip0, Q2, [(Q1, bridge.answer(clip0, Q1))]),
+            (clip1, 1): bridge.answer(clip1, Q1),
+        }
+        calls = []
+        generate = Bridge.generate
+        monkeypatch.setattr(Bridge, "generate", lambda self, *a, **k: calls.append(1) or generate(self, *a, **k))
+        session = ChatSession(bridge)
+        session.load(clip0)
+        a1 = "".join(session.stream(Q1))
+        a2 = "".join(session.stream(Q2))
+        assert (a1, a2) == (expected[clip0, 1], expected[clip0, 2])
+        assert len(calls) == 3  # the caption, then two answers
+        session.reset()  # the same clip: its caption still holds
+        assert "".join(session.stream(Q1)) == a1 and len(calls) == 4
+        session.load(clip1)  # another clip is captioned anew
+        assert "".join(session.stream(Q1)) == expected[clip1, 1] and len(calls) == 6
+        assert session.opening[1][0][0] == prompt and session.history == [(Q1, expected[clip1, 1])]
+    finally:
+        bridge.config.caption_first = False
+
+
 def test_reset_and_new_clips_start_new_conversations(bridge, world_clips):
     session = ChatSession(bridge, max_new_tokens=8)
     session.load(world_clips[0])
