@@ -8,7 +8,8 @@ easy-VQA: the first N questions of its test split (all 9673 with --easy-vqa 0). 
 train,test-iid` compares a bridge on the clips it trained on (`demos/world_data.py` writes the first
 `train` clips) with held-out ones: if it scores its own clips no better, it underfits, and more
 clips would not help it. A caption-first bridge answers as it always does (Bridge.ask): after its own
-caption of the clip.
+caption of the clip; for two-object questions the bench also says how often that caption (as the caption
+set above got it) implies the right answer, and how often the answer is right when it does.
 """
 from __future__ import annotations
 
@@ -62,8 +63,10 @@ def world_captions(bridge: Bridge, split: str, n: int, batch_size: int) -> dict:
     # cannot read shows plainly; two-object clips show what the order costs.
     totals, by_count = counts(), {1: counts(), 2: counts()}
     exact = correct = total = swaps = 0
+    captions = []
     for chunk in batched(scenes, batch_size):
         preds = bridge.caption([world.render(s) for s in chunk], batch_size=batch_size)
+        captions += preds
         for s, pred in zip(chunk, preds):
             ref = world.caption(s)
             score = world.score_caption(pred, ref)
@@ -86,7 +89,7 @@ def world_captions(bridge: Bridge, split: str, n: int, batch_size: int) -> dict:
         "two_object_clips": two["background"][1],
         "two_object_per_slot": rates(two),
         "two_object_swapped": swaps / two["background"][1] if two["background"][1] else 0.0,
-    }
+    }, captions
 
 
 def question_slot(question: str) -> str:
@@ -113,18 +116,28 @@ def other_object_answers(scene: world.Scene) -> dict[str, str]:
     return {q: wrong[q] for q, a in world.questions(scene) if q in wrong and wrong[q] != a}
 
 
-def world_vqa(bridge: Bridge, split: str, n: int, batch_size: int) -> dict:
+def caption_answers(caption: str) -> dict[str, str]:
+    """The answers a caption implies to the WORLD.md questions: those of the scene it describes, so none
+    for an object it does not name (and none at all when it does not parse)."""
+    parsed = world.parse_caption(caption)
+    return dict(world.questions(parsed)) if parsed is not None else {}  # a parsed caption reads as a scene
+
+
+def world_vqa(bridge: Bridge, split: str, n: int, batch_size: int, captions: list[str]) -> dict:
+    """`captions`: the bridge's captions of the same clips, to tell an answer that follows a wrong caption
+    from a wrong answer after a right one."""
     items = []
     for i in range(n):
         s = world.scene(split, i)
-        frames, other = world.render(s), other_object_answers(s)
-        items += [(frames, q, a, len(s.objects), other.get(q)) for q, a in world.questions(s)]
+        frames, other, implied = world.render(s), other_object_answers(s), caption_answers(captions[i])
+        items += [(frames, q, a, len(s.objects), other.get(q), implied.get(q)) for q, a in world.questions(s)]
     # Also by object count, as for captions: a question about one of two objects must find the object
     # it names before it can answer; and how often it answers about the other object instead.
     by_kind, by_count, about_other = counts(), {1: counts(), 2: counts()}, counts()
+    caption_right, right_after_right_caption = counts(), counts()
     for chunk in batched(items, batch_size):
         preds = bridge.ask([item[0] for item in chunk], [item[1] for item in chunk])
-        for (_, q, a, objects, other), pred in zip(chunk, preds):
+        for (_, q, a, objects, other, implied), pred in zip(chunk, preds):
             kind, right = question_slot(q), world.score_answer(pred, a)
             for tally in (by_kind, by_count[objects]):
                 tally[kind][0] += right
@@ -132,6 +145,13 @@ def world_vqa(bridge: Bridge, split: str, n: int, batch_size: int) -> dict:
             if other is not None:
                 about_other[kind][0] += world.score_answer(pred, other)
                 about_other[kind][1] += 1
+            if objects == 2 and kind not in ("background", "count"):
+                good = implied is not None and world.score_answer(implied, a)
+                caption_right[kind][0] += good
+                caption_right[kind][1] += 1
+                if good:
+                    right_after_right_caption[kind][0] += right
+                    right_after_right_caption[kind][1] += 1
     right = sum(c for c, _ in by_kind.values())
     result = {"questions": len(items), "accuracy": right / len(items), "per_slot": rates(by_kind)}
     for objects, name in ((1, "one_object"), (2, "two_object")):
@@ -139,6 +159,8 @@ def world_vqa(bridge: Bridge, split: str, n: int, batch_size: int) -> dict:
         result[f"{name}_questions"] = sum(t for _, t in tally.values())
         result[f"{name}_per_slot"] = rates(tally)
     result["two_object_about_the_other"] = rates(about_other)
+    result["two_object_caption_implies_right"] = rates(caption_right)
+    result["two_object_right_when_caption_right"] = rates(right_after_right_caption)
     return result
 
 
@@ -194,9 +216,10 @@ def main(argv=None) -> dict:
     bridge = Bridge.from_pretrained(args.bridge).eval()
     print(f"bridge: {args.bridge}" + (" (answers caption-first)" if bridge.config.caption_first else ""))
     print(f"command: python bench/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    results, t0 = {}, time.time()
+    results, captions, t0 = {}, {}, time.time()
     for split in args.splits:
-        r = results[f"world {split} captions"] = world_captions(bridge, split, args.world, args.batch_size)
+        r, captions[split] = world_captions(bridge, split, args.world, args.batch_size)
+        results[f"world {split} captions"] = r
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_slot"].items())
         print(f"world {split:10s} captions: exact {r['exact_match']:.3f}  slot accuracy {r['slot_accuracy']:.3f}  ({per}; {r['clips']} clips)")
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["one_object_per_slot"].items())
@@ -205,7 +228,7 @@ def main(argv=None) -> dict:
         print(f"{'':>28}two objects: {per}; {r['two_object_clips']} clips, "
               f"{r['two_object_swapped']:.3f} of them captioned in the wrong order")
     for split in args.splits:
-        r = results[f"world {split} vqa"] = world_vqa(bridge, split, args.world, args.batch_size)
+        r = results[f"world {split} vqa"] = world_vqa(bridge, split, args.world, args.batch_size, captions[split])
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_slot"].items())
         print(f"world {split:10s} VQA: accuracy {r['accuracy']:.3f}  ({per}; {r['questions']} questions)")
         for name, label in (("one_object", "one object"), ("two_object", "two objects")):
@@ -213,6 +236,10 @@ def main(argv=None) -> dict:
             print(f"{'':>23}{label}: {per}; {r[f'{name}_questions']} questions")
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["two_object_about_the_other"].items())
         print(f"{'':>23}two objects, answered about the other object: {per or 'no such questions'}")
+        per = ", ".join(f"{k} {v:.3f}" for k, v in r["two_object_caption_implies_right"].items())
+        print(f"{'':>23}two objects, its caption implies the right answer: {per or 'no such questions'}")
+        per = ", ".join(f"{k} {v:.3f}" for k, v in r["two_object_right_when_caption_right"].items())
+        print(f"{'':>23}two objects, answers right when it does: {per or 'no such questions'}")
     r = results["easy-vqa test"] = easy_vqa(bridge, args.easy_vqa, args.batch_size)
     per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_kind"].items())
     print(f"easy-VQA test: accuracy {r['accuracy']:.3f}  ({per}; {r['questions']} questions)")

@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
     }
 
     def score(bridge: Bridge) -> float:
-        return world_captions(bridge.eval(), SPLIT, args.world, args.batch_size)["slot_accuracy"]
+        return world_captions(bridge.eval(), SPLIT, args.world, args.batch_size)[0]["slot_accuracy"]
 
     source_accuracy = score(source)
     del source

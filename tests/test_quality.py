@@ -43,6 +43,11 @@ def test_quality_bench_runs_and_reports_every_score(tiny_dirs, tmp_path, capsys)
     assert asked and set(novel["two_object_about_the_other"]) == asked
     assert vqa["two_object_about_the_other"] == {}  # no two-object clip among test-iid's first two
     assert "answered about the other object: no such questions" in printed.split("world test-novel VQA")[0]
+    # A random bridge's captions do not parse, so they imply no answer, and no answer follows a right one.
+    asked = {quality.question_slot(q) for q, _ in world.questions(world.scene("test-novel", 0))} - {"background", "count"}
+    assert novel["two_object_caption_implies_right"] == dict.fromkeys(asked, 0.0)
+    assert novel["two_object_right_when_caption_right"] == {}
+    assert "its caption implies the right answer: no such questions" in printed.split("world test-novel VQA")[0]
     easy = results["easy-vqa test"]
     assert easy["questions"] == 5
     # The split's first five: shape, colour, colour, "does the image contain a circle?" (no), "is there not
@@ -120,3 +125,38 @@ BLUE_DIAMOND = world.WorldObject(shape="diamond", size="large", colour="blue", m
 def test_a_question_about_one_of_two_objects_knows_the_other_objects_answer(objects, expected):
     other_object_answers = load_script("bench/quality.py").other_object_answers
     assert other_object_answers(world.Scene("black", objects)) == expected
+
+
+def test_a_caption_implies_the_answers_of_the_scene_it_describes():
+    caption_answers = load_script("bench/quality.py").caption_answers
+    assert caption_answers("a small red circle moves left and a large blue square grows on a white background") == {
+        "what color is the background?": "white", "how many objects are there?": "two",
+        "what color is the circle?": "red", "what color is the square?": "blue",
+        "what shape is the red object?": "circle", "what shape is the blue object?": "square",
+        "what does the red circle do?": "moves left", "what does the blue square do?": "grows",
+        "is the red circle small or large?": "small", "is the blue square small or large?": "large",
+    }
+    # Two red objects: no question asks for the shape of the red one.
+    both_red = caption_answers("a small red circle stays still and a small red square shrinks on a gray background")
+    assert "what shape is the red object?" not in both_red and both_red["what color is the square?"] == "red"
+    assert caption_answers("a red thing on a white background") == {}
+
+
+def test_answers_are_scored_against_what_the_bridges_own_caption_implies():
+    """Counting only: a scripted answerer that knows colours and nothing else, after a right or a wrong caption."""
+    quality = load_script("bench/quality.py")
+    scene = world.scene("test-novel", 0)  # two objects
+    answers = dict(world.questions(scene))
+
+    class ColoursOnly:
+        def ask(self, frames, questions):
+            return [answers[q] if quality.question_slot(q) == "colour" else "no idea" for q in questions]
+
+    asked = {quality.question_slot(q) for q in answers} - {"background", "count"}
+    assert "colour" in asked
+    right = quality.world_vqa(ColoursOnly(), "test-novel", 1, 4, [world.caption(scene)])
+    assert right["two_object_caption_implies_right"] == dict.fromkeys(asked, 1.0)
+    assert right["two_object_right_when_caption_right"] == {k: float(k == "colour") for k in asked}
+    wrong = quality.world_vqa(ColoursOnly(), "test-novel", 1, 4, ["a red thing"])
+    assert wrong["two_object_caption_implies_right"] == dict.fromkeys(asked, 0.0)
+    assert wrong["two_object_right_when_caption_right"] == {}
