@@ -143,20 +143,24 @@ def test_a_caption_implies_the_answers_of_the_scene_it_describes():
 
 
 def test_answers_are_scored_against_what_the_bridges_own_caption_implies():
-    """Counting only: a scripted answerer that knows colours and nothing else, after a right or a wrong caption."""
+    """Counting only: a scripted answerer that knows shapes and nothing else, after a right or a wrong caption."""
     quality = load_script("bench/quality.py")
-    scene = world.scene("test-novel", 0)  # two objects
+    scene = world.scene("test-novel", 0)  # a small yellow square and a large red square, both moving right
     answers = dict(world.questions(scene))
 
-    class ColoursOnly:
+    class ShapesOnly:
         def ask(self, frames, questions):
-            return [answers[q] if quality.question_slot(q) == "colour" else "no idea" for q in questions]
+            return [answers[q] if quality.question_slot(q) == "shape" else "no idea" for q in questions]
 
     asked = {quality.question_slot(q) for q in answers} - {"background", "count"}
-    assert "colour" in asked
-    right = quality.world_vqa(ColoursOnly(), "test-novel", 1, 4, [world.caption(scene)])
-    assert right["two_object_caption_implies_right"] == dict.fromkeys(asked, 1.0)
-    assert right["two_object_right_when_caption_right"] == {k: float(k == "colour") for k in asked}
-    wrong = quality.world_vqa(ColoursOnly(), "test-novel", 1, 4, ["a red thing"])
-    assert wrong["two_object_caption_implies_right"] == dict.fromkeys(asked, 0.0)
+    assert asked == {"shape", "motion", "size"}
+    right = quality.world_vqa(ShapesOnly(), "test-novel", 1, 4, [world.caption(scene)])
+    assert right["two_object_caption_implies_right"] == {"shape": 1.0, "motion": 1.0, "size": 1.0}
+    assert right["two_object_right_when_caption_right"] == {"shape": 1.0, "motion": 0.0, "size": 0.0}
+    # The objects' sizes swapped: its size questions now have a caption that says otherwise.
+    sizes = quality.world_vqa(ShapesOnly(), "test-novel", 1, 4, ["a large yellow square moves right and a small red square moves right on a black background"])
+    assert sizes["two_object_caption_implies_right"] == {"shape": 1.0, "motion": 1.0, "size": 0.0}
+    assert sizes["two_object_right_when_caption_right"] == {"shape": 1.0, "motion": 0.0}
+    wrong = quality.world_vqa(ShapesOnly(), "test-novel", 1, 4, ["a red thing"])
+    assert wrong["two_object_caption_implies_right"] == {"shape": 0.0, "motion": 0.0, "size": 0.0}
     assert wrong["two_object_right_when_caption_right"] == {}
