@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Retrain the default bridge (demos/bridge) from nothing on this machine's CPU:
 # world data -> stage 1 -> stage 2a (projection) -> stage 2b (instructed VQA) -> stage 2c (caption-first VQA)
-# -> a half-precision copy to ship -> scores.
+# -> stage 2d (three times the clips, mostly captions) -> a half-precision copy to ship -> scores.
 #
 #   demos/train_bridge.sh [OUT]        OUT defaults to runs/demo-bridge
 #   make bridge                        the same, in the background, logging to runs/demo-bridge/train.log
@@ -18,7 +18,9 @@ STAGE1_STEPS=${STAGE1_STEPS:-800}
 STAGE2A_STEPS=${STAGE2A_STEPS:-150}
 STAGE2_STEPS=${STAGE2_STEPS:-3000}
 STAGE2C_STEPS=${STAGE2C_STEPS:-1500}
+STAGE2D_STEPS=${STAGE2D_STEPS:-2000}
 CLIPS=${CLIPS:-4000}
+CLIPS2D=${CLIPS2D:-12000}
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 
@@ -85,8 +87,23 @@ if [ ! -f "$OUT/stage2c/.done" ]; then
     touch "$OUT/stage2c/.done"
 fi
 
+# The captions of 2c still miss on the bridge's own training clips (slot accuracy 0.963) and more so on
+# held-out ones (0.935): two-object clips, where each object is one or two feature tokens. So the last stage
+# shows the bridge three times as many clips, the first CLIPS of them the ones it has seen, with captions
+# weighted up; the questions stay in the mix so the caption-first answers are kept.
+if [ ! -f "$OUT/stage2d/.done" ]; then
+    echo "== $(date -u +%FT%TZ) stage 2d: $CLIPS2D clips, mostly captions"
+    $PY demos/world_data.py "$OUT/data2d" --clips "$CLIPS2D"
+    $PY train.py --stage 2 --init-from "$OUT/stage2c" --lr 2e-4 \
+        --data "$OUT/data2d/world_captions.jsonl:3" --data "$OUT/data2d/easy_captions.jsonl:0.25" \
+        --data "$OUT/data2d/world_vqa.jsonl:1.5" --data "$OUT/data2d/easy_vqa.jsonl:0.5" \
+        "${VISION[@]}" --mixed-precision "$PRECISION" --batch-size 16 \
+        --output "$OUT/stage2d" --max-steps "$STAGE2D_STEPS" --save-every 100 $(resume_flag "$OUT/stage2d")
+    touch "$OUT/stage2d/.done"
+fi
+
 echo "== $(date -u +%FT%TZ) half-precision copy and scores"
 $PY -c "import sys, torch; from qformer import Bridge; Bridge.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)" \
-    "$OUT/stage2c" "$OUT/bridge"
+    "$OUT/stage2d" "$OUT/bridge"
 $PY bench/quality.py --bridge "$OUT/bridge" --json "$OUT/scores.json"
 echo "== $(date -u +%FT%TZ) done: $OUT/bridge (copy it to demos/bridge), scores in $OUT/scores.json"
