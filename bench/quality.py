@@ -57,7 +57,8 @@ def swapped(pred: str, ref: str) -> bool:
     return matches(p.objects[::-1]) > matches(p.objects)
 
 
-def world_captions(bridge: Bridge, split: str, n: int, batch_size: int) -> dict:
+def world_captions(bridge: Bridge, split: str, n: int, batch_size: int) -> tuple[dict, list[str]]:
+    """The scores of the bridge's captions of the first `n` clips of `split`, and the captions."""
     scenes = [world.scene(split, i) for i in range(n)]
     # Also by object count: one-object clips have no object order to get wrong, so a slot the bridge
     # cannot read shows plainly; two-object clips show what the order costs.
