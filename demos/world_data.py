@@ -1,6 +1,6 @@
 """Write training manifests for the demo bridge: generated-world clips and the easy-VQA training set.
 
-    python demos/world_data.py OUT [--clips 5000] [--split train]
+    python demos/world_data.py OUT [--clips 5000] [--first 0] [--split train]
 
 OUT/clips/NNNNNN.mp4       world clips of the split (WORLD.md), H.264
 OUT/world_captions.jsonl   {"video", "caption"}, one row per clip
@@ -12,7 +12,9 @@ OUT/easy_vqa.jsonl         {"image", "question", "answer"[, "caption"]}, the eas
 A question row's caption is its clip's, so a bridge trained with --caption-first learns to answer with its
 own caption of the clip before it in the chat.
 
-Existing clips are kept, so a rerun (or a larger --clips) only writes what is missing.
+The clips are the split's scenes FIRST to FIRST + CLIPS - 1, so a second directory written with --first
+past the end of the first holds only scenes the first lacks. Existing clips are kept, so a rerun (or a
+larger --clips) only writes what is missing.
 """
 from __future__ import annotations
 
@@ -43,11 +45,11 @@ def write_jsonl(path: Path, rows) -> int:
     return n
 
 
-def world_rows(out: Path, split: str, n: int):
+def world_rows(out: Path, split: str, n: int, first: int = 0):
     clips = out / "clips"
     clips.mkdir(parents=True, exist_ok=True)
     captions, vqa = [], []
-    for i in tqdm(range(n), desc=f"world {split} clips", unit="clip"):
+    for i in tqdm(range(first, first + n), desc=f"world {split} clips", unit="clip"):
         s = world.scene(split, i)
         rel = f"clips/{split}-{i:06d}.mp4"
         if not (out / rel).exists():
@@ -106,10 +108,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
     ap.add_argument("--clips", type=int, default=5000)
+    ap.add_argument("--first", type=int, default=0, help="index of the first scene (default 0)")
     ap.add_argument("--split", default="train", choices=world.SPLITS)
     args = ap.parse_args(argv)
+    if args.first < 0:
+        ap.error(f"--first must be 0 or more, not {args.first}")
     out = Path(args.out)
-    captions, vqa = world_rows(out, args.split, args.clips)
+    captions, vqa = world_rows(out, args.split, args.clips, args.first)
     print(f"world_captions.jsonl: {write_jsonl(out / 'world_captions.jsonl', captions)} rows")
     print(f"world_vqa.jsonl: {write_jsonl(out / 'world_vqa.jsonl', vqa)} rows")
     easy_captions, easy_vqa = easy_vqa_rows()

@@ -39,3 +39,10 @@ def test_question_rows_carry_their_clip_s_caption(tmp_path):
     assert easy_captions[0]["caption"] == "a blue rectangle" and easy_captions[0]["image"].endswith("train/images/0.png")
     by_image = {r["image"]: r["caption"] for r in easy_captions}
     assert all(r.get("caption") == by_image.get(r["image"]) for r in easy_vqa)
+
+
+def test_first_starts_at_a_later_scene(tmp_path):
+    load_script("demos/world_data.py").main([str(tmp_path), "--clips", "2", "--first", "5"])
+    rows = [json.loads(line) for line in (tmp_path / "world_captions.jsonl").read_text().splitlines()]
+    assert rows == [{"video": f"clips/train-{i:06d}.mp4", "caption": world.caption(world.scene("train", i))} for i in (5, 6)]
+    assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == ["train-000005.mp4", "train-000006.mp4"]
