@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Retrain the default bridge (demos/bridge) from nothing on this machine's CPU:
 # world data -> stage 1 -> stage 2a (projection) -> stage 2b (instructed VQA) -> stage 2c (caption-first VQA)
-# -> stage 2d (three times the clips, mostly captions) -> stage 2e (three times as many new clips again)
+# -> stage 2d (three times the clips, mostly captions) -> stage 2e (24,000 new clips beside 2d's)
 # -> a half-precision copy to ship -> scores.
 #
 #   demos/train_bridge.sh [OUT]        OUT defaults to runs/demo-bridge
