@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--source", default=str(DEFAULT_BRIDGE), help="trained bridge whose Q-Former is re-bridged (default: the shipped one)")
     ap.add_argument("--llm", default="gemma3-270m", help="the new LLM (an adapters.load_llm spec)")
     ap.add_argument("--steps", type=int, default=400,
-                    help="stage-2 steps of each run, both parts together (400: under a twentieth of the default bridge's 8,650)")
+                    help="stage-2 steps of each run, both parts together (400: under a sixteenth of the default bridge's 6,650)")
     ap.add_argument("--projection-steps", type=int, default=50, help="of those, the first ones train the projection alone")
     ap.add_argument("--eval-every", type=int, default=50, help="score a checkpoint every this many steps after those")
     ap.add_argument("--world", type=int, default=100, help=f"world {SPLIT} clips scored per checkpoint")

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Retrain the default bridge (demos/bridge) from nothing on this machine's CPU:
 # world data -> stage 1 -> stage 2a (projection) -> stage 2b (instructed VQA) -> stage 2c (caption-first VQA)
-# -> stage 2d (three times the clips, mostly captions) -> stage 2e (24,000 new clips beside 2d's)
-# -> a half-precision copy to ship -> scores.
+# -> stage 2d (three times the clips, mostly captions) -> a half-precision copy to ship -> scores.
 #
 #   demos/train_bridge.sh [OUT]        OUT defaults to runs/demo-bridge
 #   make bridge                        the same, in the background, logging to runs/demo-bridge/train.log
@@ -20,10 +19,8 @@ STAGE2A_STEPS=${STAGE2A_STEPS:-150}
 STAGE2_STEPS=${STAGE2_STEPS:-3000}
 STAGE2C_STEPS=${STAGE2C_STEPS:-1500}
 STAGE2D_STEPS=${STAGE2D_STEPS:-2000}
-STAGE2E_STEPS=${STAGE2E_STEPS:-2000}
 CLIPS=${CLIPS:-4000}
 CLIPS2D=${CLIPS2D:-12000}
-CLIPS2E=${CLIPS2E:-24000}
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 
@@ -105,25 +102,8 @@ if [ ! -f "$OUT/stage2d/.done" ]; then
     touch "$OUT/stage2d/.done"
 fi
 
-# 2d closed some of the gap between the bridge's own clips and held-out ones (captions 0.978 vs 0.946), not
-# all of it, so 2e goes on with the same mix over CLIPS2E scenes it has never seen (written after 2d's, so
-# nothing is rendered or encoded twice) beside 2d's, each source weighted by its number of clips.
-if [ ! -f "$OUT/stage2e/.done" ]; then
-    echo "== $(date -u +%FT%TZ) stage 2e: $CLIPS2E new clips beside 2d's $CLIPS2D"
-    $PY demos/world_data.py "$OUT/data2e" --first "$CLIPS2D" --clips "$CLIPS2E"
-    all=$(( CLIPS2D + CLIPS2E ))
-    w() { awk -v a="$1" -v b="$2" -v c="$all" 'BEGIN { printf "%.4g", a * b / c }'; }
-    $PY train.py --stage 2 --init-from "$OUT/stage2d" --lr 2e-4 \
-        --data "$OUT/data2d/world_captions.jsonl:$(w 3 "$CLIPS2D")" --data "$OUT/data2e/world_captions.jsonl:$(w 3 "$CLIPS2E")" \
-        --data "$OUT/data2d/world_vqa.jsonl:$(w 1.5 "$CLIPS2D")" --data "$OUT/data2e/world_vqa.jsonl:$(w 1.5 "$CLIPS2E")" \
-        --data "$OUT/data2e/easy_captions.jsonl:0.25" --data "$OUT/data2e/easy_vqa.jsonl:0.5" \
-        "${VISION[@]}" --mixed-precision "$PRECISION" --batch-size 16 \
-        --output "$OUT/stage2e" --max-steps "$STAGE2E_STEPS" --save-every 100 $(resume_flag "$OUT/stage2e")
-    touch "$OUT/stage2e/.done"
-fi
-
 echo "== $(date -u +%FT%TZ) half-precision copy and scores"
 $PY -c "import sys, torch; from qformer import Bridge; Bridge.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)" \
-    "$OUT/stage2e" "$OUT/bridge"
+    "$OUT/stage2d" "$OUT/bridge"
 $PY bench/quality.py --bridge "$OUT/bridge" --json "$OUT/scores.json"
 echo "== $(date -u +%FT%TZ) done: $OUT/bridge (copy it to demos/bridge), scores in $OUT/scores.json"
