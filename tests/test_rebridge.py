@@ -40,6 +40,7 @@ def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_r
     printed = capsys.readouterr().out
     assert "new projection into" in printed and "(48 wide)" in printed
     assert results["steps"] == [1, 2, 3]
+    assert results["step_at_95"] in (None, 1, 2, 3) and "0.95 of the source: " in printed
     assert set(results["slot_accuracy"]) == {"from-bridge", "from-minilm"}
     assert all(len(v) == 3 and all(0.0 <= a <= 1.0 for a in v) for v in results["slot_accuracy"].values())
     assert json.loads((tmp_path / "out" / "rebridge.json").read_text()) == results
