@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
     # Cosine decay ends at --steps, so a point before the last is mid-schedule, not a shorter run's end.
     reached = next((s for s, a in zip(steps, curves["from-bridge"]) if a >= 0.95 * source_accuracy), None)
     results = {
-        "llm": args.llm, "source": args.source, "split": SPLIT, "clips": args.world,
+        "llm": args.llm, "source": repo_relative(args.source), "split": SPLIT, "clips": args.world,
         "source_slot_accuracy": source_accuracy, "steps": steps, "slot_accuracy": curves, "step_at_95": reached,
         "command": "python bench/rebridge.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
@@ -152,6 +152,13 @@ def main(argv=None) -> dict:
     plot(results, out / "rebridge.png")
     print(f"wrote {out / 'rebridge.json'} and {out / 'rebridge.png'}; {time.time() - t0:.0f} s")
     return results
+
+
+def repo_relative(path: str) -> str:
+    """PATH as written from the repository's top when it lies inside it (the default bridge), so results read
+    the same on every machine."""
+    root, p = Path(__file__).resolve().parents[1], Path(path).resolve()
+    return str(p.relative_to(root)) if p.is_relative_to(root) else path
 
 
 def plot(results: dict, path: Path) -> None:
