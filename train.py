@@ -183,15 +183,21 @@ def build_bridge(args) -> Bridge:
             fail(f"--vision {args.vision}: the Q-Former in {d} was trained on {source.vision} features; drop --vision")
         if args.vision_layer is not None and args.vision_layer != source.vision_layer:
             fail(f"--vision-layer {args.vision_layer}: the Q-Former in {d} was trained on layer {source.vision_layer}; drop --vision-layer")
-        vision = load_vision(source.vision, source.vision_layer, args.vision_resolution or source.vision_resolution)
+        resolution = args.vision_resolution or source.vision_resolution
+        vision = load_vision(source.vision, source.vision_layer, resolution)
         lora = new_lora or source.lora
         llm = load_llm(args.llm or source.llm, lora=lora)
         if args.tubelets and not source.qformer.tubelet_frames:
             fail(f"--tubelets: the Q-Former in {d} reads frames one by one; tubelets change its input, start a new one")
         qformer_config = replace(source.qformer, stage1_heads=source.qformer.stage1_heads or stage == 1)
+        if source.qformer.grid_positions and not source.qformer.grid_side and resolution != source.vision_resolution:
+            # Another resolution, another token grid: positions keep counting on the grid they were learnt on,
+            # so each token of the new grid is placed where it lies on the old one.
+            before = load_vision(source.vision, source.vision_layer, source.vision_resolution)
+            qformer_config = replace(qformer_config, grid_side=math.isqrt(before.num_tokens))
         config = replace(
             source, qformer=qformer_config, llm=args.llm or source.llm, llm_width=llm.width,
-            vision_resolution=args.vision_resolution or source.vision_resolution,
+            vision_resolution=resolution,
             instruct=args.instruct or source.instruct, caption_first=args.caption_first or source.caption_first,
             num_frames=args.num_frames or source.num_frames,
             qformer_tokenizer=args.qformer_tokenizer or source.qformer_tokenizer,

@@ -57,6 +57,18 @@ def swapped(pred: str, ref: str) -> bool:
     return matches(p.objects[::-1]) > matches(p.objects)
 
 
+# WORLD.md names the object whose centre is further left in frame 0 first. Centres closer in x than this
+# (one token of an 8 x 8 grid over the clip's 128 px) leave the order, and which features are whose
+# object, to less than one token of such a grid.
+CLOSE_PX = 16
+
+
+def closeness(scene: world.Scene) -> str:
+    """"close" or "apart": how far apart in x a two-object clip's centres are in frame 0."""
+    (x0, _), (x1, _) = (o.centre_at(0) for o in scene.objects)
+    return "close" if abs(x1 - x0) < CLOSE_PX else "apart"
+
+
 def world_captions(bridge: Bridge, split: str, n: int, batch_size: int) -> tuple[dict, list[str]]:
     """The scores of the bridge's captions of the first `n` clips of `split`, and the captions."""
     scenes = [world.scene(split, i) for i in range(n)]
@@ -64,6 +76,7 @@ def world_captions(bridge: Bridge, split: str, n: int, batch_size: int) -> tuple
     # cannot read shows plainly; two-object clips show what the order costs.
     totals, by_count = counts(), {1: counts(), 2: counts()}
     exact = correct = total = swaps = 0
+    by_closeness = {k: {"clips": 0, "right": 0, "slots": 0, "swaps": 0} for k in ("close", "apart")}
     captions = []
     for chunk in batched(scenes, batch_size):
         preds = bridge.caption([world.render(s) for s in chunk], batch_size=batch_size)
@@ -75,6 +88,12 @@ def world_captions(bridge: Bridge, split: str, n: int, batch_size: int) -> tuple
             correct += score["correct"]
             total += score["total"]
             swaps += swapped(pred, ref)
+            if len(s.objects) == 2:
+                group = by_closeness[closeness(s)]
+                group["clips"] += 1
+                group["right"] += score["correct"]
+                group["slots"] += score["total"]
+                group["swaps"] += swapped(pred, ref)
             for slot, (c, t) in score["slots"].items():
                 for tally in (totals, by_count[len(s.objects)]):
                     tally[slot][0] += c
@@ -90,6 +109,9 @@ def world_captions(bridge: Bridge, split: str, n: int, batch_size: int) -> tuple
         "two_object_clips": two["background"][1],
         "two_object_per_slot": rates(two),
         "two_object_swapped": swaps / two["background"][1] if two["background"][1] else 0.0,
+        **{f"two_object_{k}": {"clips": g["clips"], "slot_accuracy": g["right"] / g["slots"] if g["slots"] else None,
+                               "swapped": g["swaps"] / g["clips"] if g["clips"] else None}
+           for k, g in by_closeness.items()},
     }, captions
 
 
@@ -228,6 +250,11 @@ def main(argv=None) -> dict:
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["two_object_per_slot"].items())
         print(f"{'':>28}two objects: {per}; {r['two_object_clips']} clips, "
               f"{r['two_object_swapped']:.3f} of them captioned in the wrong order")
+        parts = [f"{'under' if k == 'close' else 'at least'} {CLOSE_PX} px: "
+                 + (f"slot accuracy {g['slot_accuracy']:.3f}, {g['swapped']:.3f} in the wrong order; {g['clips']} clips"
+                    if g["clips"] else "no clips")
+                 for k, g in ((k, r[f"two_object_{k}"]) for k in ("close", "apart"))]
+        print(f"{'':>28}two objects, centres apart in x in frame 0 by {parts[0]}; by {parts[1]}")
     for split in args.splits:
         r = results[f"world {split} vqa"] = world_vqa(bridge, split, args.world, args.batch_size, captions[split])
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_slot"].items())

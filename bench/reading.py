@@ -1,14 +1,15 @@
 """Can a Q-Former learn to read every slot of a world clip from the frozen features, and how fast, by how
 it is shown the clip? Separate frame tokens or tubelets, with or without grid positions.
 
-    python bench/reading.py [--layer 7] [--train 3000] [--test 500] [--steps 400] [--threads 1] [--json FILE]
+    python bench/reading.py [--layer 7] [--resolution 128] [--train 3000] [--test 500] [--steps 400] [--json FILE]
 
 A supervised proxy of what a bridge must learn, without the LLM's cost: for each variant a MiniLM-
 initialised Q-Former (16 queries) and one linear head per slot over its query outputs learn the
 background, the object count and each object's size, colour, shape and motion (objects in caption
 order; "none" for a missing second object) from `train` clips, then are scored on `test-iid` clips
 every 50 steps. Every variant sees the same batches. Features: EfficientNet-Lite0 block --layer at
-128 px, 4 frames per clip, as the default bridge reads them.
+--resolution px (the clips' own 128 by default, as the default bridge reads them; more is the clip
+upsampled, so an object spans more tokens), 4 frames per clip.
 """
 from __future__ import annotations
 
@@ -118,6 +119,7 @@ def train_variant(cfg, x_train, y_train, x_test, y_test, steps: int, batch_size:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layer", type=int, default=7, help="EfficientNet-Lite0 MBConv block")
+    ap.add_argument("--resolution", type=int, default=128, help="the encoder's input size in pixels")
     ap.add_argument("--train", type=int, default=3000, help="world train clips")
     ap.add_argument("--test", type=int, default=500, help="world test-iid clips")
     ap.add_argument("--steps", type=int, default=400)
@@ -130,10 +132,10 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    vision = load_vision("efficientnet-lite0", args.layer, 128)
+    vision = load_vision("efficientnet-lite0", args.layer, args.resolution)
     x_train, x_test = features(vision, "train", args.train), features(vision, "test-iid", args.test)
     y_train, y_test = labels(world.scene("train", i) for i in range(args.train)), labels(world.scene("test-iid", i) for i in range(args.test))
-    print(f"features: block {args.layer}, {tuple(x_train.shape[1:])} per clip; {args.train} train, {args.test} test-iid clips ({time.time() - t0:.0f} s)")
+    print(f"features: block {args.layer} at {args.resolution} px, {tuple(x_train.shape[1:])} per clip; {args.train} train, {args.test} test-iid clips ({time.time() - t0:.0f} s)")
     b = json.loads((Path(minilm_dir()) / "config.json").read_text())
     base = QFormerConfig(hidden_size=b["hidden_size"], num_layers=b["num_hidden_layers"], num_heads=b["num_attention_heads"],
                          intermediate_size=b["intermediate_size"], vocab_size=b["vocab_size"], num_queries=16,

@@ -31,6 +31,10 @@ class QFormerConfig:
     # feature map does not say where a token is, so left, right and which object is leftmost are
     # invisible without them. ViT features carry positions already. Needs a square token grid.
     grid_positions: bool = False
+    # The grid the positions count in: 0 for the token grid itself. A Q-Former trained on an 8 x 8 grid
+    # and moved to a finer one (the same encoder at a higher resolution) keeps grid_side 8, so token i of
+    # a 16 x 16 grid sits at 8i/16, where its corner falls on the grid it learnt, not at i.
+    grid_side: int = 0
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1
     hidden_act: str = "gelu"

@@ -147,7 +147,7 @@ class QFormer(nn.Module):
                 raise ValueError(f"clip of {T} frames: this Q-Former has temporal embeddings for at most {cfg.max_frames}")
             x = x + self.temporal_embed[:T, None, :]  # (B, T, N, Dv)
         if cfg.grid_positions:
-            x = x + grid_positions(N, x.shape[-1]).to(x)
+            x = x + grid_positions(N, x.shape[-1], cfg.grid_side).to(x)
         return x.flatten(1, 2)
 
     def forward(
@@ -188,16 +188,19 @@ def token_width(cfg: QFormerConfig) -> int:
     return cfg.vision_width * max(1, cfg.tubelet_frames)
 
 
-def grid_positions(n: int, width: int) -> torch.Tensor:
+def grid_positions(n: int, width: int, units: int = 0) -> torch.Tensor:
     """(n, width) fixed sine-cosine positions of n tokens in a square grid, row by row: a quarter of the
-    channels each for sin and cos of the row and of the column at geometric frequencies, the rest zero."""
+    channels each for sin and cos of the row and of the column at geometric frequencies, the rest zero.
+    Rows and columns count in a grid of `units` a side (0: this grid), so a finer grid's tokens take
+    fractional places on a coarser one."""
     side = math.isqrt(n)
     if side * side != n:
         raise ValueError(f"grid positions need a square grid of vision tokens; got {n} tokens per frame")
     k = width // 4
     freqs = 10000.0 ** (-torch.arange(k, dtype=torch.float32) / max(k, 1))  # (k,)
     idx = torch.arange(n)
-    rows, cols = (idx // side)[:, None] * freqs, (idx % side)[:, None] * freqs  # (n, k) each
+    scale = (units or side) / side
+    rows, cols = (idx // side)[:, None] * scale * freqs, (idx % side)[:, None] * scale * freqs  # (n, k) each
     enc = torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1)  # (n, 4k)
     return F.pad(enc, (0, width - 4 * k))
 

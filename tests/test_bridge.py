@@ -200,6 +200,12 @@ def test_grid_positions_are_exact_and_let_attention_tell_places_apart():
         [0, 1, 0, 1, 0], [0, 1, s, c, 0], [s, c, 0, 1, 0], [s, c, s, c, 0]], dtype=torch.float32))
     with pytest.raises(ValueError, match="square grid"):
         grid_positions(17, 8)  # e.g. a ViT's patches with its class token
+    # Counted on an 8 x 8 grid, every other token of a 16 x 16 one sits exactly where the 8 x 8 tokens do.
+    assert torch.equal(grid_positions(64, 40, 8), grid_positions(64, 40))
+    fine = grid_positions(256, 40, 8).view(16, 16, 40)
+    assert torch.allclose(fine[::2, ::2], grid_positions(64, 40).view(8, 8, 40), atol=1e-6)
+    # ... and the one between them half a step on: at frequency 1, sin and cos of 0.5 (10 channels each).
+    assert torch.allclose(fine[1, 1, [0, 10, 20, 30]], torch.tensor([math.sin(0.5), math.cos(0.5)] * 2))
     features = torch.randn(1, 1, 9, 6)
     swapped = features[:, :, [1, 0, 2, 3, 4, 5, 6, 7, 8]]  # the first two places trade contents
     with torch.no_grad():

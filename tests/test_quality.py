@@ -38,6 +38,14 @@ def test_quality_bench_runs_and_reports_every_score(tiny_dirs, tmp_path, capsys)
     assert novel["two_object_questions"] == len(world.questions(world.scene("test-novel", 0)))
     assert novel["one_object_questions"] == len(world.questions(world.scene("test-novel", 1)))
     assert "two objects:" in printed.split("world test-novel VQA")[1]
+    # Its two-object clip falls in one group by how far apart in x its centres are in frame 0.
+    (x0, _), (x1, _) = (o.centre_at(0) for o in world.scene("test-novel", 0).objects)
+    group, other = ("close", "apart") if abs(x1 - x0) < 16 else ("apart", "close")
+    captions = results["world test-novel captions"]
+    assert captions[f"two_object_{group}"]["clips"] == 1 and 0.0 <= captions[f"two_object_{group}"]["slot_accuracy"] <= 1.0
+    assert captions[f"two_object_{other}"] == {"clips": 0, "slot_accuracy": None, "swapped": None}
+    assert iid["two_object_close"]["clips"] == iid["two_object_apart"]["clips"] == 0
+    assert "centres apart in x in frame 0 by under 16 px" in printed
     quality = load_script("bench/quality.py")
     asked = {quality.question_slot(q) for q in quality.other_object_answers(world.scene("test-novel", 0))}
     assert asked and set(novel["two_object_about_the_other"]) == asked

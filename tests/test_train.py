@@ -506,6 +506,15 @@ def test_stage1_then_stage2_on_the_offline_backbones(captions, tmp_path):
     for out in ("s1", "s2"):
         assert all(math.isfinite(m["loss"]) for m in _metrics(tmp_path / out))
     assert Bridge.from_pretrained(tmp_path / "s2").heads is not None  # kept, frozen, from stage 1
+    assert bridge.config.qformer.grid_positions and bridge.config.qformer.grid_side == 0
+    # At another resolution the grid changes (the final map, stride 32: 4 x 4 at 128 px, 8 x 8 at 256) and
+    # positions go on counting on the 4 x 4 grid they were learnt on, through any later stage.
+    finer = train.main(["--stage", "2", "--init-from", str(tmp_path / "s2"), "--output", str(tmp_path / "s3"), *common,
+                        "--vision-resolution", "256"])
+    assert finer.config.vision_resolution == 256 and finer.config.qformer.grid_side == 4
+    assert Bridge.from_pretrained(tmp_path / "s3").config.qformer.grid_side == 4
+    assert train.main(["--stage", "2", "--init-from", str(tmp_path / "s3"), "--output", str(tmp_path / "s4"), *common,
+                       "--vision-resolution", "192"]).config.qformer.grid_side == 4
 
 
 def test_identical_captions_are_never_each_other_s_negatives():
