@@ -172,3 +172,12 @@ def test_answers_are_scored_against_what_the_bridges_own_caption_implies():
     wrong = quality.world_vqa(ShapesOnly(), "test-novel", 1, 4, ["a red thing"])
     assert wrong["two_object_caption_implies_right"] == {"shape": 0.0, "motion": 0.0, "size": 0.0}
     assert wrong["two_object_right_when_caption_right"] == {}
+
+
+def test_captions_only_scores_the_captions_and_nothing_else(tiny_dirs, tmp_path, capsys):
+    torch.manual_seed(0)
+    Bridge(tiny_config(tiny_dirs)).save_pretrained(tmp_path / "b")
+    results = load_script("bench/quality.py").main(["--bridge", str(tmp_path / "b"), "--world", "1", "--captions-only"])
+    assert set(results) == {"world test-iid captions", "world test-novel captions"}
+    printed = capsys.readouterr().out
+    assert "captions: exact" in printed and "VQA" not in printed
