@@ -87,13 +87,14 @@ def world_captions(bridge: Bridge, split: str, n: int, batch_size: int) -> tuple
             exact += score["exact"]
             correct += score["correct"]
             total += score["total"]
-            swaps += swapped(pred, ref)
+            swap = swapped(pred, ref)
+            swaps += swap
             if len(s.objects) == 2:
                 group = by_closeness[closeness(s)]
                 group["clips"] += 1
                 group["right"] += score["correct"]
                 group["slots"] += score["total"]
-                group["swaps"] += swapped(pred, ref)
+                group["swaps"] += swap
             for slot, (c, t) in score["slots"].items():
                 for tally in (totals, by_count[len(s.objects)]):
                     tally[slot][0] += c
@@ -231,7 +232,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--splits", type=lambda v: v.split(","), default=["test-iid", "test-novel"], metavar="S,S",
                     help=f"world splits to score, of {', '.join(world.SPLITS)} (default test-iid,test-novel)")
     ap.add_argument("--captions-only", action="store_true",
-                    help="world captions alone (what a recaptioner writes): no VQA, a tenth of the time")
+                    help="world captions alone (what a recaptioner writes): no world VQA, no easy-VQA")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
     if unknown := [s for s in args.splits if s not in world.SPLITS]:
