@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--qformer-init", default="minilm", help="new Q-Former: 'minilm' (offline MiniLM), a BERT directory, or 'random'")
     p.add_argument("--qformer-tokenizer", default=None, help="Q-Former tokenizer (default: the --qformer-init BERT's)")
     p.add_argument("--num-queries", type=int, default=32)
+    p.add_argument("--cross-attention-every", type=int, default=2, metavar="N",
+                   help="new Q-Former: the queries cross-attend to the clip in every N-th layer (BLIP-2: 2); 1, every "
+                        "layer, reads more of a clip with several objects (bench/reading.py)")
     p.add_argument("--num-frames", type=int, default=None, help="frames per clip (default 4, or the --init-from bridge's)")
     p.add_argument("--tubelets", action="store_true",
                    help="new Q-Former: each place of the frame grid is one token over all --num-frames frames, so tokens "
@@ -234,7 +237,7 @@ def build_bridge(args) -> Bridge:
     num_frames = args.num_frames or 4
     # A CNN's feature map does not say where a token is: such encoders get grid positions.
     new_vision_reading = dict(stage1_heads=stage == 1, tubelet_frames=num_frames if args.tubelets else 0,
-                              grid_positions=not getattr(vision, "encodes_position", True))
+                              cross_attention_every=args.cross_attention_every, grid_positions=not getattr(vision, "encodes_position", True))
     if bert is not None:
         b = AutoConfig.from_pretrained(bert)
         q = QFormerConfig(
@@ -315,6 +318,8 @@ def main(argv=None) -> Bridge:
         fail(f"--lora-modules {args.lora_modules!r}: give module names (or all-linear) together with --lora RANK")
     if args.batch_size < 1 or args.grad_accum < 1:
         fail("--batch-size and --grad-accum must be at least 1")
+    if args.cross_attention_every < 1:
+        fail(f"--cross-attention-every {args.cross_attention_every}: give 1 (every layer) or more")
     if not args.resume and latest_checkpoint(out) is not None:
         fail(f"{out} already holds a run's checkpoints: pass --resume to continue it, or choose another --output")
     try:

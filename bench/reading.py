@@ -2,9 +2,11 @@
 it is shown the clip? Separate frame tokens or tubelets, with or without grid positions.
 
     python bench/reading.py [--layer 7] [--resolution 128] [--train 3000] [--test 500] [--steps 400] [--json FILE]
+                            [--num-queries 16] [--cross-attention-every 2]
 
 A supervised proxy of what a bridge must learn, without the LLM's cost: for each variant a MiniLM-
-initialised Q-Former (16 queries) and one linear head per slot over its query outputs learn the
+initialised Q-Former (16 queries, cross-attention in every 2nd layer: the default bridge's; more of
+either is more room to read two objects) and one linear head per slot over its query outputs learn the
 background, the object count and each object's size, colour, shape and motion (objects in caption
 order; "none" for a missing second object) from `train` clips, then are scored on `test-iid` clips
 every 50 steps. Every variant sees the same batches. Features: EfficientNet-Lite0 block --layer at
@@ -124,6 +126,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--test", type=int, default=500, help="world test-iid clips")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--num-queries", type=int, default=16, help="the Q-Former's queries (the default bridge's: 16)")
+    ap.add_argument("--cross-attention-every", type=int, default=2,
+                    help="cross-attention in every n-th layer (the default bridge's: 2; 1 is every layer)")
     ap.add_argument("--variant", action="append", choices=list(VARIANTS), help="default: all four")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
@@ -138,8 +143,8 @@ def main(argv=None) -> dict:
     print(f"features: block {args.layer} at {args.resolution} px, {tuple(x_train.shape[1:])} per clip; {args.train} train, {args.test} test-iid clips ({time.time() - t0:.0f} s)")
     b = json.loads((Path(minilm_dir()) / "config.json").read_text())
     base = QFormerConfig(hidden_size=b["hidden_size"], num_layers=b["num_hidden_layers"], num_heads=b["num_attention_heads"],
-                         intermediate_size=b["intermediate_size"], vocab_size=b["vocab_size"], num_queries=16,
-                         vision_width=vision.width)
+                         intermediate_size=b["intermediate_size"], vocab_size=b["vocab_size"], num_queries=args.num_queries,
+                         cross_attention_every=args.cross_attention_every, vision_width=vision.width)
     results = {}
     for name in args.variant or list(VARIANTS):
         tubelets, grid = VARIANTS[name]

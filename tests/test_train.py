@@ -133,6 +133,19 @@ def test_stage1_smoke_logs_three_losses_and_saves_a_bridge(tiny_dirs, qformer_be
         assert torch.equal(v, loaded.trainable_state_dict()[k]), k
 
 
+def test_cross_attention_in_every_layer_is_built_saved_and_kept_by_later_stages(tiny_dirs, qformer_bert, captions, tmp_path):
+    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s1", "--max-steps", "1", "--cross-attention-every", "1", data=captions))
+    # A later stage keeps the bridge's own Q-Former: its flag only shapes a new one.
+    bridge = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s2", "--max-steps", "1", "--init-from", str(tmp_path / "s1"),
+                              stage="2", data=captions))
+    loaded = Bridge.from_pretrained(tmp_path / "s2")
+    for b in (bridge, loaded):
+        assert b.config.qformer.cross_attention_every == 1
+        assert [layer.cross_attn is not None for layer in b.qformer.layers] == [True, True]
+    default = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "d", "--max-steps", "1", data=captions))
+    assert [layer.cross_attn is not None for layer in default.qformer.layers] == [True, False]
+
+
 def test_stage2_and_instructed_smoke(tiny_dirs, qformer_bert, captions, vqa, tmp_path):
     train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s1", "--max-steps", "1", data=captions))
     train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s2", "--max-steps", "2", "--init-from", str(tmp_path / "s1"),
@@ -432,6 +445,8 @@ def test_configuration_errors_fail_before_any_compute_saying_what_to_change(tiny
         train.main(_args(tiny_dirs, qformer_bert, tmp_path / "x", data=str(tmp_path / "m.jsonl")))
     with pytest.raises(SystemExit, match="--train projection is for stage 2"):
         train.main(_args(tiny_dirs, qformer_bert, tmp_path / "x", "--train", "projection", data=captions))
+    with pytest.raises(SystemExit, match="--cross-attention-every 0: give 1 "):
+        train.main(_args(tiny_dirs, qformer_bert, tmp_path / "x", "--cross-attention-every", "0", data=captions))
     # A vision encoder whose features the Q-Former cannot read.
     train.main(_args(tiny_dirs, qformer_bert, tmp_path / "b", "--max-steps", "1", data=captions))
     with pytest.raises(SystemExit, match="--vision .*: the Q-Former in .* was trained on .* features; drop --vision"):
