@@ -71,9 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--qformer-init", default="minilm", help="new Q-Former: 'minilm' (offline MiniLM), a BERT directory, or 'random'")
     p.add_argument("--qformer-tokenizer", default=None, help="Q-Former tokenizer (default: the --qformer-init BERT's)")
     p.add_argument("--num-queries", type=int, default=32)
-    p.add_argument("--cross-attention-every", type=int, default=2, metavar="N",
-                   help="new Q-Former: the queries cross-attend to the clip in every N-th layer (BLIP-2: 2); 1, every "
-                        "layer, reads more of a clip with several objects (bench/reading.py)")
+    p.add_argument("--cross-attention-every", type=int, default=None, metavar="N",
+                   help="the queries cross-attend to the clip in every N-th layer (default 2, as BLIP-2, or the --init-from "
+                        "bridge's); 1, every layer, reads more of a clip with several objects (bench/reading.py). Given "
+                        "with --init-from, the bridge's Q-Former gains (or loses) cross-attention layers")
     p.add_argument("--num-frames", type=int, default=None, help="frames per clip (default 4, or the --init-from bridge's)")
     p.add_argument("--tubelets", action="store_true",
                    help="new Q-Former: each place of the frame grid is one token over all --num-frames frames, so tokens "
@@ -174,6 +175,30 @@ def lora_modules(names: str | None) -> list[str] | str:
     return names if names == "all-linear" else [n.strip() for n in names.split(",") if n.strip()]
 
 
+def grown_cross_attention(state: dict[str, torch.Tensor], qformer: nn.Module) -> dict[str, torch.Tensor]:
+    """Q-Former weights fitted to `qformer`'s cross-attention layers, which may be more or fewer than the
+    weights have (--cross-attention-every with --init-from): a dropped layer's weights go; a new layer
+    starts from the nearest earlier trained one, which already reads these vision tokens, but with its
+    output projection at zero, so that at first it adds nothing and the trained bridge is kept as it is.
+    Its LayerNorm takes the self-attention's before it, whose output it now normalises again."""
+    state = dict(state)
+    has = lambda i: f"layers.{i}.cross_attn.query.weight" in state  # noqa: E731
+    trained = [i for i in range(len(qformer.layers)) if has(i)]
+    for i, layer in enumerate(qformer.layers):
+        prefix = f"layers.{i}.cross_attn."
+        if layer.cross_attn is None:
+            for k in [k for k in state if k.startswith(prefix)]:
+                del state[k]
+        elif not has(i):
+            source = max((j for j in trained if j < i), default=min(trained))
+            for name, v in layer.cross_attn.state_dict().items():
+                state[prefix + name] = state[f"layers.{source}.cross_attn.{name}"].clone()
+            for name in ("weight", "bias"):
+                state[prefix + "out." + name] = torch.zeros_like(state[prefix + "out." + name])
+                state[prefix + "norm." + name] = state[f"layers.{i}.self_attn.norm.{name}"].clone()
+    return state
+
+
 def build_bridge(args) -> Bridge:
     stage = int(args.stage)
     new_lora = LoraConfig(r=args.lora, alpha=2 * args.lora, target_modules=lora_modules(args.lora_modules)) if args.lora else None
@@ -198,6 +223,8 @@ def build_bridge(args) -> Bridge:
             # so each token of the new grid is placed where it lies on the old one.
             before = load_vision(source.vision, source.vision_layer, source.vision_resolution)
             qformer_config = replace(qformer_config, grid_side=math.isqrt(before.num_tokens))
+        if args.cross_attention_every:
+            qformer_config = replace(qformer_config, cross_attention_every=args.cross_attention_every)
         config = replace(
             source, qformer=qformer_config, llm=args.llm or source.llm, llm_width=llm.width,
             vision_resolution=resolution,
@@ -213,6 +240,8 @@ def build_bridge(args) -> Bridge:
             module = getattr(bridge, part)
             weights = {k[len(part) + 1 :]: v for k, v in state.items() if k.startswith(part + ".")}
             # Re-bridging: the projection into another LLM starts fresh; everything else carries over.
+            if part == "qformer":
+                weights = grown_cross_attention(weights, module)
             if module is not None and weights and (part != "projection" or same_llm):
                 module.load_state_dict(weights)
         # LoRA adapters belong to their LLM: kept when it and the adapter shape stay, else they start fresh.
@@ -237,7 +266,7 @@ def build_bridge(args) -> Bridge:
     num_frames = args.num_frames or 4
     # A CNN's feature map does not say where a token is: such encoders get grid positions.
     new_vision_reading = dict(stage1_heads=stage == 1, tubelet_frames=num_frames if args.tubelets else 0,
-                              cross_attention_every=args.cross_attention_every, grid_positions=not getattr(vision, "encodes_position", True))
+                              cross_attention_every=args.cross_attention_every or 2, grid_positions=not getattr(vision, "encodes_position", True))
     if bert is not None:
         b = AutoConfig.from_pretrained(bert)
         q = QFormerConfig(
@@ -318,7 +347,7 @@ def main(argv=None) -> Bridge:
         fail(f"--lora-modules {args.lora_modules!r}: give module names (or all-linear) together with --lora RANK")
     if args.batch_size < 1 or args.grad_accum < 1:
         fail("--batch-size and --grad-accum must be at least 1")
-    if args.cross_attention_every < 1:
+    if args.cross_attention_every is not None and args.cross_attention_every < 1:
         fail(f"--cross-attention-every {args.cross_attention_every}: give 1 (every layer) or more")
     if not args.resume and latest_checkpoint(out) is not None:
         fail(f"{out} already holds a run's checkpoints: pass --resume to continue it, or choose another --output")

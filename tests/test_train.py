@@ -146,6 +146,32 @@ def test_cross_attention_in_every_layer_is_built_saved_and_kept_by_later_stages(
     assert [layer.cross_attn is not None for layer in default.qformer.layers] == [True, False]
 
 
+def test_init_from_with_cross_attention_every_grows_the_q_former_from_its_trained_layers(tiny_dirs, qformer_bert, captions, tmp_path):
+    from safetensors.torch import load_file
+
+    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s1", "--max-steps", "1", data=captions))
+    trained = {k[len("qformer."):]: v for k, v in load_file(str(tmp_path / "s1" / "bridge.safetensors")).items() if k.startswith("qformer.")}
+    assert "layers.1.cross_attn.query.weight" not in trained
+    grow = lambda d, every: train.build_bridge(train.parse_args(_args(  # noqa: E731
+        tiny_dirs, qformer_bert, tmp_path / "x", "--init-from", str(d), "--cross-attention-every", every, stage="2", data=captions)))
+    grown = grow(tmp_path / "s1", "1")
+    assert grown.config.qformer.cross_attention_every == 1
+    new = {k: v for k, v in grown.qformer.state_dict().items()}
+    # The new layer reads with layer 0's trained attention, adds nothing yet, and normalises as its layer did.
+    for name in ("query", "key", "value"):
+        for kind in ("weight", "bias"):
+            assert torch.equal(new[f"layers.1.cross_attn.{name}.{kind}"], trained[f"layers.0.cross_attn.{name}.{kind}"])
+    assert not new["layers.1.cross_attn.out.weight"].any() and not new["layers.1.cross_attn.out.bias"].any()
+    assert torch.equal(new["layers.1.cross_attn.norm.weight"], trained["layers.1.self_attn.norm.weight"])
+    for k, v in trained.items():  # everything the bridge had is kept
+        assert torch.equal(new[k], v), k
+    # And back: every 2nd layer again drops layer 1's cross-attention.
+    grown.save_pretrained(tmp_path / "g")
+    back = grow(tmp_path / "g", "2")
+    assert back.qformer.layers[1].cross_attn is None
+    assert all(torch.equal(v, trained[k]) for k, v in back.qformer.state_dict().items())
+
+
 def test_stage2_and_instructed_smoke(tiny_dirs, qformer_bert, captions, vqa, tmp_path):
     train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s1", "--max-steps", "1", data=captions))
     train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s2", "--max-steps", "2", "--init-from", str(tmp_path / "s1"),
