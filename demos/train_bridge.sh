@@ -21,6 +21,9 @@ STAGE2C_STEPS=${STAGE2C_STEPS:-1500}
 STAGE2D_STEPS=${STAGE2D_STEPS:-2000}
 CLIPS=${CLIPS:-4000}
 CLIPS2D=${CLIPS2D:-12000}
+# The new Q-Former's cross-attention: every 2nd layer (BLIP-2's, and the shipped bridge's); 1 is every layer,
+# which bench/reading.py finds reads a second object much better (README), for a retrain not yet run to the end.
+CROSS_ATTENTION_EVERY=${CROSS_ATTENTION_EVERY:-2}
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 
@@ -45,7 +48,7 @@ if [ ! -f "$OUT/stage1/.done" ]; then
     # teaches the queries to drop exactly those slots. ITC's similarities still pick ITM's hard negatives.
     echo "== $(date -u +%FT%TZ) stage 1: ITM + ITG on world captions"
     $PY train.py --stage 1 --stage1-losses itm,itg --data "$OUT/data/world_captions.jsonl" --output "$OUT/stage1" \
-        "${VISION[@]}" --tubelets --num-queries 16 --batch-size 24 --lr 3e-4 \
+        "${VISION[@]}" --tubelets --num-queries 16 --cross-attention-every "$CROSS_ATTENTION_EVERY" --batch-size 24 --lr 3e-4 \
         --max-steps "$STAGE1_STEPS" --save-every 50 $(resume_flag "$OUT/stage1")
     touch "$OUT/stage1/.done"
 fi
