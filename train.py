@@ -179,8 +179,9 @@ def grown_cross_attention(state: dict[str, torch.Tensor], qformer: nn.Module) ->
     """Q-Former weights fitted to `qformer`'s cross-attention layers, which may be more or fewer than the
     weights have (--cross-attention-every with --init-from): a dropped layer's weights go; a new layer
     starts from the nearest earlier trained one, which already reads these vision tokens, but with its
-    output projection at zero, so that at first it adds nothing and the trained bridge is kept as it is.
-    Its LayerNorm takes the self-attention's before it, whose output it now normalises again."""
+    output projection at zero, so that at first it adds no attention. Its LayerNorm takes the weights of
+    the self-attention's before it, whose output it now normalises again: post-LN, so not quite the
+    identity, but the trained bridge barely moves (demos/bridge/README.md, the grown trial)."""
     state = dict(state)
     has = lambda i: f"layers.{i}.cross_attn.query.weight" in state  # noqa: E731
     trained = [i for i in range(len(qformer.layers)) if has(i)]
@@ -266,7 +267,8 @@ def build_bridge(args) -> Bridge:
     num_frames = args.num_frames or 4
     # A CNN's feature map does not say where a token is: such encoders get grid positions.
     new_vision_reading = dict(stage1_heads=stage == 1, tubelet_frames=num_frames if args.tubelets else 0,
-                              cross_attention_every=args.cross_attention_every or 2, grid_positions=not getattr(vision, "encodes_position", True))
+                              cross_attention_every=args.cross_attention_every or 2,
+                              grid_positions=not getattr(vision, "encodes_position", True))
     if bert is not None:
         b = AutoConfig.from_pretrained(bert)
         q = QFormerConfig(
