@@ -156,7 +156,7 @@ def test_init_from_with_cross_attention_every_grows_the_q_former_from_its_traine
         tiny_dirs, qformer_bert, tmp_path / "x", "--init-from", str(d), "--cross-attention-every", every, stage="2", data=captions)))
     grown = grow(tmp_path / "s1", "1")
     assert grown.config.qformer.cross_attention_every == 1
-    new = {k: v for k, v in grown.qformer.state_dict().items()}
+    new = grown.qformer.state_dict()
     # The new layer reads with layer 0's trained attention, adds nothing yet, and normalises as its layer did.
     for name in ("query", "key", "value"):
         for kind in ("weight", "bias"):
