@@ -1,6 +1,7 @@
 """How good is a bridge? Held-out world captions and VQA, and easy-VQA test accuracy.
 
-    python bench/quality.py [--bridge DIR] [--world N] [--easy-vqa N] [--splits S,S] [--captions-only] [--json FILE]
+    python bench/quality.py [--bridge DIR] [--world N] [--easy-vqa N] [--splits S,S] [--captions-only]
+                            [--num-beams NB] [--json FILE]
 
 World sets: the first N clips of `test-iid` and of `test-novel` (unseen colour-shape pairs), scored
 slot by slot as WORLD.md says; world VQA: every applicable WORLD.md question about those clips;
@@ -10,6 +11,7 @@ train,test-iid` compares a bridge on the clips it trained on (`demos/world_data.
 clips would not help it. A caption-first bridge answers as it always does (Bridge.ask): after its own
 caption of the clip; for two-object questions the bench also says how often that caption (as the caption
 set above got it) implies the right answer, and how often the answer is right when it does.
+`--num-beams NB` decodes every caption and answer by beam search (Bridge.caption), greedy by default.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def closeness(scene: world.Scene) -> str:
     return "close" if abs(x1 - x0) < CLOSE_PX else "apart"
 
 
-def world_captions(bridge: Bridge, split: str, n: int, batch_size: int) -> tuple[dict, list[str]]:
+def world_captions(bridge: Bridge, split: str, n: int, batch_size: int, num_beams: int = 1) -> tuple[dict, list[str]]:
     """The scores of the bridge's captions of the first `n` clips of `split`, and the captions."""
     scenes = [world.scene(split, i) for i in range(n)]
     # Also by object count: one-object clips have no object order to get wrong, so a slot the bridge
@@ -79,7 +81,7 @@ def world_captions(bridge: Bridge, split: str, n: int, batch_size: int) -> tuple
     by_closeness = {k: {"clips": 0, "right": 0, "slots": 0, "swaps": 0} for k in ("close", "apart")}
     captions = []
     for chunk in batched(scenes, batch_size):
-        preds = bridge.caption([world.render(s) for s in chunk], batch_size=batch_size)
+        preds = bridge.caption([world.render(s) for s in chunk], batch_size=batch_size, num_beams=num_beams)
         captions += preds
         for s, pred in zip(chunk, preds):
             ref = world.caption(s)
@@ -147,7 +149,7 @@ def caption_answers(caption: str) -> dict[str, str]:
     return dict(world.questions(parsed)) if parsed is not None else {}  # a parsed caption reads as a scene
 
 
-def world_vqa(bridge: Bridge, split: str, n: int, batch_size: int, captions: list[str]) -> dict:
+def world_vqa(bridge: Bridge, split: str, n: int, batch_size: int, captions: list[str], num_beams: int = 1) -> dict:
     """`captions`: the bridge's captions of the same clips, to tell an answer that follows a wrong caption
     from a wrong answer after a right one."""
     items = []
@@ -160,7 +162,7 @@ def world_vqa(bridge: Bridge, split: str, n: int, batch_size: int, captions: lis
     by_kind, by_count, about_other = counts(), {1: counts(), 2: counts()}, counts()
     caption_right, right_after_right_caption = counts(), counts()
     for chunk in batched(items, batch_size):
-        preds = bridge.ask([item[0] for item in chunk], [item[1] for item in chunk])
+        preds = bridge.ask([item[0] for item in chunk], [item[1] for item in chunk], num_beams=num_beams)
         for (_, q, a, objects, other, implied), pred in zip(chunk, preds):
             kind, right = question_slot(q), world.score_answer(pred, a)
             for tally in (by_kind, by_count[objects]):
@@ -199,7 +201,7 @@ def easy_vqa_kind(question: str, answer: str) -> str:
     return "shape" if answer in EASY_VQA_SHAPES else "colour"
 
 
-def easy_vqa(bridge: Bridge, n: int, batch_size: int) -> dict:
+def easy_vqa(bridge: Bridge, n: int, batch_size: int, num_beams: int = 1) -> dict:
     import easy_vqa
 
     questions, answers, image_ids = easy_vqa.get_test_questions()
@@ -209,7 +211,7 @@ def easy_vqa(bridge: Bridge, n: int, batch_size: int) -> dict:
     # that leans one way shows it.
     by_kind, yes_answers, said_yes = counts(), 0, 0
     for chunk in batched(items, batch_size):
-        preds = bridge.ask([paths[i] for _, _, i in chunk], [q for q, _, _ in chunk])
+        preds = bridge.ask([paths[i] for _, _, i in chunk], [q for q, _, _ in chunk], num_beams=num_beams)
         for p, (q, a, _) in zip(preds, chunk):
             kind = easy_vqa_kind(q, a)
             by_kind[kind][0] += world.score_answer(p, a)
@@ -233,8 +235,11 @@ def main(argv=None) -> dict:
                     help=f"world splits to score, of {', '.join(world.SPLITS)} (default test-iid,test-novel)")
     ap.add_argument("--captions-only", action="store_true",
                     help="world captions alone (what a recaptioner writes): no world VQA, no easy-VQA")
+    ap.add_argument("--num-beams", type=int, default=1, metavar="NB", help="beam search over NB beams (default 1: greedy)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
+    if args.num_beams < 1:
+        ap.error(f"--num-beams must be at least 1, got {args.num_beams}")
     if unknown := [s for s in args.splits if s not in world.SPLITS]:
         ap.error(f"--splits: unknown world split {', '.join(unknown)}; expected some of {', '.join(world.SPLITS)}")
     if not Path(args.bridge).is_dir():
@@ -244,7 +249,7 @@ def main(argv=None) -> dict:
     print(f"command: python bench/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     results, captions, t0 = {}, {}, time.time()
     for split in args.splits:
-        r, captions[split] = world_captions(bridge, split, args.world, args.batch_size)
+        r, captions[split] = world_captions(bridge, split, args.world, args.batch_size, args.num_beams)
         results[f"world {split} captions"] = r
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_slot"].items())
         print(f"world {split:10s} captions: exact {r['exact_match']:.3f}  slot accuracy {r['slot_accuracy']:.3f}  ({per}; {r['clips']} clips)")
@@ -259,7 +264,7 @@ def main(argv=None) -> dict:
                  for k, g in ((k, r[f"two_object_{k}"]) for k in ("close", "apart"))]
         print(f"{'':>28}two objects, centres apart in x in frame 0 by {parts[0]}; by {parts[1]}")
     for split in [] if args.captions_only else args.splits:
-        r = results[f"world {split} vqa"] = world_vqa(bridge, split, args.world, args.batch_size, captions[split])
+        r = results[f"world {split} vqa"] = world_vqa(bridge, split, args.world, args.batch_size, captions[split], args.num_beams)
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_slot"].items())
         print(f"world {split:10s} VQA: accuracy {r['accuracy']:.3f}  ({per}; {r['questions']} questions)")
         for name, label in (("one_object", "one object"), ("two_object", "two objects")):
@@ -272,7 +277,7 @@ def main(argv=None) -> dict:
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["two_object_right_when_caption_right"].items())
         print(f"{'':>23}two objects, answers right when it does: {per or 'no such questions'}")
     if not args.captions_only:
-        r = results["easy-vqa test"] = easy_vqa(bridge, args.easy_vqa, args.batch_size)
+        r = results["easy-vqa test"] = easy_vqa(bridge, args.easy_vqa, args.batch_size, args.num_beams)
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_kind"].items())
         print(f"easy-VQA test: accuracy {r['accuracy']:.3f}  ({per}; {r['questions']} questions)")
         print(f"{'':>15}yes/no: the answer is yes for {r['yes_answers']:.3f} of {r['yes_no_questions']}, "

@@ -252,22 +252,27 @@ class Bridge(nn.Module):
 
     # ---- high level: captions and answers from paths, PIL images, arrays -------------------------
 
-    def caption(self, items, prompt: str | None = None, num_frames: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8) -> list[str]:
-        """One caption per image or clip (paths, PIL images, uint8 arrays or adapters.video.Clip)."""
+    def caption(self, items, prompt: str | None = None, num_frames: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8, num_beams: int = 1) -> list[str]:
+        """One caption per image or clip (paths, PIL images, uint8 arrays or adapters.video.Clip).
+
+        num_beams > 1 decodes by beam search instead of greedily: slower, and on the world's two-object
+        clips more often right (the README's figures)."""
         prompt = self.config.caption_prompt if prompt is None else prompt
         items = list(items) if isinstance(items, (list, tuple)) else [items]
         out: list[str] = []
         for i in range(0, len(items), batch_size):
             chunk = items[i : i + batch_size]
-            out += self.ask(chunk, [prompt] * len(chunk), num_frames=num_frames, max_new_tokens=max_new_tokens)
+            out += self.ask(chunk, [prompt] * len(chunk), num_frames=num_frames, max_new_tokens=max_new_tokens, num_beams=num_beams)
         return out
 
     def answer(self, item, question: str, history: list[tuple[str, str]] | None = None, num_frames: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS, **generate_kwargs) -> str:
         """Answer a question about one image or clip; `history` holds earlier (question, answer) turns."""
         return self.ask([item], [question], [history or []], num_frames, max_new_tokens, **generate_kwargs)[0]
 
-    def ask(self, items, questions, histories=None, num_frames=None, max_new_tokens: int = MAX_NEW_TOKENS, **generate_kwargs) -> list[str]:
-        """Batched: one question (and history) per item. Items with different frame counts run separately."""
+    def ask(self, items, questions, histories=None, num_frames=None, max_new_tokens: int = MAX_NEW_TOKENS, num_beams: int = 1, **generate_kwargs) -> list[str]:
+        """Batched: one question (and history) per item. Items with different frame counts run separately.
+
+        num_beams as in caption(); a caption-first bridge's own caption before the answer is decoded the same way."""
         from adapters.video import as_clip  # PyAV loads only when items need decoding
 
         num_frames = num_frames or self.config.num_frames
@@ -279,28 +284,30 @@ class Bridge(nn.Module):
             groups.setdefault(tuple(px.shape), []).append(i)
         for idx in groups.values():
             px = torch.stack([pixels[i] for i in idx])
-            texts = self.answer_pixels(px, [questions[i] for i in idx], [histories[i] for i in idx], max_new_tokens, **generate_kwargs)
+            texts = self.answer_pixels(px, [questions[i] for i in idx], [histories[i] for i in idx], max_new_tokens, num_beams, **generate_kwargs)
             for i, text in zip(idx, texts):
                 answers[i] = text
         return answers
 
     @torch.no_grad()
-    def answer_pixels(self, pixel_values: torch.Tensor, questions, histories=None, max_new_tokens: int = MAX_NEW_TOKENS, **generate_kwargs) -> list[str]:
+    def answer_pixels(self, pixel_values: torch.Tensor, questions, histories=None, max_new_tokens: int = MAX_NEW_TOKENS, num_beams: int = 1, **generate_kwargs) -> list[str]:
         """One answer per row of already preprocessed pixels (B, T, 3, H, W) or (B, 3, H, W).
 
-        For callers that decode and preprocess elsewhere (the recaptioner's worker processes).
+        For callers that decode and preprocess elsewhere (the recaptioner's worker processes). num_beams as in ask().
         """
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be 1 (greedy) or more, not {num_beams}")
         histories = [list(h) for h in histories] if histories else [[] for _ in questions]
         px = pixel_values.to(self.projection.weight.device)
         if self.config.caption_first:
-            # The chat opens with the bridge's own caption, as in training. Greedy, and not streamed.
+            # The chat opens with the bridge's own caption, as in training; decoded as the answer is, not streamed.
             prompt = self.config.caption_prompt
             need = [i for i, (q, h) in enumerate(zip(questions, histories)) if self.captions_before(q, h)]
             if need:
-                ids = self.generate(px[need], **self._prompt_batch([prompt] * len(need), [[] for _ in need]), max_new_tokens=MAX_NEW_TOKENS)
+                ids = self.generate(px[need], **self._prompt_batch([prompt] * len(need), [[] for _ in need]), max_new_tokens=MAX_NEW_TOKENS, num_beams=num_beams)
                 for i, caption in zip(need, self.llm.tokenizer.batch_decode(ids, skip_special_tokens=True)):
                     histories[i].insert(0, (prompt, caption.strip()))
-        ids = self.generate(px, **self._prompt_batch(questions, histories), max_new_tokens=max_new_tokens, **generate_kwargs)
+        ids = self.generate(px, **self._prompt_batch(questions, histories), max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs)
         return [text.strip() for text in self.llm.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def captions_before(self, question: str, history) -> bool:

@@ -55,6 +55,8 @@ def add_recaption(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=rc.DEFAULT_BATCH_SIZE, metavar="B", help="clips per model call")
     p.add_argument("--prompt", metavar="TEXT", help="instruction given with each clip (default: the bridge's caption prompt)")
     p.add_argument("--max-new-tokens", type=int, default=rc.DEFAULT_MAX_NEW_TOKENS, metavar="K", help="longest caption, in tokens")
+    p.add_argument("--num-beams", type=int, default=1, metavar="NB",
+                   help="beam search over NB beams instead of greedy decoding: slower, and more often right (README)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="W",
                    help="processes decoding clips while the model runs (0: decode in the main process)")
     p.add_argument("--shard", metavar="i/n", help="caption only every n-th input, starting at the i-th (0-based), of the sorted inputs")
@@ -67,7 +69,7 @@ def run_recaption(args) -> int:
 
     from .bridge import Bridge
 
-    for name in ("num_frames", "batch_size", "max_new_tokens"):
+    for name in ("num_frames", "batch_size", "max_new_tokens", "num_beams"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -94,7 +96,7 @@ def run_recaption(args) -> int:
     summary = rc.recaption(
         items, args.out, bridge, bridge_name,
         prompt=args.prompt, num_frames=args.num_frames, fps=args.fps, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, workers=args.workers, shard=shard,
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, workers=args.workers, shard=shard,
     )
     prefix = f"shard {shard[0]}/{shard[1]}: " if shard[1] > 1 else ""
     print(prefix + summary.line(), flush=True)

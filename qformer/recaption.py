@@ -49,7 +49,7 @@ MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 MEDIA_COLUMNS = ("video", "video_path", "image", "image_path", "clip", "path", "file", "file_name", "filename")
 # The output record, field -> Parquet type; JSONL lines carry the same fields in the same order.
 RECORD_SCHEMA = {"path": "string", "caption": "string", "num_frames": "int32", "duration_s": "float64", "error": "string",
-                 "bridge": "string", "prompt": "string"}
+                 "bridge": "string", "prompt": "string", "num_beams": "int32"}
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_NEW_TOKENS = 48
 
@@ -463,6 +463,7 @@ def recaption(
     fps: float | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    num_beams: int = 1,
     workers: int = 2,
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
@@ -471,7 +472,8 @@ def recaption(
 
     num_frames / fps as in adapters.video.read_clip; with fps the frame count is capped at what the
     Q-Former reads: what its temporal embedding covers, or its tubelets' frames (more would be decoded
-    for nothing). bridge_name goes into every record (the bridge directory).
+    for nothing). bridge_name goes into every record (the bridge directory). num_beams > 1 decodes by
+    beam search (Bridge.caption).
     """
     from tqdm import tqdm
 
@@ -487,7 +489,7 @@ def recaption(
     journal = Journal(journal_path(out, shard))
     try:
         done = _recorded(out)
-        _check_same_settings(done.values(), out, bridge_name, prompt)
+        _check_same_settings(done.values(), out, bridge_name, prompt, num_beams)
         mine = items[i::n]
         pending = [item for item in mine if item.path not in done]
         summary = Summary(done=0, failed=0, skipped=len(mine) - len(pending), seconds=0.0, missing=0)
@@ -502,12 +504,12 @@ def recaption(
             bar.set_postfix(failed=summary.failed, refresh=False)
 
         def record(s: Sample, caption: str | None) -> dict:
-            values = (s.path, caption, s.num_frames, s.duration_s, s.error, bridge_name, prompt)
+            values = (s.path, caption, s.num_frames, s.duration_s, s.error, bridge_name, prompt, num_beams)
             return dict(zip(RECORD_SCHEMA, values))
 
         def caption(batch: list[Sample]) -> None:
             pixels = torch.stack([s.pixels for s in batch])  # (B, T, 3, H, W)
-            texts = bridge.answer_pixels(pixels, [prompt] * len(batch), max_new_tokens=max_new_tokens)
+            texts = bridge.answer_pixels(pixels, [prompt] * len(batch), max_new_tokens=max_new_tokens, num_beams=num_beams)
             write(failures + [record(s, t) for s, t in zip(batch, texts)])
             failures.clear()
 
@@ -546,13 +548,15 @@ def recaption(
     return summary
 
 
-def _check_same_settings(records: Iterable[dict], out: str, bridge_name: str, prompt: str) -> None:
-    """Resuming with another bridge or prompt would mix two kinds of captions in one output: refuse."""
+def _check_same_settings(records: Iterable[dict], out: str, bridge_name: str, prompt: str, num_beams: int) -> None:
+    """Resuming with another bridge, prompt or decoding would mix two kinds of captions in one output: refuse."""
     for r in records:
-        if r.get("bridge") != bridge_name or r.get("prompt") != prompt:
+        beams = r.get("num_beams") or 1  # records written before num_beams was recorded were all greedy
+        if r.get("bridge") != bridge_name or r.get("prompt") != prompt or beams != num_beams:
             raise ValueError(
-                f"{out}: already holds captions made with bridge {r.get('bridge')!r} and prompt {r.get('prompt')!r}; "
-                f"this run uses bridge {bridge_name!r} and prompt {prompt!r}. Rerun with those, or write to another --out"
+                f"{out}: already holds captions made with bridge {r.get('bridge')!r}, prompt {r.get('prompt')!r} and "
+                f"--num-beams {beams}; this run uses bridge {bridge_name!r}, prompt {prompt!r} and --num-beams "
+                f"{num_beams}. Rerun with those, or write to another --out"
             )
 
 

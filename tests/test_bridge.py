@@ -335,3 +335,21 @@ def test_a_caption_first_bridge_answers_after_its_own_caption(tiny_bridge):
     answer = bridge.answer(images[0], "describe", opened, max_new_tokens=6)
     bridge.config.caption_first = False
     assert answer == bridge.answer(images[0], "describe", opened, max_new_tokens=6)
+
+
+def test_beam_search_decodes_the_caption_turn_as_the_answer(tiny_bridge):
+    bridge = tiny_bridge.eval()
+    prompt = bridge.config.caption_prompt
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(3)]
+    beams = bridge.caption(images, num_beams=3)
+    assert beams != bridge.caption(images)  # on these weights beam search and greedy differ, so the rest can tell
+    questions = ["what color is the background ?", "describe", "how many objects are there ?"]
+    expected = bridge.ask(images, questions, [[(prompt, c)] for c in beams], max_new_tokens=6, num_beams=3)
+    bridge.config.caption_first = True
+    try:
+        assert bridge.ask(images, questions, max_new_tokens=6, num_beams=3) == expected
+    finally:
+        bridge.config.caption_first = False
+    with pytest.raises(ValueError, match="num_beams must be 1 .greedy. or more, not 0"):
+        bridge.caption(images[0], num_beams=0)

@@ -181,3 +181,16 @@ def test_captions_only_scores_the_captions_and_nothing_else(tiny_dirs, tmp_path,
     assert set(results) == {"world test-iid captions", "world test-novel captions"}
     printed = capsys.readouterr().out
     assert "captions: exact" in printed and "VQA" not in printed
+
+
+def test_num_beams_reaches_every_caption_and_a_bad_count_is_refused(tiny_dirs, tmp_path, capsys):
+    torch.manual_seed(0)
+    bridge = Bridge(tiny_config(tiny_dirs)).eval()
+    quality = load_script("bench/quality.py")
+    clips = [world.render(world.scene("test-iid", i)) for i in range(2)]
+    _, captions = quality.world_captions(bridge, "test-iid", 2, 2, num_beams=3)
+    assert captions == bridge.caption(clips, num_beams=3) != bridge.caption(clips)
+    bridge.save_pretrained(tmp_path / "b")
+    with pytest.raises(SystemExit):
+        quality.main(["--bridge", str(tmp_path / "b"), "--num-beams", "0"])
+    assert "--num-beams must be at least 1, got 0" in capsys.readouterr().err

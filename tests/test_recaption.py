@@ -148,13 +148,22 @@ def test_resume_skips_done_items_and_cuts_a_torn_line(tmp_path, bridge_dir, caps
     assert len(records(out)) == 6
 
 
-def test_resume_refuses_another_prompt(tmp_path, bridge_dir, capsys):
-    write_clips(tmp_path / "clips", 1)
-    out = str(tmp_path / "out.jsonl")
-    base = ["recaption", str(tmp_path / "clips"), "--out", out, "--bridge", bridge_dir, "--workers", "0", "--max-new-tokens", "2"]
-    assert main(base) == 0
-    assert main(base + ["--prompt", "What is there?"]) == 2
+def test_resume_refuses_another_prompt_or_decoding(tmp_path, bridge_dir, capsys):
+    write_clips(tmp_path / "clips", 2)
+    out = tmp_path / "out.jsonl"
+    base = ["recaption", str(tmp_path / "clips"), "--out", str(out), "--bridge", bridge_dir, "--workers", "0", "--max-new-tokens", "2"]
+    assert main(base + ["--num-beams", "2"]) == 0
+    assert [r["num_beams"] for r in records(out)] == [2, 2]
+    assert main(base + ["--num-beams", "2", "--prompt", "What is there?"]) == 2
     assert "already holds captions made with bridge" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "--num-beams 2; this run uses" in capsys.readouterr().err
+    # Records written before the decoding was recorded were greedy, and resume as such.
+    first, _ = records(out)
+    del first["num_beams"]
+    out.write_text(json.dumps(first) + "\n")
+    assert main(base) == 0
+    assert capsys.readouterr().out.startswith("done 1, failed 0")
 
 
 def test_missing_bridge_is_a_clear_error(tmp_path, capsys, monkeypatch):
