@@ -157,7 +157,7 @@ def test_answers_are_scored_against_what_the_bridges_own_caption_implies():
     answers = dict(world.questions(scene))
 
     class ShapesOnly:
-        def ask(self, frames, questions):
+        def ask(self, frames, questions, num_beams=1):
             return [answers[q] if quality.question_slot(q) == "shape" else "no idea" for q in questions]
 
     asked = {quality.question_slot(q) for q in answers} - {"background", "count"}
