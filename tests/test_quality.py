@@ -1,6 +1,7 @@
 """bench/quality.py end to end on a tiny bridge: every figure is computed and well-formed."""
 from __future__ import annotations
 
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -157,7 +158,9 @@ def test_answers_are_scored_against_what_the_bridges_own_caption_implies():
     answers = dict(world.questions(scene))
 
     class ShapesOnly:
-        def ask(self, frames, questions, num_beams=1):
+        config = SimpleNamespace(caption_first=False)
+
+        def ask(self, frames, questions, histories, num_beams=1):
             return [answers[q] if quality.question_slot(q) == "shape" else "no idea" for q in questions]
 
     asked = {quality.question_slot(q) for q in answers} - {"background", "count"}
@@ -194,3 +197,25 @@ def test_num_beams_reaches_every_caption_and_a_bad_count_is_refused(tiny_dirs, t
     with pytest.raises(SystemExit):
         quality.main(["--bridge", str(tmp_path / "b"), "--num-beams", "0"])
     assert "--num-beams must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_caption_first_bridge_answers_after_the_captions_the_bench_already_has(tiny_dirs):
+    """The same answers Bridge.ask gives when it captions each clip itself, with one decode per question."""
+    torch.manual_seed(0)
+    bridge = Bridge(tiny_config(tiny_dirs, caption_first=True)).eval()
+    quality = load_script("bench/quality.py")
+    _, captions = quality.world_captions(bridge, "test-iid", 2, 4)
+    asked, generate, ask = [], bridge.generate, bridge.ask
+    decodes = []
+    bridge.generate = lambda *a, **k: decodes.append(1) or generate(*a, **k)
+
+    def recording_ask(frames, questions, histories=None, num_beams=1):
+        preds = ask(frames, questions, histories, num_beams=num_beams)
+        asked.append((frames, questions, preds))
+        return preds
+
+    bridge.ask = recording_ask
+    result = quality.world_vqa(bridge, "test-iid", 2, 4, captions)
+    assert len(decodes) == len(asked) > 0 and sum(len(q) for _, q, _ in asked) == result["questions"]
+    for frames, questions, preds in asked:
+        assert preds == ask(frames, questions)  # the bridge captioning each clip itself
