@@ -1,6 +1,6 @@
 """Write training manifests for the demo bridge: generated-world clips and the easy-VQA training set.
 
-    python demos/world_data.py OUT [--clips 5000] [--first 0] [--split train]
+    python demos/world_data.py OUT [--clips 5000] [--first 0] [--split train] [--objects N]
 
 OUT/clips/NNNNNN.mp4       world clips of the split (WORLD.md), H.264
 OUT/world_captions.jsonl   {"video", "caption"}, one row per clip
@@ -14,7 +14,8 @@ own caption of the clip before it in the chat.
 
 The clips are the split's scenes FIRST to FIRST + CLIPS - 1, so a second directory written with --first
 past the end of the first holds only scenes the first lacks. Existing clips are kept, so a rerun (or a
-larger --clips) only writes what is missing.
+larger --clips) only writes what is missing. With --objects N only the scenes among them with N objects
+are written (two-object clips are where a bridge mixes up which object has which colour, shape or motion).
 """
 from __future__ import annotations
 
@@ -45,12 +46,14 @@ def write_jsonl(path: Path, rows) -> int:
     return n
 
 
-def world_rows(out: Path, split: str, n: int, first: int = 0):
+def world_rows(out: Path, split: str, n: int, first: int = 0, objects: int | None = None):
     clips = out / "clips"
     clips.mkdir(parents=True, exist_ok=True)
     captions, vqa = [], []
     for i in tqdm(range(first, first + n), desc=f"world {split} clips", unit="clip"):
         s = world.scene(split, i)
+        if objects is not None and len(s.objects) != objects:
+            continue
         rel = f"clips/{split}-{i:06d}.mp4"
         if not (out / rel).exists():
             tmp = out / (rel + ".tmp.mp4")
@@ -110,11 +113,12 @@ def main(argv=None):
     ap.add_argument("--clips", type=int, default=5000)
     ap.add_argument("--first", type=int, default=0, help="index of the first scene (default 0)")
     ap.add_argument("--split", default="train", choices=world.SPLITS)
+    ap.add_argument("--objects", type=int, choices=(1, 2), help="keep only the scenes with this many objects")
     args = ap.parse_args(argv)
     if args.first < 0:
         ap.error(f"--first must be 0 or more, not {args.first}")
     out = Path(args.out)
-    captions, vqa = world_rows(out, args.split, args.clips, args.first)
+    captions, vqa = world_rows(out, args.split, args.clips, args.first, args.objects)
     print(f"world_captions.jsonl: {write_jsonl(out / 'world_captions.jsonl', captions)} rows")
     print(f"world_vqa.jsonl: {write_jsonl(out / 'world_vqa.jsonl', vqa)} rows")
     easy_captions, easy_vqa = easy_vqa_rows()

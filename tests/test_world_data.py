@@ -46,3 +46,12 @@ def test_first_starts_at_a_later_scene(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "world_captions.jsonl").read_text().splitlines()]
     assert rows == [{"video": f"clips/train-{i:06d}.mp4", "caption": world.caption(world.scene("train", i))} for i in (5, 6)]
     assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == ["train-000005.mp4", "train-000006.mp4"]
+
+
+def test_objects_keeps_only_the_scenes_with_that_many_objects(tmp_path):
+    load_script("demos/world_data.py").main([str(tmp_path), "--clips", "8", "--objects", "2"])
+    two = [i for i in range(8) if len(world.scene("train", i).objects) == 2]
+    assert 0 < len(two) < 8  # the first 8 scenes mix one and two objects, so the filter has work to do
+    rows = [json.loads(line) for line in (tmp_path / "world_captions.jsonl").read_text().splitlines()]
+    assert rows == [{"video": f"clips/train-{i:06d}.mp4", "caption": world.caption(world.scene("train", i))} for i in two]
+    assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == [f"train-{i:06d}.mp4" for i in two]
