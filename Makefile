@@ -37,8 +37,9 @@ demo: setup
 	$(VENV)/bin/qformer recaption demos/clips --out demos/captions.jsonl
 	@$(PY) -c "import json; [print(r['path'], '|', r['caption'] if r['error'] is None else 'ERROR ' + r['error']) for r in map(json.loads, open('demos/captions.jsonl'))]"
 
-# Retrain the default bridge from nothing, in the background (about 4 hours on 2 CPU cores); rerun to
-# continue after a kill. Progress: runs/demo-bridge/train.log; result: runs/demo-bridge/{bridge,scores.json}.
+# Retrain the default bridge from nothing, in the background (about 4 hours on 2 CPU cores with AMX,
+# twice that without); rerun to continue after a kill. Progress: runs/demo-bridge/train.log;
+# result: runs/demo-bridge/{bridge,scores.json}.
 bridge: setup
 	mkdir -p runs/demo-bridge
 	nohup env PYTHON=$(abspath $(PY)) demos/train_bridge.sh runs/demo-bridge >> runs/demo-bridge/train.log 2>&1 &

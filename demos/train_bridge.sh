@@ -31,9 +31,13 @@ mkdir -p "$OUT"
 # per clip. The final 4x4 map is too coarse for 20 px objects and their motion; block 10 (same grid, 112
 # wide) has shape as plainly but colour faintly (see the model card).
 VISION=(--vision-resolution 128 --vision-layer 7 --num-frames 4 --cache-features "$OUT/features")
-# bf16 autocast over all of stage 2's forward (Q-Former and LLM): on CPUs with AMX or AVX512-BF16 a step
-# of stage 2b took 2.3 s here (see the model card). PRECISION=no for fp32 on other CPUs, where bf16 is slow.
-PRECISION=${PRECISION:-bf16}
+# bf16 autocast over all of stage 2's forward (Q-Former and LLM) where the CPU multiplies bf16 natively
+# (AMX or AVX512-BF16: a step of stage 2b took 1.5 s, see the model card); fp32 elsewhere, since without
+# them torch emulates bf16: on an AVX2-only CPU the first bf16 step of stage 2 took 117 s, an fp32 step
+# 4.4 s. PRECISION=bf16 or PRECISION=no overrides the choice.
+if [ -z "${PRECISION:-}" ]; then
+    if grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null; then PRECISION=bf16; else PRECISION=no; fi
+fi
 
 resume_flag() {  # --resume once a stage has checkpoints to continue from
     if [ -d "$1/checkpoints" ]; then echo --resume; fi
