@@ -59,6 +59,18 @@ def swapped(pred: str, ref: str) -> bool:
     return matches(p.objects[::-1]) > matches(p.objects)
 
 
+def crossed(pred: str, ref: str) -> dict[str, int]:
+    """Of a two-object caption in the right order: per object slot, how many of its two objects have the
+    other object's value there (a colour, shape, motion or size bound to the wrong object, rather than
+    misread). Empty for a caption that does not name two objects or names them the wrong way round."""
+    p, r = world.parse_caption(pred), world.parse_caption(ref)
+    if p is None or r is None or len(p.objects) != 2 or len(r.objects) != 2 or swapped(pred, ref):
+        return {}
+    return {k: sum(getattr(got, k) == getattr(other, k) != getattr(want, k)
+                   for got, want, other in zip(p.objects, r.objects, r.objects[::-1]))
+            for k in OBJECT_SLOTS}
+
+
 # WORLD.md names the object whose centre is further left in frame 0 first. Centres closer in x than this
 # (one token of an 8 x 8 grid over the clip's 128 px) leave the order, and which features are whose
 # object, to less than one token of such a grid.
@@ -78,6 +90,7 @@ def world_captions(bridge: Bridge, split: str, n: int, batch_size: int, num_beam
     # cannot read shows plainly; two-object clips show what the order costs.
     totals, by_count = counts(), {1: counts(), 2: counts()}
     exact = correct = total = swaps = 0
+    crossings = dict.fromkeys(OBJECT_SLOTS, 0)
     by_closeness = {k: {"clips": 0, "right": 0, "slots": 0, "swaps": 0} for k in ("close", "apart")}
     captions = []
     for chunk in batched(scenes, batch_size):
@@ -91,6 +104,8 @@ def world_captions(bridge: Bridge, split: str, n: int, batch_size: int, num_beam
             total += score["total"]
             swap = swapped(pred, ref)
             swaps += swap
+            for k, n_crossed in crossed(pred, ref).items():
+                crossings[k] += n_crossed
             if len(s.objects) == 2:
                 group = by_closeness[closeness(s)]
                 group["clips"] += 1
@@ -112,6 +127,9 @@ def world_captions(bridge: Bridge, split: str, n: int, batch_size: int, num_beam
         "two_object_clips": two["background"][1],
         "two_object_per_slot": rates(two),
         "two_object_swapped": swaps / two["background"][1] if two["background"][1] else 0.0,
+        # Per slot: the share of two-object clips' objects given the other object's value (in captions in
+        # the right order), as against a value neither object has, which shows in per_slot alone.
+        "two_object_crossed": {k: n / (2 * two["background"][1]) for k, n in crossings.items()} if two["background"][1] else {},
         **{f"two_object_{k}": {"clips": g["clips"], "slot_accuracy": g["right"] / g["slots"] if g["slots"] else None,
                                "swapped": g["swaps"] / g["clips"] if g["clips"] else None}
            for k, g in by_closeness.items()},
@@ -265,6 +283,9 @@ def main(argv=None) -> dict:
                     if g["clips"] else "no clips")
                  for k, g in ((k, r[f"two_object_{k}"]) for k in ("close", "apart"))]
         print(f"{'':>28}two objects, centres apart in x in frame 0 by {parts[0]}; by {parts[1]}")
+        if r["two_object_crossed"]:
+            per = ", ".join(f"{k} {v:.3f}" for k, v in r["two_object_crossed"].items())
+            print(f"{'':>28}two objects given the other object's value (captions in the right order): {per}")
     for split in [] if args.captions_only else args.splits:
         r = results[f"world {split} vqa"] = world_vqa(bridge, split, args.world, args.batch_size, captions[split], args.num_beams)
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_slot"].items())

@@ -30,6 +30,9 @@ def test_quality_bench_runs_and_reports_every_score(tiny_dirs, tmp_path, capsys)
     assert set(iid["one_object_per_slot"]) == {"background", "count", "size", "colour", "shape", "motion"}
     assert "one object:" in printed
     assert iid["two_object_clips"] == 0 and iid["two_object_swapped"] == 0.0 and "two objects:" in printed
+    assert iid["two_object_crossed"] == {}
+    crossings = results["world test-novel captions"]["two_object_crossed"]  # one two-object clip: 0, 0.5 or 1 per slot
+    assert set(crossings) == {"size", "colour", "shape", "motion"} and set(crossings.values()) <= {0.0, 0.5, 1.0}
     vqa = results["world test-iid vqa"]
     assert vqa["one_object_questions"] == vqa["questions"] == sum(len(world.questions(world.scene("test-iid", i))) for i in range(2))
     assert vqa["two_object_questions"] == 0 and vqa["two_object_per_slot"] == {}
@@ -91,6 +94,24 @@ def test_a_two_object_caption_in_the_wrong_order_is_counted_as_swapped():
     assert swapped("a large blue square grows and a small green circle moves left on a white background", ref)
     assert not swapped("a small red circle moves left on a white background", ref)  # one object named
     assert not swapped("two things on white", ref)  # does not parse
+
+
+def test_a_slot_bound_to_the_other_object_is_counted_as_crossed_and_a_misread_one_is_not():
+    crossed = load_script("bench/quality.py").crossed
+    ref = "a small red circle moves left and a large blue square grows on a white background"
+    none = {"size": 0, "colour": 0, "shape": 0, "motion": 0}
+    assert crossed(ref, ref) == none
+    # The colours the other way round: both objects have the other's.
+    assert crossed("a small blue circle moves left and a large red square grows on a white background", ref) == none | {"colour": 2}
+    # The first object's motion is the second's; the second's is neither object's, a misread.
+    assert crossed("a small red circle grows and a large blue square shrinks on a white background", ref) == none | {"motion": 1}
+    # Where both objects have the same value (large), keeping it is right, not crossed.
+    same_size = "a large red circle moves left and a large blue square grows on a white background"
+    assert crossed("a large blue circle moves left and a large blue square grows on a white background", same_size) == none | {"colour": 1}
+    # A swapped caption counts as a swap, not as crossings; a one-object caption or nonsense counts as neither.
+    assert crossed("a large blue square grows and a small red circle moves left on a white background", ref) == {}
+    assert crossed("a small red circle moves left on a white background", ref) == {}
+    assert crossed("two things on white", ref) == {}
 
 
 def test_easy_vqa_questions_are_told_apart_by_what_they_ask():
