@@ -227,11 +227,19 @@ def easy_vqa(bridge: Bridge, n: int, batch_size: int, num_beams: int = 1) -> dic
     questions, answers, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
     items = list(zip(questions, answers, image_ids))[: n or None]
+    # A caption-first bridge captions each image once, not once per question (about ten questions an
+    # image): Bridge.ask after that caption answers as it would after captioning the image itself.
+    histories = {}
+    if bridge.config.caption_first:
+        images = list(dict.fromkeys(i for _, _, i in items))
+        captions = bridge.caption([paths[i] for i in images], batch_size=batch_size, num_beams=num_beams)
+        histories = {i: [(bridge.config.caption_prompt, c)] for i, c in zip(images, captions)}
     # For yes/no questions also how often "yes" is the answer and how often the bridge says it: a bridge
     # that leans one way shows it.
     by_kind, yes_answers, said_yes = counts(), 0, 0
     for chunk in batched(items, batch_size):
-        preds = bridge.ask([paths[i] for _, _, i in chunk], [q for q, _, _ in chunk], num_beams=num_beams)
+        preds = bridge.ask([paths[i] for _, _, i in chunk], [q for q, _, _ in chunk],
+                           [histories.get(i, []) for _, _, i in chunk], num_beams=num_beams)
         for p, (q, a, _) in zip(preds, chunk):
             kind = easy_vqa_kind(q, a)
             by_kind[kind][0] += world.score_answer(p, a)

@@ -240,3 +240,26 @@ def test_a_caption_first_bridge_answers_after_the_captions_the_bench_already_has
     assert len(decodes) == len(asked) > 0 and sum(len(q) for _, q, _ in asked) == result["questions"]
     for frames, questions, preds in asked:
         assert preds == ask(frames, questions)  # the bridge captioning each clip itself
+
+
+def test_a_caption_first_bridge_captions_each_easy_vqa_image_once(tiny_dirs):
+    """The same answers Bridge.ask gives when it captions the image before every question, with one caption
+    per image: the first 12 questions are about two images (11 about image 0, 1 about image 1)."""
+    torch.manual_seed(0)
+    bridge = Bridge(tiny_config(tiny_dirs, caption_first=True)).eval()
+    quality = load_script("bench/quality.py")
+    asked, generate, ask, decodes = [], bridge.generate, bridge.ask, []
+    bridge.generate = lambda px, **k: decodes.append(len(px)) or generate(px, **k)
+
+    def recording_ask(items, questions, histories=None, **kwargs):
+        preds = ask(items, questions, histories, **kwargs)
+        asked.append((items, questions, preds))
+        return preds
+
+    bridge.ask = recording_ask
+    result = quality.easy_vqa(bridge, 12, 4)
+    assert result["questions"] == 12
+    # One decode of both images' captions, then one decode per batch of four questions.
+    assert decodes == [2, 4, 4, 4]
+    for items, questions, preds in asked[1:]:
+        assert preds == ask(items, questions)  # the bridge captioning each image itself
