@@ -6,7 +6,9 @@
 A `ChatSession` is one conversation: the current image or clip and the (question, answer) turns
 about it. Every answer comes from `Bridge.answer`, streamed through transformers'
 `TextIteratorStreamer`; the earlier turns go back in as `history`, which the LLM sees in its own
-chat template. Nothing here knows about models beyond that call.
+chat template. Nothing here knows about models beyond that call. With `--num-beams NB` (more than 1)
+answers are decoded by beam search, as `qformer recaption --num-beams` does: slower, and each answer
+arrives whole, since beam search only knows its best text at the end.
 
 In the terminal, answers go to stdout, one per line, and everything else (status, errors, help)
 to stderr, so `qformer chat --clip c.mp4 < questions.txt > answers.txt` works as a script.
@@ -48,9 +50,12 @@ class ChatError(ValueError):
 class ChatSession:
     """One conversation: the current image or clip and the turns about it."""
 
-    def __init__(self, bridge: Bridge, max_new_tokens: int = 48):
+    def __init__(self, bridge: Bridge, max_new_tokens: int = 48, num_beams: int = 1):
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be 1 (greedy) or more, not {num_beams}")
         self.bridge = bridge
         self.max_new_tokens = max_new_tokens
+        self.num_beams = num_beams
         self.clip: Clip | None = None
         self.history: list[tuple[str, str]] = []
         # A caption-first bridge's opening turn (its caption) with the clip it is about: the bridge would
@@ -79,7 +84,8 @@ class ChatSession:
         """Answer `question` with the turns so far, yielding the text as it is generated.
 
         When the answer is complete it is appended to `history`, exactly as `Bridge.answer`
-        returned it. Closing the iterator early (Ctrl-C, a closed page) stops generation.
+        returned it. Closing the iterator early (Ctrl-C, a closed page) stops generation. Under beam
+        search the answer is yielded in one piece when it is complete.
         """
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -104,12 +110,20 @@ class ChatSession:
                 if self.bridge.captions_before(question, turns):
                     if self.opening[0] is not clip:  # keyed by the clip: another may have been loaded meanwhile
                         prompt = self.bridge.config.caption_prompt
-                        self.opening = (clip, [(prompt, self.bridge.answer(clip, prompt, max_new_tokens=MAX_NEW_TOKENS))])
+                        caption = self.bridge.answer(clip, prompt, max_new_tokens=MAX_NEW_TOKENS, num_beams=self.num_beams)
+                        self.opening = (clip, [(prompt, caption)])
                     turns = self.opening[1] + turns
-                outcome["answer"] = self.bridge.answer(
-                    clip, question, turns, max_new_tokens=self.max_new_tokens,
-                    streamer=streamer, stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
-                )
+                stopping = StoppingCriteriaList([StopWhenAsked()])
+                if self.num_beams == 1:
+                    outcome["answer"] = self.bridge.answer(
+                        clip, question, turns, max_new_tokens=self.max_new_tokens, streamer=streamer, stopping_criteria=stopping,
+                    )
+                else:  # generate() refuses a streamer with beams; the finished answer goes through it whole
+                    outcome["answer"] = self.bridge.answer(
+                        clip, question, turns, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
+                        stopping_criteria=stopping,
+                    )
+                    streamer.on_finalized_text(outcome["answer"], stream_end=True)
             except BaseException as e:  # handed to the caller's thread below
                 outcome["error"] = e
                 streamer.end()  # generate() never will now; without it the loop below waits forever
@@ -212,6 +226,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     first = parser.add_mutually_exclusive_group()
     first.add_argument("--image", metavar="PATH", help="start with this image")
     first.add_argument("--clip", metavar="PATH", help="start with this video clip")
+    parser.add_argument("--num-beams", type=int, default=1, metavar="NB",
+                        help="beam search over NB beams instead of greedy decoding: slower, answers arrive whole")
     parser.add_argument("--web", action="store_true", help="serve the chat as a web page instead of the terminal")
     parser.add_argument("--host", default="127.0.0.1", help="web: address to listen on (default: %(default)s, this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="web: port (default: %(default)s)")
@@ -220,19 +236,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     if args.web and (args.image or args.clip):
         raise SystemExit("qformer chat: --image and --clip are for the terminal chat; in the web page, upload the file")
+    if args.num_beams < 1:
+        raise SystemExit(f"qformer chat: --num-beams must be at least 1, got {args.num_beams}")
     bridge = load_bridge(args.bridge)
     if args.web:
         from .web import launch
 
         try:
-            launch(bridge, host=args.host, port=args.port)
+            launch(bridge, host=args.host, port=args.port, num_beams=args.num_beams)
         except OSError:  # Gradio says only that it found no free port
             raise SystemExit(
                 f"qformer chat: cannot serve the page on {args.host}:{args.port} (the port is in use, or the host is "
                 "not an address of this machine); choose another --port or --host"
             ) from None
         return
-    session = ChatSession(bridge)
+    session = ChatSession(bridge, num_beams=args.num_beams)
     first = args.image or args.clip
     if first:
         try:

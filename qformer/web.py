@@ -40,7 +40,9 @@ def _messages(history: list[tuple[str, str]]) -> list[Message]:
     return [m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
 
-def build_app(bridge: Bridge, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_clip_seconds: float = MAX_CLIP_SECONDS) -> gr.Blocks:
+def build_app(
+    bridge: Bridge, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_clip_seconds: float = MAX_CLIP_SECONDS, num_beams: int = 1,
+) -> gr.Blocks:
     size = f"{max_upload_bytes / 2**20:.3g} MB" if max_upload_bytes >= 2**20 else f"{max_upload_bytes / 2**10:.3g} KB"
     limits = f"files up to {size}, clips up to {max_clip_seconds:g} s"
 
@@ -48,7 +50,7 @@ def build_app(bridge: Bridge, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_clip
         """A new upload starts a new conversation about it; a refused one leaves the page unchanged."""
         if path is None:  # the file was removed from the page
             return None, "Upload an image or a clip.", [], []
-        session = session or ChatSession(bridge)
+        session = session or ChatSession(bridge, num_beams=num_beams)
         name = Path(path).name
         try:
             clip = session.load(path, max_duration_s=max_clip_seconds)
@@ -116,9 +118,10 @@ def launch(
     block: bool = True,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     max_clip_seconds: float = MAX_CLIP_SECONDS,
+    num_beams: int = 1,
 ) -> gr.Blocks:
     """Serve the page; with block=False return at once (close it with `.close()`)."""
-    demo = build_app(bridge, max_upload_bytes, max_clip_seconds)
+    demo = build_app(bridge, max_upload_bytes, max_clip_seconds, num_beams)
     # One model on the CPU: running two generations at once only splits the cores between them.
     demo.queue(default_concurrency_limit=1)
     demo.launch(

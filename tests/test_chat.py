@@ -117,6 +117,29 @@ def test_a_caption_first_chat_captions_each_clip_once(bridge, world_clips, monke
         bridge.config.caption_first = False
 
 
+def test_beam_search_answers_are_the_librarys_and_arrive_whole(bridge, world_clips):
+    clip = str(world_clips[0])
+    session = ChatSession(bridge, num_beams=3)
+    session.load(clip)
+    chunks = list(session.stream(Q1))
+    a1 = bridge.answer(clip, Q1, num_beams=3)
+    assert chunks == [a1]
+    a2 = "".join(session.stream(Q2))
+    assert a2 == bridge.answer(clip, Q2, [(Q1, a1)], num_beams=3)
+    assert session.history == [(Q1, a1), (Q2, a2)]
+    # A caption-first bridge's opening caption is decoded by the same beam search (as Bridge.ask does).
+    bridge.config.caption_first = True
+    try:
+        session = ChatSession(bridge, num_beams=3)
+        session.load(clip)
+        assert "".join(session.stream(Q1)) == bridge.answer(clip, Q1, num_beams=3)
+        assert session.opening[1] == [(bridge.config.caption_prompt, bridge.caption(clip, num_beams=3)[0])]
+    finally:
+        bridge.config.caption_first = False
+    with pytest.raises(ValueError, match="num_beams must be 1 .greedy. or more, not 0"):
+        ChatSession(bridge, num_beams=0)
+
+
 def test_reset_and_new_clips_start_new_conversations(bridge, world_clips):
     session = ChatSession(bridge, max_new_tokens=8)
     session.load(world_clips[0])
@@ -212,7 +235,8 @@ def _args(**given) -> argparse.Namespace:
 
 def test_arguments_and_defaults():
     args = _args()
-    assert (args.bridge, args.image, args.clip, args.web, args.host, args.port) == (None, None, None, False, "127.0.0.1", 7860)
+    assert (args.bridge, args.image, args.clip, args.web, args.host, args.port, args.num_beams) == (
+        None, None, None, False, "127.0.0.1", 7860, 1)
     assert chat.DEFAULT_BRIDGE == REPO / "demos" / "bridge"
     with pytest.raises(SystemExit):
         _args(image="a.png", clip="b.mp4")
@@ -228,6 +252,8 @@ def test_startup_errors_are_messages(bridge_dir, world_clips, monkeypatch, tmp_p
         chat.main(_args(bridge=tmp_path))
     with pytest.raises(SystemExit, match="--image and --clip are for the terminal chat"):
         chat.main(_args(bridge=bridge_dir, clip=world_clips[0], web=True))
+    with pytest.raises(SystemExit, match="--num-beams must be at least 1, got 0"):
+        chat.main(_args(bridge=bridge_dir, **{"num-beams": 0}))
     with pytest.raises(SystemExit, match="broken.mp4: not a decodable video"):
         chat.main(_args(bridge=bridge_dir, clip=world_clips[2]))
 

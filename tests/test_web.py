@@ -22,7 +22,7 @@ pytest.importorskip("gradio", reason="the web page needs gradio (pip install gra
 import httpx  # noqa: E402  (comes with gradio)
 
 from qformer import chat, world  # noqa: E402
-from qformer.web import launch  # noqa: E402
+from qformer.web import build_app, launch  # noqa: E402
 
 from test_chat import Q1, Q2, REPO, bridge, bridge_dir, world_clips  # noqa: E402, F401  (fixtures)
 
@@ -212,6 +212,16 @@ def test_server_reads_only_uploaded_files(server, bridge_dir, world_clips):
     assert httpx.get(f"{server}/gradio_api/file={uploaded}").content == world_clips[0].read_bytes()
 
 
+def test_the_page_answers_by_beam_search_when_asked_to(bridge, world_clips):
+    """`qformer chat --web --num-beams NB`: each browser session's answers are the library's under NB beams."""
+    events = {f.name: f.fn for f in build_app(bridge, num_beams=3).fns.values()}
+    session, status, _, _ = events["load"](str(world_clips[0]), None)
+    assert status.startswith("Loaded world0.mp4") and session.num_beams == 3
+    *_, (chat_shown, _, _) = events["ask"](Q1, session)
+    assert session.history == [(Q1, bridge.answer(str(world_clips[0]), Q1, num_beams=3))]
+    assert chat_shown[-1]["content"] == session.history[0][1]
+
+
 @pytest.mark.slow
 def test_cli_serves_the_page_on_loopback(bridge_dir):
     port = free_port()
@@ -242,7 +252,8 @@ def test_cli_says_when_it_cannot_serve(bridge_dir):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        args = argparse.Namespace(bridge=str(bridge_dir), image=None, clip=None, web=True, host="127.0.0.1", port=port)
+        args = argparse.Namespace(bridge=str(bridge_dir), image=None, clip=None, web=True, host="127.0.0.1", port=port,
+                                  num_beams=1)
         with pytest.raises(SystemExit, match=f"cannot serve the page on 127.0.0.1:{port} .*choose another --port"):
             chat.main(args)
 
