@@ -113,16 +113,13 @@ class ChatSession:
                         caption = self.bridge.answer(clip, prompt, max_new_tokens=MAX_NEW_TOKENS, num_beams=self.num_beams)
                         self.opening = (clip, [(prompt, caption)])
                     turns = self.opening[1] + turns
-                stopping = StoppingCriteriaList([StopWhenAsked()])
-                if self.num_beams == 1:
-                    outcome["answer"] = self.bridge.answer(
-                        clip, question, turns, max_new_tokens=self.max_new_tokens, streamer=streamer, stopping_criteria=stopping,
-                    )
-                else:  # generate() refuses a streamer with beams; the finished answer goes through it whole
-                    outcome["answer"] = self.bridge.answer(
-                        clip, question, turns, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
-                        stopping_criteria=stopping,
-                    )
+                # generate() refuses a streamer with beams; then the finished answer goes through it whole.
+                decode = {"streamer": streamer} if self.num_beams == 1 else {"num_beams": self.num_beams}
+                outcome["answer"] = self.bridge.answer(
+                    clip, question, turns, max_new_tokens=self.max_new_tokens,
+                    stopping_criteria=StoppingCriteriaList([StopWhenAsked()]), **decode,
+                )
+                if self.num_beams > 1:
                     streamer.on_finalized_text(outcome["answer"], stream_end=True)
             except BaseException as e:  # handed to the caller's thread below
                 outcome["error"] = e
