@@ -24,6 +24,9 @@ CLIPS2D=${CLIPS2D:-12000}
 # The new Q-Former's cross-attention: every 2nd layer (BLIP-2's, and the shipped bridge's); 1 is every layer,
 # which bench/reading.py finds reads a second object much better (README), for a retrain not yet run to the end.
 CROSS_ATTENTION_EVERY=${CROSS_ATTENTION_EVERY:-2}
+# The new Q-Former's queries: 16, the shipped bridge's. With cross-attention in every layer, 32 read the second
+# object's colour far better in bench/reading.py (README), for a retrain not yet run to the end.
+NUM_QUERIES=${NUM_QUERIES:-16}
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 
@@ -52,7 +55,7 @@ if [ ! -f "$OUT/stage1/.done" ]; then
     # teaches the queries to drop exactly those slots. ITC's similarities still pick ITM's hard negatives.
     echo "== $(date -u +%FT%TZ) stage 1: ITM + ITG on world captions"
     $PY train.py --stage 1 --stage1-losses itm,itg --data "$OUT/data/world_captions.jsonl" --output "$OUT/stage1" \
-        "${VISION[@]}" --tubelets --num-queries 16 --cross-attention-every "$CROSS_ATTENTION_EVERY" --batch-size 24 --lr 3e-4 \
+        "${VISION[@]}" --tubelets --num-queries "$NUM_QUERIES" --cross-attention-every "$CROSS_ATTENTION_EVERY" --batch-size 24 --lr 3e-4 \
         --max-steps "$STAGE1_STEPS" --save-every 50 $(resume_flag "$OUT/stage1")
     touch "$OUT/stage1/.done"
 fi
