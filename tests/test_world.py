@@ -1,4 +1,4 @@
-"""Tests of the generated-clips world (qformer/world.py against WORLD.md)."""
+"""Tests of the generated-clips world (qformer/world/ against qformer/world/WORLD.md)."""
 from __future__ import annotations
 
 import collections
@@ -10,6 +10,7 @@ import pytest
 
 from qformer import world as w
 from qformer.world import Scene, WorldObject
+from qformer.world.scenes import _reserved_for_test
 
 BG = {name: np.array(rgb, dtype=np.uint8) for name, rgb in w.BACKGROUNDS.items()}
 COL = {name: np.array(rgb, dtype=np.uint8) for name, rgb in w.COLOURS.items()}
@@ -261,8 +262,8 @@ def test_splits_never_share_a_clip(splits):
     assert train.isdisjoint(splits["test-iid"]) and train.isdisjoint(splits["test-novel"])
     assert set(splits["test-iid"]).isdisjoint(splits["test-novel"])
     # disjointness of train and test-iid holds for every index, by construction
-    assert not any(w._reserved_for_test(s) for s in splits["train"])
-    assert all(w._reserved_for_test(s) for s in splits["test-iid"])
+    assert not any(_reserved_for_test(s) for s in splits["train"])
+    assert all(_reserved_for_test(s) for s in splits["test-iid"])
 
 
 # ---------------------------------------------------------------- captions and questions

@@ -1,17 +1,7 @@
-"""The generated-clips world (spec v1, see WORLD.md).
+"""The world's scenes: vocabulary, geometry, the rules of a legal scene, sampling and the splits.
 
-A procedural world of 16-frame, 128 x 128 clips with one or two coloured
-shapes on a flat background, each with an exact caption and question/answer
-pairs. It is the project's offline training data and its benchmark: every
-caption a bridge writes about a world clip can be scored slot by slot.
+Every choice WORLD.md leaves open here is written down next to the code that makes it:
 
-A second, independent renderer of the same spec is used to test the project,
-so everything WORLD.md fixes is followed literally here, and every choice the
-spec leaves open is written down next to the code that makes it:
-
-* Pixel convention: pixel (column i, row j) is the unit square
-  [i, i+1) x [j, j+1); it is painted when its centre (i + 0.5, j + 0.5) lies
-  in the shape. No antialiasing.
 * Rounding: frame t's size s_t = round(size) and centre (X_t, Y_t) =
   round(centre) are whole pixels (there are never ties: see `_round_div`).
   The object's bounding box is the s_t x s_t pixel block whose top-left pixel
@@ -39,12 +29,9 @@ spec leaves open is written down next to the code that makes it:
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
-from fractions import Fraction
 from functools import lru_cache
-from os import PathLike
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 
@@ -74,20 +61,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 SIZES: dict[str, int] = {"small": 20, "large": 36}
 MOTIONS: tuple[str, ...] = ("left", "right", "up", "down", "grows", "shrinks", "still")
-MOTION_PHRASES: dict[str, str] = {
-    "left": "moves left",
-    "right": "moves right",
-    "up": "moves up",
-    "down": "moves down",
-    "grows": "grows",
-    "shrinks": "shrinks",
-    "still": "stays still",
-}
 # (colour, shape) pairs that never appear in `train`.
 HELD_OUT: frozenset[tuple[str, str]] = frozenset({("purple", "triangle"), ("yellow", "square")})
 
 SPLITS: tuple[str, ...] = ("train", "test-iid", "test-novel")
-NUMBER_WORDS = {1: "one", 2: "two"}
 
 # --------------------------------------------------------------------------
 # Exact motion arithmetic.
@@ -345,258 +322,3 @@ def scene(split: str, index: int) -> Scene:
     if split == "test-iid":
         return sample_scene(rng, lambda s: not has_held_out(s) and _reserved_for_test(s))
     return sample_scene(rng, has_held_out)
-
-
-# --------------------------------------------------------------------------
-# Rendering.
-
-
-@lru_cache(maxsize=None)
-def shape_mask(shape: str, side: int) -> np.ndarray:
-    """Boolean (side, side) mask of a shape filling a side x side box.
-
-    Pixel (row j, column i) is painted when its centre lies in the shape.
-    With the box's own coordinates doubled, the centre offset from the box
-    centre is (2i + 1 - side) / 2, so every test is exact integer arithmetic.
-    """
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}")
-    d = 2 * np.arange(side) + 1 - side  # twice the offset of pixel centres
-    dx = d[None, :]
-    dy = d[:, None]
-    if shape == "square":
-        mask = np.ones((side, side), dtype=bool)
-    elif shape == "circle":  # dx^2 + dy^2 <= (side/2)^2
-        mask = dx * dx + dy * dy <= side * side
-    elif shape == "diamond":  # |dx| + |dy| <= side/2: a square of diagonal side
-        mask = np.abs(dx) + np.abs(dy) <= side
-    else:  # triangle: apex at the top middle, base = bottom edge; at depth
-        # (j + 0.5) below the apex the half-width is (j + 0.5) / 2.
-        rows = np.arange(side)[:, None]
-        mask = 2 * np.abs(dx) <= 2 * rows + 1
-    mask.setflags(write=False)  # cached and shared: nobody may change it
-    return mask
-
-
-def _background(name: str) -> np.ndarray:
-    """A fresh (H, W, 3) frame of one background colour (np.tile is several
-    times faster than broadcasting a 3-tuple into an empty array)."""
-    return np.tile(np.array(BACKGROUNDS[name], dtype=np.uint8), (HEIGHT, WIDTH, 1))
-
-
-def _draw(canvas: np.ndarray, scene: Scene, t: int) -> None:
-    """Paint frame t's objects onto a (H, W, 3) canvas holding the background."""
-    for obj in scene.objects:  # caption order: the second is drawn on top
-        left, top, side = obj.box_at(t)
-        mask = shape_mask(obj.shape, side)
-        # Clip to the frame so hand-built scenes that break the rules still render.
-        r0, c0 = max(top, 0), max(left, 0)
-        r1, c1 = min(top + side, HEIGHT), min(left + side, WIDTH)
-        if r0 >= r1 or c0 >= c1:
-            continue
-        sub = mask[r0 - top : r1 - top, c0 - left : c1 - left]
-        canvas[r0:r1, c0:c1][sub] = COLOURS[obj.colour]
-
-
-def render_frame(scene: Scene, t: int) -> np.ndarray:
-    """Frame t as a (128, 128, 3) uint8 array."""
-    frame = _background(scene.background)
-    _draw(frame, scene, t)
-    return frame
-
-
-def render(scene: Scene) -> np.ndarray:
-    """The clip as a (16, 128, 128, 3) uint8 array."""
-    clip = np.repeat(_background(scene.background)[None], FRAMES, axis=0)
-    for t in range(FRAMES):
-        _draw(clip[t], scene, t)
-    return clip
-
-
-# --------------------------------------------------------------------------
-# Captions and questions.
-
-
-def _object_phrase(size: str, colour: str, shape: str, motion: str) -> str:
-    return f"a {size} {colour} {shape} {MOTION_PHRASES[motion]}"
-
-
-def caption(scene: Scene) -> str:
-    """The exact caption, e.g.
-    'a small red circle moves left and a large blue square grows on a white background'."""
-    phrases = [_object_phrase(o.size, o.colour, o.shape, o.motion) for o in scene.objects]
-    return " and ".join(phrases) + f" on a {scene.background} background"
-
-
-def questions(scene: Scene) -> list[tuple[str, str]]:
-    """Every applicable (question, answer) pair, in the table's template order
-    and, within a template, in caption order."""
-    objs = scene.objects
-    qa: list[tuple[str, str]] = [
-        ("what color is the background?", scene.background),
-        ("how many objects are there?", NUMBER_WORDS[len(objs)]),
-    ]
-    shapes = [o.shape for o in objs]
-    colours = [o.colour for o in objs]
-    qa += [(f"what color is the {o.shape}?", o.colour) for o in objs if shapes.count(o.shape) == 1]
-    qa += [
-        (f"what shape is the {o.colour} object?", o.shape)
-        for o in objs
-        if colours.count(o.colour) == 1
-    ]
-    # (colour, shape) is unique within a legal scene, so these always apply.
-    qa += [(f"what does the {o.colour} {o.shape} do?", MOTION_PHRASES[o.motion]) for o in objs]
-    qa += [(f"is the {o.colour} {o.shape} small or large?", o.size) for o in objs]
-    return qa
-
-
-# --------------------------------------------------------------------------
-# Parsing and scoring.
-
-
-@dataclass(frozen=True)
-class ParsedObject:
-    """The caption slots of one object (motion is the key of MOTION_PHRASES)."""
-
-    size: str
-    colour: str
-    shape: str
-    motion: str
-
-
-@dataclass(frozen=True)
-class ParsedCaption:
-    """What a caption says: positions are not part of the grammar."""
-
-    background: str
-    objects: tuple[ParsedObject, ...]
-
-    @classmethod
-    def from_scene(cls, scene: Scene) -> "ParsedCaption":
-        return cls(
-            scene.background,
-            tuple(ParsedObject(o.size, o.colour, o.shape, o.motion) for o in scene.objects),
-        )
-
-
-def _alternatives(words: Iterable[str]) -> str:
-    return "|".join(re.escape(w) for w in words)
-
-
-_PHRASE_TO_MOTION = {phrase: motion for motion, phrase in MOTION_PHRASES.items()}
-_OBJECT_RE = (
-    f"a ({_alternatives(SIZES)}) ({_alternatives(COLOURS)}) "
-    f"({_alternatives(SHAPES)}) ({_alternatives(_PHRASE_TO_MOTION)})"
-)
-_CAPTION_RE = re.compile(
-    f"{_OBJECT_RE}(?: and {_OBJECT_RE})? on a ({_alternatives(BACKGROUNDS)}) background"
-)
-
-
-def normalise(text: str) -> str:
-    """Lower case, surrounding whitespace trimmed, one final full stop removed."""
-    text = text.strip().lower()
-    if text.endswith("."):
-        text = text[:-1].rstrip()
-    return text
-
-
-def parse_caption(text: str) -> ParsedCaption | None:
-    """Parse a caption with the grammar (after `normalise`); None if it does
-    not parse. Inside the caption the grammar is strict (single spaces)."""
-    m = _CAPTION_RE.fullmatch(normalise(text))
-    if m is None:
-        return None
-    g = m.groups()
-    objects = [ParsedObject(g[0], g[1], g[2], _PHRASE_TO_MOTION[g[3]])]
-    if g[4] is not None:
-        objects.append(ParsedObject(g[4], g[5], g[6], _PHRASE_TO_MOTION[g[7]]))
-    return ParsedCaption(g[8], tuple(objects))
-
-
-SLOT_NAMES: tuple[str, ...] = ("background", "count", "size", "colour", "shape", "motion")
-
-
-def score_caption(pred: str, ref: str) -> dict:
-    """Score a predicted caption against a reference caption.
-
-    Returns {"exact": bool, "correct": int, "total": int, "accuracy": float,
-    "slots": {slot: (correct, total)}}. `exact` compares the raw strings.
-    The reference has 2 + 4 n slots: background, count and, per reference
-    object matched in order, size, colour, shape and motion. A prediction
-    that does not parse scores 0 on every slot; reference objects the
-    prediction lacks score 0; extra predicted objects add no slots (they
-    only cost the count slot).
-    """
-    parsed_ref = parse_caption(ref)
-    if parsed_ref is None:
-        raise ValueError(f"reference caption does not parse: {ref!r}")
-    n = len(parsed_ref.objects)
-    totals = {"background": 1, "count": 1, "size": n, "colour": n, "shape": n, "motion": n}
-    correct = dict.fromkeys(SLOT_NAMES, 0)
-    parsed = parse_caption(pred)
-    if parsed is not None:
-        correct["background"] = int(parsed.background == parsed_ref.background)
-        correct["count"] = int(len(parsed.objects) == n)
-        for p, r in zip(parsed.objects, parsed_ref.objects):
-            for slot in ("size", "colour", "shape", "motion"):
-                correct[slot] += int(getattr(p, slot) == getattr(r, slot))
-    total = sum(totals.values())
-    right = sum(correct.values())
-    return {
-        "exact": pred == ref,
-        "correct": right,
-        "total": total,
-        "accuracy": right / total,
-        "slots": {slot: (correct[slot], totals[slot]) for slot in SLOT_NAMES},
-    }
-
-
-def score_answer(pred: str, ref: str) -> bool:
-    """VQA accuracy for one answer: exact match after `normalise`."""
-    return normalise(pred) == normalise(ref)
-
-
-# --------------------------------------------------------------------------
-# Video files.
-
-
-def write_mp4(frames: np.ndarray, path: str | PathLike, fps: int = FPS, crf: int = 4) -> None:
-    """Write (T, H, W, 3) uint8 frames as H.264 yuv420p MP4 with PyAV.
-
-    crf 4 is visually lossless (the RGB -> yuv420p chroma halving at colour
-    edges costs far more than the encoder does) and keeps the plain High
-    profile, which browsers play; crf 0 is lossless in YUV but switches
-    libx264 to High 4:4:4 Predictive, which most browsers cannot decode.
-    H and W must be even for yuv420p.
-    """
-    import av  # imported here so the rest of the module needs no PyAV
-
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
-    _, height, width, _ = frames.shape
-    if height % 2 or width % 2:
-        raise ValueError("yuv420p needs even height and width")
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width = width
-        stream.height = height
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
-        for t, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-            frame.pts = t
-            frame.time_base = Fraction(1, fps)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():  # flush the encoder's delayed frames
-            container.mux(packet)
-
-
-def read_mp4(path: str | PathLike) -> np.ndarray:
-    """Decode every frame of a video file to a (T, H, W, 3) uint8 RGB array."""
-    import av
-
-    with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
