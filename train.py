@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, is_tensorboard_available, set_seed
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from tqdm.auto import tqdm
@@ -43,11 +42,12 @@ from adapters.llm import load_llm
 from adapters.vision import load_vision
 from qformer import Bridge, BridgeConfig, QFormerConfig
 from qformer.config import LoraConfig
-from qformer.bridge import CONFIG_NAME, WEIGHTS_NAME
+from qformer.bridge import CONFIG_NAME, read_bridge_dir
 from qformer.convert import load_bert_into_qformer
 from qformer.data import ClipDataset, FeatureCache, MixedBatchSampler, collate, fill_cache, open_source, parse_data_arg
 from qformer.losses import Stage1Objective
 from qformer.model import count_parameters
+from qformer.resume import check_checkpoint, check_rng_restored
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -207,7 +207,7 @@ def build_bridge(args) -> Bridge:
         d = Path(args.init_from)
         if not (d / CONFIG_NAME).exists():
             fail(f"--init-from {d}: not a bridge directory (no {CONFIG_NAME})")
-        source = BridgeConfig.from_dict(json.loads((d / CONFIG_NAME).read_text()))
+        source, state = _checked(lambda: read_bridge_dir(d))
         if args.vision and args.vision != source.vision:
             fail(f"--vision {args.vision}: the Q-Former in {d} was trained on {source.vision} features; drop --vision")
         if args.vision_layer is not None and args.vision_layer != source.vision_layer:
@@ -235,7 +235,6 @@ def build_bridge(args) -> Bridge:
             system_prompt=source.system_prompt if args.system_prompt is None else args.system_prompt, lora=lora,
         )
         bridge = _checked(lambda: Bridge(config, vision, llm))
-        state = load_file(str(d / WEIGHTS_NAME))
         same_llm = config.llm == source.llm and config.llm_width == source.llm_width
         for part in ("qformer", "heads", "projection"):
             module = getattr(bridge, part)
@@ -353,6 +352,9 @@ def main(argv=None) -> Bridge:
         fail(f"--cross-attention-every {args.cross_attention_every}: give 1 (every layer) or more")
     if not args.resume and latest_checkpoint(out) is not None:
         fail(f"{out} already holds a run's checkpoints: pass --resume to continue it, or choose another --output")
+    # The checkpoint to resume from is read whole now, not found damaged once the models are loaded.
+    resume_from = latest_checkpoint(out) if args.resume == "latest" else args.resume and Path(args.resume)
+    resumed = resume_from and _checked(lambda: check_checkpoint(resume_from, Progress))
     try:
         data = [parse_data_arg(a) for a in args.data]
         sources = [open_source(path) for path, _ in data]
@@ -424,7 +426,7 @@ def main(argv=None) -> Bridge:
         weights.clear()
 
     def load_trainable_only(models, directory):
-        bridge.load_trainable(load_file(str(Path(directory) / WEIGHTS_NAME)), source=directory)
+        bridge.load_trainable(read_bridge_dir(directory)[1], source=directory)
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_trainable_only)
@@ -442,13 +444,13 @@ def main(argv=None) -> Bridge:
     # 7. Resume: weights, optimizer, scheduler, RNG states, and the position in the data.
     progress = Progress()
     if args.resume:
-        path = latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)
-        if path is None:
+        if resume_from is None:
             say(f"no checkpoint in {out / 'checkpoints'}: starting from step 0")
         else:
-            accelerator.load_state(str(path))
-            progress = Progress(**json.loads((path / "progress.json").read_text()))
-            say(f"resumed from {path} at step {progress.step}")
+            _checked(lambda: accelerator.load_state(str(resume_from)))  # weights that do not fit this run's bridge
+            _checked(lambda: check_rng_restored(resume_from, accelerator.process_index))
+            progress = resumed
+            say(f"resumed from {resume_from} at step {progress.step}")
             if accelerator.is_main_process:
                 forget_metrics_after(out / "metrics.jsonl", progress.step)
 

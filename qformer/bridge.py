@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from adapters.checkpoint import CheckpointError, safetensors_header
 from adapters.llm import load_llm
 from adapters.offline import minilm_dir
 from adapters.vision import load_vision
@@ -31,6 +32,10 @@ CONFIG_NAME = "bridge_config.json"
 WEIGHTS_NAME = "bridge.safetensors"
 # Longest caption or answer generated unless asked otherwise: a two-object WORLD.md caption is 17 SmolLM2 tokens or so.
 MAX_NEW_TOKENS = 48
+# A bridge config is a page of JSON; a larger file is not one.
+MAX_CONFIG_BYTES = 2**20
+# The dtypes a bridge's trainable weights are saved in (save_pretrained's dtype casts floating weights).
+WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
 def bridge_or_default(spec: str | None) -> str:
@@ -45,6 +50,68 @@ def bridge_or_default(spec: str | None) -> str:
     return str(DEFAULT_BRIDGE)
 
 
+def trainable_parts(config: BridgeConfig) -> dict[str, nn.Module]:
+    """The modules a bridge trains and saves, built from the config alone: the Q-Former, the projection into
+    the LLM and, when the config asks, the stage-1 heads (ITC/ITM/ITG; generation never uses them)."""
+    q = config.qformer
+    parts = {"qformer": QFormer(q), "projection": nn.Linear(q.hidden_size, config.llm_width)}
+    if q.stage1_heads:
+        parts["heads"] = QFormerHeads(q)
+    return parts
+
+
+def trainable_shapes(config: BridgeConfig) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the weights save_pretrained writes for this config, LoRA adapters aside (their
+    shapes depend on the LLM). Built on the meta device: nothing is allocated, whatever the config says."""
+    with torch.device("meta"):
+        parts = trainable_parts(config)
+    return {f"{part}.{k}": tuple(v.shape) for part, module in parts.items() for k, v in module.state_dict().items()}
+
+
+def read_bridge_config(directory: str | os.PathLike) -> BridgeConfig:
+    """A bridge directory's config, validated (types, sane sizes); a CheckpointError naming the file otherwise."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, too large for a bridge config (at most {MAX_CONFIG_BYTES})")
+        return BridgeConfig.from_dict(json.loads(path.read_bytes()))
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except (ValueError, TypeError) as e:  # not JSON, unknown keys, wrong types, sizes beyond bounds
+        raise CheckpointError(f"{path}: not a valid bridge config: {e}") from None
+
+
+def read_bridge_dir(directory: str | os.PathLike) -> tuple[BridgeConfig, dict[str, torch.Tensor]]:
+    """The config and trainable weights of a bridge directory, each checked before anything is allocated:
+    the config's types and sizes, then the weights file's header against the shapes that config implies,
+    then the weights' values (finite). Anything wrong is one CheckpointError naming the file."""
+    d = Path(directory)
+    config = read_bridge_config(d)
+    path = d / WEIGHTS_NAME
+    header = safetensors_header(path)
+    try:
+        expected = trainable_shapes(config)
+    except ValueError as e:  # sizes that do not go together, e.g. a width no multiple of the heads
+        raise CheckpointError(f"{d / CONFIG_NAME}: not a valid bridge config: {e}") from None
+    # LoRA adapters' shapes depend on the LLM: load_trainable checks them once it is loaded.
+    lora = {k for k in header if config.lora is not None and k.startswith("llm.") and "lora_" in k}
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected) - lora)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit {d / CONFIG_NAME}; missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, (dtype, shape) in header.items():
+        if dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{path}: {name} is {dtype}; bridge weights are floating point ({', '.join(WEIGHT_DTYPES)})")
+        if name in expected and shape != expected[name]:
+            raise CheckpointError(f"{path}: {name} has shape {shape}, {d / CONFIG_NAME} implies {expected[name]}")
+    state = load_file(str(path))
+    for name, v in state.items():
+        if not torch.isfinite(v).all():
+            raise CheckpointError(f"{path}: {name} holds NaN or infinite values")
+    return config, state
+
+
 @dataclass
 class BridgeOutput:
     logits: torch.Tensor | None  # (B, L, V) at the text positions; None when only the loss was asked for
@@ -54,6 +121,7 @@ class BridgeOutput:
 class Bridge(nn.Module):
     def __init__(self, config: BridgeConfig, vision: nn.Module | None = None, llm: nn.Module | None = None):
         super().__init__()
+        config.validate()  # sizes beyond sane bounds would be allocated below
         self.config = config
         self.vision = vision if vision is not None else load_vision(config.vision, config.vision_layer, config.vision_resolution)
         self.llm = llm if llm is not None else load_llm(config.llm, lora=config.lora)
@@ -68,10 +136,8 @@ class Bridge(nn.Module):
                 f"language model {config.llm!r} is {self.llm.width} wide but this bridge projects into "
                 f"{config.llm_width}; re-bridge it (train.py --init-from) to change LLM"
             )
-        self.qformer = QFormer(q)
-        self.projection = nn.Linear(q.hidden_size, self.llm.width)
-        # Stage-1 heads (ITC/ITM/ITG) only when the config asks; generation never uses them.
-        self.heads = QFormerHeads(q) if q.stage1_heads else None
+        parts = trainable_parts(config)
+        self.qformer, self.projection, self.heads = parts["qformer"], parts["projection"], parts.get("heads")
         if config.instruct and not config.qformer_tokenizer:
             raise ValueError("an instructed bridge needs config.qformer_tokenizer (e.g. 'minilm' or a BERT directory)")
         self.qformer_tokenizer = None
@@ -124,9 +190,9 @@ class Bridge(nn.Module):
                 raise FileNotFoundError(f"{directory}: no such bridge directory (nor a hub id)") from None
         if not (d / CONFIG_NAME).exists():
             raise FileNotFoundError(f"{d}: not a bridge directory (no {CONFIG_NAME})")
-        config = BridgeConfig.from_dict(json.loads((d / CONFIG_NAME).read_text()))
+        config, state = read_bridge_dir(d)
         bridge = cls(config, vision, llm)
-        bridge.load_trainable(load_file(str(d / WEIGHTS_NAME)), source=str(d))
+        bridge.load_trainable(state, source=str(d / WEIGHTS_NAME))
         # Ready to answer, as transformers' from_pretrained is: in train mode the Q-Former's dropout would
         # make every answer a draw. Training calls train() itself.
         return bridge.eval()
@@ -135,10 +201,10 @@ class Bridge(nn.Module):
         own = self.trainable_state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(f"{source}: bridge weights do not fit this bridge; missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise CheckpointError(f"{source}: bridge weights do not fit this bridge; missing {missing[:5]}, unexpected {unexpected[:5]}")
         for k, v in state.items():
             if own[k].shape != v.shape:
-                raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, this bridge needs {tuple(own[k].shape)}")
+                raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, this bridge needs {tuple(own[k].shape)}")
         with torch.no_grad():
             params = dict(self.named_parameters()) | dict(self.named_buffers())
             for k, v in state.items():

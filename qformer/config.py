@@ -1,7 +1,38 @@
 """Typed configs of the trainable part. Each default is written once, here."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
+
+# Sane bounds (inclusive) of every numeric field. A bridge directory is read from disk and may be crafted,
+# and the Q-Former allocates what its config says (vocab_size x hidden_size word embeddings, layers of
+# hidden_size x intermediate_size, ...), so validate() checks each size before any module is built. The
+# highs stand far above any real Q-Former (BLIP-2's: 768 wide, 12 layers, 32 queries, a 30523-token
+# vocabulary) and far below sizes that would exhaust a machine before the weights file is even compared.
+BOUNDS = {
+    "hidden_size": (1, 8192),
+    "num_layers": (1, 128),
+    "num_heads": (1, 512),
+    "intermediate_size": (1, 65536),
+    "num_queries": (1, 4096),
+    "cross_attention_every": (1, 128),
+    "vision_width": (1, 16384),
+    "vocab_size": (1, 1_000_000),  # multilingual BERTs have 250k tokens
+    "max_text_len": (1, 65536),
+    "max_frames": (1, 4096),
+    "tubelet_frames": (0, 4096),
+    "grid_side": (0, 4096),
+    "layer_norm_eps": (1e-30, 1.0),
+    "dropout": (0.0, 1.0),
+    "pad_token_id": (0, 999_999),
+    "embed_dim": (1, 8192),
+    "r": (1, 4096),
+    "alpha": (1, 1_000_000),
+    "vision_layer": (-1024, 1024),
+    "vision_resolution": (1, 16384),
+    "llm_width": (1, 65536),
+    "num_frames": (1, 4096),
+}
 
 
 @dataclass
@@ -47,6 +78,11 @@ class QFormerConfig:
     stage1_heads: bool = False
     embed_dim: int = 256
 
+    def validate(self) -> None:
+        _validate(self, "qformer.")
+        if self.pad_token_id >= self.vocab_size:
+            raise ValueError(f"qformer.pad_token_id {self.pad_token_id} is not a token of its {self.vocab_size}-token vocabulary")
+
 
 @dataclass
 class LoraConfig:
@@ -57,6 +93,9 @@ class LoraConfig:
     dropout: float = 0.0
     # Module names of the LLM to adapt, or peft's "all-linear" (every linear layer but the output head).
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def validate(self) -> None:
+        _validate(self, "lora.")
 
 
 @dataclass
@@ -86,17 +125,56 @@ class BridgeConfig:
     system_prompt: str | None = None
     num_frames: int = 8
 
+    def validate(self) -> None:
+        """A ValueError naming the first field of a wrong type or beyond its BOUNDS, here or in the nested configs."""
+        _validate(self)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "BridgeConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"bridge config: unknown keys {sorted(unknown)}")
-        d = dict(d)
-        d["qformer"] = QFormerConfig(**d.get("qformer", {}))
+        """The config a dict (parsed JSON) describes, validated."""
+        d = dict(_known(cls, d, "bridge config"))
+        d["qformer"] = QFormerConfig(**_known(QFormerConfig, d.get("qformer", {}), "qformer"))
         if d.get("lora") is not None:
-            d["lora"] = LoraConfig(**d["lora"])
-        return cls(**d)
+            d["lora"] = LoraConfig(**_known(LoraConfig, d["lora"], "lora"))
+        config = cls(**d)
+        config.validate()
+        return config
+
+
+def _known(cls, d, where: str) -> dict:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+    return d
+
+
+def _validate(config, where: str = "") -> None:
+    """Each field's value against its annotation ("int", "str | None", "list[str] | str", a nested config)
+    and its BOUNDS. bool is no int here, and an int is a float: JSON writes 0.0 as 0."""
+    for f in fields(config):
+        value, name = getattr(config, f.name), f"{where}{f.name}"
+        kinds = [k.strip() for k in f.type.split("|")]
+        if value is None and "None" in kinds:
+            continue
+        if isinstance(value, (QFormerConfig, LoraConfig)) and type(value).__name__ in kinds:
+            value.validate()
+            continue
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        ok = {
+            "int": integer,
+            "float": integer or isinstance(value, float) and math.isfinite(value),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, str),
+            "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+        }
+        if not any(ok.get(k, False) for k in kinds):
+            raise ValueError(f"{name} must be {' or '.join(kinds)}, not {value!r:.80}")
+        if f.name in BOUNDS:
+            low, high = BOUNDS[f.name]
+            if not low <= value <= high:
+                raise ValueError(f"{name} is {value!r:.40}, outside the sane range [{low}, {high}]")
