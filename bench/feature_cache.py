@@ -8,7 +8,7 @@ Each way is timed alone (input only) and with a stage-1 training step of a MiniL
 ways take turns for --repeats rounds and each keeps its best epoch: a single epoch of each, one after
 the other, is unfair to whichever runs second (training epochs slow down after the first).
 
-    python bench/feature_cache.py [--clips 32] [--frames 4] [--resolution 128] [--batch-size 8] [--workers 2] [--repeats 3]
+    python -m bench.feature_cache [--clips 32] [--frames 4] [--resolution 128] [--batch-size 8] [--workers 2] [--repeats 3]
 
 Uses the offline EfficientNet-Lite0. Decoding runs in DataLoader workers in both paths, as in train.py.
 """

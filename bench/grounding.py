@@ -1,7 +1,7 @@
 """Does a bridge look at the clip? Caption loss on the right clips against the same clips paired wrongly,
 and how much the visual prompt varies from clip to clip.
 
-    python bench/grounding.py [--bridge DIR] [--split test-iid] [--clips 64] [--json FILE]
+    python -m bench.grounding [--bridge DIR] [--split test-iid] [--clips 64] [--json FILE]
 
 A stage-2 run can learn to erase the clip: the visual prompt collapses to one constant and the LLM writes
 well-formed captions from its prior alone. Such a bridge scores the same caption loss whether each world
@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.probe import frame_features  # noqa: E402
-from qformer import Bridge, world  # noqa: E402
-from qformer.bridge import DEFAULT_BRIDGE  # noqa: E402
+from bench.probe import frame_features
+from qformer import Bridge, world
+from qformer.bridge import DEFAULT_BRIDGE
 
 
 def spread(x: torch.Tensor) -> float:

@@ -1,6 +1,6 @@
 """What does a bridge's Q-Former keep of a clip, and what of it reaches the LLM? Probes of the first object's slots.
 
-    python bench/probe.py [--bridge DIR ...] [--train 1500] [--test 500] [--json FILE]
+    python -m bench.probe [--bridge DIR ...] [--train 1500] [--test 500] [--json FILE]
 
 For world clips (WORLD.md), a linear classifier is fitted to predict the first object's colour, motion,
 size and shape from (a) the frozen vision features, each frame mean-pooled and the frames kept in
@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adapters.video import as_clip  # noqa: E402
-from qformer import Bridge, world  # noqa: E402
-from qformer.bridge import DEFAULT_BRIDGE  # noqa: E402
+from adapters.video import as_clip
+from qformer import Bridge, world
+from qformer.bridge import DEFAULT_BRIDGE
 
 SLOTS = {"colour": list(world.COLOURS), "motion": list(world.MOTIONS), "size": list(world.SIZES), "shape": list(world.SHAPES)}
 

@@ -1,6 +1,6 @@
 """How good is a bridge? Held-out world captions and VQA, and easy-VQA test accuracy.
 
-    python bench/quality.py [--bridge DIR] [--world N] [--easy-vqa N] [--splits S,S] [--captions-only]
+    python -m bench.quality [--bridge DIR] [--world N] [--easy-vqa N] [--splits S,S] [--captions-only]
                             [--num-beams NB] [--json FILE]
 
 World sets: the first N clips of `test-iid` and of `test-novel` (unseen colour-shape pairs), scored
@@ -274,7 +274,7 @@ def main(argv=None) -> dict:
         sys.exit(f"{args.bridge}: no bridge there; pass --bridge DIR (a directory written by Bridge.save_pretrained)")
     bridge = Bridge.from_pretrained(args.bridge).eval()
     print(f"bridge: {args.bridge}" + (" (answers caption-first)" if bridge.config.caption_first else ""))
-    print(f"command: python bench/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"command: python -m bench.quality {' '.join(argv if argv is not None else sys.argv[1:])}")
     results, captions, t0 = {}, {}, time.time()
     for split in args.splits:
         r, captions[split] = world_captions(bridge, split, args.world, args.batch_size, args.num_beams)

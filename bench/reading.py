@@ -1,7 +1,7 @@
 """Can a Q-Former learn to read every slot of a world clip from the frozen features, and how fast, by how
 it is shown the clip? Separate frame tokens or tubelets, with or without grid positions.
 
-    python bench/reading.py [--layer 7] [--resolution 128] [--train 3000] [--test 500] [--steps 400] [--json FILE]
+    python -m bench.reading [--layer 7] [--resolution 128] [--train 3000] [--test 500] [--steps 400] [--json FILE]
                             [--num-queries 16] [--cross-attention-every 2]
 
 A supervised proxy of what a bridge must learn, without the LLM's cost: for each variant a MiniLM-
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,15 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adapters.offline import minilm_dir  # noqa: E402
-from adapters.vision import load_vision  # noqa: E402
-from adapters.video import as_clip  # noqa: E402
-from qformer import QFormerConfig, world  # noqa: E402
-from qformer.convert import load_bert_into_qformer  # noqa: E402
-from qformer.model import QFormer  # noqa: E402
-from bench.probe import print_table  # noqa: E402
+from adapters.offline import minilm_dir
+from adapters.vision import load_vision
+from adapters.video import as_clip
+from qformer import QFormerConfig, world
+from qformer.convert import load_bert_into_qformer
+from qformer.model import QFormer
+from bench.probe import print_table
 
 # Label values of each slot; the second object's slots have one more value, "none".
 SLOTS = {

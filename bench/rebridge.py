@@ -1,6 +1,6 @@
 """Give a new LLM eyes: re-bridge a trained Q-Former to it, against a Q-Former started from MiniLM.
 
-    python bench/rebridge.py --data DIR [--source DIR] [--llm gemma3-270m] [--steps 850]
+    python -m bench.rebridge --data DIR [--source DIR] [--llm gemma3-270m] [--steps 850]
                              [--projection-steps 50] [--eval-every 100] [--world 100] [--out runs/rebridge]
 
 DIR holds the manifests of `demos/world_data.py`. Two stage-2 runs into the new LLM, identical in data,
@@ -20,14 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py lives at the top of the repository
-
-import train  # noqa: E402
-from adapters.llm import load_llm  # noqa: E402
-from adapters.vision import load_vision  # noqa: E402
-from bench.quality import world_captions  # noqa: E402
-from qformer import Bridge  # noqa: E402
-from qformer.bridge import DEFAULT_BRIDGE  # noqa: E402
+import train
+from adapters.llm import load_llm
+from adapters.vision import load_vision
+from bench.quality import world_captions
+from qformer import Bridge
+from qformer.bridge import DEFAULT_BRIDGE
 
 SPLIT = "test-iid"
 
@@ -106,7 +104,7 @@ def main(argv=None) -> dict:
                  f"--eval-every {args.eval_every}")
     for name in ("world_captions.jsonl", "world_vqa.jsonl", "easy_vqa.jsonl", "easy_captions.jsonl"):
         if not (Path(args.data) / name).is_file():
-            ap.error(f"--data {args.data}: no {name}; write the manifests with `python demos/world_data.py {args.data}`")
+            ap.error(f"--data {args.data}: no {name}; write the manifests with `python -m demos.world_data {args.data}`")
     t0 = time.time()
     source = Bridge.from_pretrained(args.source).eval()
     c = source.config
@@ -138,7 +136,7 @@ def main(argv=None) -> dict:
     results = {
         "llm": args.llm, "source": repo_relative(args.source), "split": SPLIT, "clips": args.world,
         "source_slot_accuracy": source_accuracy, "steps": steps, "slot_accuracy": curves, "step_at_95": reached,
-        "command": "python bench/rebridge.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m bench.rebridge " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print(f"\nworld {SPLIT} caption slot accuracy ({args.world} clips); source bridge ({c.llm}): {source_accuracy:.3f}")
     print(f"{'step':>6}  {'from the bridge':>16}  {'from MiniLM':>12}  {'bridge / source':>16}")

@@ -11,7 +11,7 @@ One run, the same clips, the same greedy tokens, prints:
      clip since BLIP-2 is an image model -- clips/s, ratio (goal: at least 1.5) and whether the captions
      are identical.
 
-    python bench/recaption_speed.py [--clips 16] [--repeats 2] [--bridge DIR] ...
+    python -m bench.recaption_speed [--clips 16] [--repeats 2] [--bridge DIR] ...
 
 Each figure is the fastest of --repeats interleaved rounds (load from other processes only adds time).
 

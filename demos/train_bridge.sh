@@ -47,7 +47,7 @@ resume_flag() {  # --resume once a stage has checkpoints to continue from
 }
 
 echo "== $(date -u +%FT%TZ) world clips and manifests"
-$PY demos/world_data.py "$OUT/data" --clips "$CLIPS"
+$PY -m demos.world_data "$OUT/data" --clips "$CLIPS"
 
 if [ ! -f "$OUT/stage1/.done" ]; then
     # No ITC loss: its text side (MiniLM, a sentence encoder) gives captions that differ only in colour or
@@ -103,7 +103,7 @@ fi
 # weighted up; the questions stay in the mix so the caption-first answers are kept.
 if [ ! -f "$OUT/stage2d/.done" ]; then
     echo "== $(date -u +%FT%TZ) stage 2d: $CLIPS2D clips, mostly captions"
-    $PY demos/world_data.py "$OUT/data2d" --clips "$CLIPS2D"
+    $PY -m demos.world_data "$OUT/data2d" --clips "$CLIPS2D"
     $PY train.py --stage 2 --init-from "$OUT/stage2c" --lr 2e-4 \
         --data "$OUT/data2d/world_captions.jsonl:3" --data "$OUT/data2d/easy_captions.jsonl:0.25" \
         --data "$OUT/data2d/world_vqa.jsonl:1.5" --data "$OUT/data2d/easy_vqa.jsonl:0.5" \
@@ -115,5 +115,5 @@ fi
 echo "== $(date -u +%FT%TZ) half-precision copy and scores"
 $PY -c "import sys, torch; from qformer import Bridge; Bridge.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)" \
     "$OUT/stage2d" "$OUT/bridge"
-$PY bench/quality.py --bridge "$OUT/bridge" --json "$OUT/scores.json"
+$PY -m bench.quality --bridge "$OUT/bridge" --json "$OUT/scores.json"
 echo "== $(date -u +%FT%TZ) done: $OUT/bridge (copy it to demos/bridge), scores in $OUT/scores.json"

@@ -1,6 +1,6 @@
 """Write training manifests for the demo bridge: generated-world clips and the easy-VQA training set.
 
-    python demos/world_data.py OUT [--clips 5000] [--first 0] [--split train] [--objects N]
+    python -m demos.world_data OUT [--clips 5000] [--first 0] [--split train] [--objects N]
 
 OUT/clips/NNNNNN.mp4       world clips of the split (WORLD.md), H.264
 OUT/world_captions.jsonl   {"video", "caption"}, one row per clip
@@ -24,15 +24,12 @@ import functools
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ lives at the top of the repository
-
-from bench.quality import EASY_VQA_SHAPES, easy_vqa_kind  # noqa: E402
-from qformer import world  # noqa: E402
+from bench.quality import EASY_VQA_SHAPES, easy_vqa_kind
+from qformer import world
 
 
 def write_jsonl(path: Path, rows) -> int:

@@ -1,9 +1,6 @@
 """Tiny Hugging Face backbones built from configs, saved to real directories, shared by the tests."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,16 +12,6 @@ WORDS = (
     "stays still one two describe clip image question answer ? . , :"
 ).split()
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_script(relative: str):
-    """A script of the repository (bench/, demos/) that is no package module, imported from its file."""
-    path = ROOT / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_tokenizer():

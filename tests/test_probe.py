@@ -3,41 +3,40 @@ from __future__ import annotations
 
 import torch
 
+from bench import probe
 from qformer import Bridge, world
 
-from conftest import load_script, tiny_config
+from conftest import tiny_config
 
 
 def test_the_probe_reads_a_separable_label_and_not_noise():
-    bench = load_script("bench/probe.py")
     torch.manual_seed(0)
     y = torch.randint(0, 3, (60,))
     informative = torch.nn.functional.one_hot(y, 3).float() + 0.1 * torch.randn(60, 3)
-    assert torch.equal(bench.linear_probe(informative[:40], y[:40], informative[40:], 3), y[40:])
+    assert torch.equal(probe.linear_probe(informative[:40], y[:40], informative[40:], 3), y[40:])
     noise = torch.randn(600, 8)
     ny = torch.randint(0, 3, (600,))
-    chance = (bench.linear_probe(noise[:300], ny[:300], noise[300:], 3) == ny[300:]).float().mean()
+    chance = (probe.linear_probe(noise[:300], ny[:300], noise[300:], 3) == ny[300:]).float().mean()
     assert chance < 0.45  # a third, give or take
 
 
 def test_nearest_class_mean_needs_a_large_difference_where_the_linear_probe_does_not():
-    bench = load_script("bench/probe.py")
     x = torch.tensor([[0.0, 0.0], [0.0, 2.0], [4.0, 0.0], [4.0, 2.0]])
     y = torch.tensor([0, 0, 1, 1])
-    assert torch.equal(bench.nearest_class_mean(x, y, torch.tensor([[1.0, 9.0], [3.5, -5.0]]), 2), torch.tensor([0, 1]))
+    assert torch.equal(probe.nearest_class_mean(x, y, torch.tensor([[1.0, 9.0], [3.5, -5.0]]), 2), torch.tensor([0, 1]))
     # The label is a 0.01 shift along a dimension buried under 100x larger unrelated variation.
     torch.manual_seed(0)
     y = torch.randint(0, 2, (400,))
     faint = torch.stack([0.01 * y + 0.001 * torch.randn(400), torch.randn(400)], 1)
-    assert (bench.linear_probe(faint[:300], y[:300], faint[300:], 2) == y[300:]).float().mean() > 0.95
-    assert (bench.nearest_class_mean(faint[:300], y[:300], faint[300:], 2) == y[300:]).float().mean() < 0.7
+    assert (probe.linear_probe(faint[:300], y[:300], faint[300:], 2) == y[300:]).float().mean() > 0.95
+    assert (probe.nearest_class_mean(faint[:300], y[:300], faint[300:], 2) == y[300:]).float().mean() < 0.7
 
 
 def test_probe_bench_reports_every_slot_once_per_feature_set_and_per_bridge(tiny_dirs, tmp_path, capsys):
     torch.manual_seed(0)
     Bridge(tiny_config(tiny_dirs)).save_pretrained(tmp_path / "a")
     Bridge(tiny_config(tiny_dirs, instruct=True, qformer_tokenizer=tiny_dirs["llm"])).save_pretrained(tmp_path / "b")
-    results = load_script("bench/probe.py").main(
+    results = probe.main(
         ["--bridge", str(tmp_path / "a"), "--bridge", str(tmp_path / "b"), "--train", "6", "--test", "4", "--json", str(tmp_path / "p.json")])
     assert len(results) == 7  # both bridges read the same frozen features: one row for them
     assert [k.split()[0] for k in results] == ["features"] + ["queries", "visual", "visual"] * 2
@@ -53,7 +52,6 @@ def test_the_itg_row_reads_the_stage_1_head_word_by_word(tiny_dirs, tmp_path):
     config = tiny_config(tiny_dirs, qformer_tokenizer=tiny_dirs["llm"])
     config.qformer.stage1_heads = True
     bridge = Bridge(config).eval()
-    probe = load_script("bench/probe.py")
     scenes = [world.scene("test-iid", i) for i in range(4)]
     feats = probe.frame_features(bridge, scenes)
     single = torch.tensor([len(s.objects) == 1 for s in scenes])
@@ -98,7 +96,6 @@ def test_text_feature_similarity_is_one_where_the_text_side_is_blind(tiny_dirs):
     config = tiny_config(tiny_dirs, qformer_tokenizer=tiny_dirs["llm"])
     config.qformer.stage1_heads = True
     bridge = Bridge(config).eval()
-    probe = load_script("bench/probe.py")
     scores = probe.text_feature_similarity(bridge)
     assert list(scores) == ["colour", "motion", "size", "shape", "background"]
     assert all(-1.0 <= v < 1.0 - 1e-6 for v in scores.values())  # a random text side tells every slot apart a little

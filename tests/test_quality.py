@@ -6,19 +6,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from bench import quality
 from qformer import Bridge, world
 
-from conftest import load_script, tiny_config
+from conftest import tiny_config
 
 pytestmark = pytest.mark.backbones  # reads the easy-VQA test split from its package
-
-
 
 
 def test_quality_bench_runs_and_reports_every_score(tiny_dirs, tmp_path, capsys):
     torch.manual_seed(0)
     Bridge(tiny_config(tiny_dirs)).save_pretrained(tmp_path / "b")
-    results = load_script("bench/quality.py").main(["--bridge", str(tmp_path / "b"), "--world", "2", "--easy-vqa", "5", "--json", str(tmp_path / "r.json")])
+    results = quality.main(["--bridge", str(tmp_path / "b"), "--world", "2", "--easy-vqa", "5", "--json", str(tmp_path / "r.json")])
     printed = capsys.readouterr().out
     for key in ("world test-iid captions", "world test-novel captions", "world test-iid vqa", "world test-novel vqa", "easy-vqa test"):
         assert key in results
@@ -50,7 +49,6 @@ def test_quality_bench_runs_and_reports_every_score(tiny_dirs, tmp_path, capsys)
     assert captions[f"two_object_{other}"] == {"clips": 0, "slot_accuracy": None, "swapped": None}
     assert iid["two_object_close"]["clips"] == iid["two_object_apart"]["clips"] == 0
     assert "centres apart in x in frame 0 by under 16 px" in printed
-    quality = load_script("bench/quality.py")
     asked = {quality.question_slot(q) for q in quality.other_object_answers(world.scene("test-novel", 0))}
     assert asked and set(novel["two_object_about_the_other"]) == asked
     assert vqa["two_object_about_the_other"] == {}  # no two-object clip among test-iid's first two
@@ -71,7 +69,7 @@ def test_quality_bench_runs_and_reports_every_score(tiny_dirs, tmp_path, capsys)
 
 
 def test_each_world_question_is_scored_under_the_slot_it_asks_about():
-    question_slot = load_script("bench/quality.py").question_slot
+    question_slot = quality.question_slot
     qa = dict(world.questions(world.scene("test-iid", 2)))  # two objects: every template that applies
     slots = {q: question_slot(q) for q in qa}
     assert slots["what color is the background?"] == "background"
@@ -83,7 +81,7 @@ def test_each_world_question_is_scored_under_the_slot_it_asks_about():
 
 
 def test_a_two_object_caption_in_the_wrong_order_is_counted_as_swapped():
-    swapped = load_script("bench/quality.py").swapped
+    swapped = quality.swapped
     ref = "a small red circle moves left and a large blue square grows on a white background"
     other_way = "a large blue square grows and a small red circle moves left on a white background"
     assert world.score_caption(other_way, ref)["slots"]["colour"] == (0, 2)  # scored in order: both wrong
@@ -97,7 +95,7 @@ def test_a_two_object_caption_in_the_wrong_order_is_counted_as_swapped():
 
 
 def test_a_slot_bound_to_the_other_object_is_counted_as_crossed_and_a_misread_one_is_not():
-    crossed = load_script("bench/quality.py").crossed
+    crossed = quality.crossed
     ref = "a small red circle moves left and a large blue square grows on a white background"
     none = {"size": 0, "colour": 0, "shape": 0, "motion": 0}
     assert crossed(ref, ref) == none
@@ -115,7 +113,7 @@ def test_a_slot_bound_to_the_other_object_is_counted_as_crossed_and_a_misread_on
 
 
 def test_easy_vqa_questions_are_told_apart_by_what_they_ask():
-    kind = load_script("bench/quality.py").easy_vqa_kind
+    kind = quality.easy_vqa_kind
     assert kind("what shape is in the image?", "circle") == "shape"
     assert kind("what is the blue shape?", "rectangle") == "shape"
     assert kind("what color is the shape?", "teal") == "colour"
@@ -129,7 +127,6 @@ def test_easy_vqa_questions_are_told_apart_by_what_they_ask():
 def test_the_training_split_can_be_scored_beside_a_held_out_one(tiny_dirs, tmp_path, capsys):
     torch.manual_seed(0)
     Bridge(tiny_config(tiny_dirs)).save_pretrained(tmp_path / "b")
-    quality = load_script("bench/quality.py")
     results = quality.main(["--bridge", str(tmp_path / "b"), "--world", "1", "--easy-vqa", "1", "--splits", "train,test-iid"])
     assert {k for k in results if k.startswith("world")} == {"world train captions", "world test-iid captions", "world train vqa", "world test-iid vqa"}
     assert results["world train vqa"]["questions"] == len(world.questions(world.scene("train", 0)))
@@ -153,12 +150,12 @@ BLUE_DIAMOND = world.WorldObject(shape="diamond", size="large", colour="blue", m
     ((RED_DIAMOND,), {}),
 ])
 def test_a_question_about_one_of_two_objects_knows_the_other_objects_answer(objects, expected):
-    other_object_answers = load_script("bench/quality.py").other_object_answers
+    other_object_answers = quality.other_object_answers
     assert other_object_answers(world.Scene("black", objects)) == expected
 
 
 def test_a_caption_implies_the_answers_of_the_scene_it_describes():
-    caption_answers = load_script("bench/quality.py").caption_answers
+    caption_answers = quality.caption_answers
     assert caption_answers("a small red circle moves left and a large blue square grows on a white background") == {
         "what color is the background?": "white", "how many objects are there?": "two",
         "what color is the circle?": "red", "what color is the square?": "blue",
@@ -174,7 +171,6 @@ def test_a_caption_implies_the_answers_of_the_scene_it_describes():
 
 def test_answers_are_scored_against_what_the_bridges_own_caption_implies():
     """Counting only: a scripted answerer that knows shapes and nothing else, after a right or a wrong caption."""
-    quality = load_script("bench/quality.py")
     scene = world.scene("test-novel", 0)  # a small yellow square and a large red square, both moving right
     answers = dict(world.questions(scene))
 
@@ -201,7 +197,7 @@ def test_answers_are_scored_against_what_the_bridges_own_caption_implies():
 def test_captions_only_scores_the_captions_and_nothing_else(tiny_dirs, tmp_path, capsys):
     torch.manual_seed(0)
     Bridge(tiny_config(tiny_dirs)).save_pretrained(tmp_path / "b")
-    results = load_script("bench/quality.py").main(["--bridge", str(tmp_path / "b"), "--world", "1", "--captions-only"])
+    results = quality.main(["--bridge", str(tmp_path / "b"), "--world", "1", "--captions-only"])
     assert set(results) == {"world test-iid captions", "world test-novel captions"}
     printed = capsys.readouterr().out
     assert "captions: exact" in printed and "VQA" not in printed
@@ -210,7 +206,6 @@ def test_captions_only_scores_the_captions_and_nothing_else(tiny_dirs, tmp_path,
 def test_num_beams_reaches_every_caption_and_a_bad_count_is_refused(tiny_dirs, tmp_path, capsys):
     torch.manual_seed(0)
     bridge = Bridge(tiny_config(tiny_dirs)).eval()
-    quality = load_script("bench/quality.py")
     clips = [world.render(world.scene("test-iid", i)) for i in range(2)]
     _, captions = quality.world_captions(bridge, "test-iid", 2, 2, num_beams=3)
     assert captions == bridge.caption(clips, num_beams=3) != bridge.caption(clips)
@@ -224,7 +219,6 @@ def test_a_caption_first_bridge_answers_after_the_captions_the_bench_already_has
     """The same answers Bridge.ask gives when it captions each clip itself, with one decode per question."""
     torch.manual_seed(0)
     bridge = Bridge(tiny_config(tiny_dirs, caption_first=True)).eval()
-    quality = load_script("bench/quality.py")
     _, captions = quality.world_captions(bridge, "test-iid", 2, 4)
     asked, generate, ask = [], bridge.generate, bridge.ask
     decodes = []
@@ -247,7 +241,6 @@ def test_a_caption_first_bridge_captions_each_easy_vqa_image_once(tiny_dirs):
     per image: the first 12 questions are about two images (11 about image 0, 1 about image 1)."""
     torch.manual_seed(0)
     bridge = Bridge(tiny_config(tiny_dirs, caption_first=True)).eval()
-    quality = load_script("bench/quality.py")
     asked, generate, ask, decodes = [], bridge.generate, bridge.ask, []
     bridge.generate = lambda px, **k: decodes.append(len(px)) or generate(px, **k)
 

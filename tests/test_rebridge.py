@@ -7,15 +7,14 @@ from dataclasses import replace
 import pytest
 import torch
 
+from bench import rebridge
+from demos import world_data
 from qformer import Bridge
 from qformer.config import LoraConfig
 
-from conftest import load_script, make_tokenizer, tiny_config
+from conftest import make_tokenizer, tiny_config
 
 pytestmark = pytest.mark.backbones  # the MiniLM arm and the easy-VQA training split come from their packages
-
-
-
 
 
 def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_runs(tiny_dirs, tmp_path, capsys):
@@ -31,12 +30,11 @@ def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_r
     # A source with LoRA adapters and tubelets: each arm gets both.
     config = tiny_config(tiny_dirs, lora=LoraConfig(r=2, alpha=4, target_modules="all-linear"))
     Bridge(replace(config, qformer=replace(config.qformer, tubelet_frames=config.num_frames))).save_pretrained(tmp_path / "source")
-    load_script("demos/world_data.py").main([str(tmp_path / "data"), "--clips", "4"])
+    world_data.main([str(tmp_path / "data"), "--clips", "4"])
 
-    bench = load_script("bench/rebridge.py")
     argv = ["--data", str(tmp_path / "data"), "--source", str(tmp_path / "source"), "--llm", str(tmp_path / "new-llm"),
             "--steps", "3", "--projection-steps", "1", "--eval-every", "1", "--world", "2", "--batch-size", "2", "--out", str(tmp_path / "out")]
-    results = bench.main(argv)
+    results = rebridge.main(argv)
     printed = capsys.readouterr().out
     assert "new projection into" in printed and "(48 wide)" in printed
     assert results["steps"] == [1, 2, 3]
@@ -57,6 +55,6 @@ def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_r
     assert not all(torch.equal(source_q[k], last_q[k]) for k in source_q)
 
     # Finished arms are reused, not trained again: the same figures come back.
-    again = bench.main(argv)
+    again = rebridge.main(argv)
     assert "python train.py" not in capsys.readouterr().out
     assert again["slot_accuracy"] == results["slot_accuracy"]

@@ -15,14 +15,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import train
 from qformer import Bridge
 from qformer.losses import Stage1Objective
 
 from conftest import make_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # train.py is a script at the top level, not part of the package
-import train  # noqa: E402
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 SHAPES = ["circle", "square"]
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import load_script
+from demos import world_data
 from qformer import world
 
 
@@ -22,11 +22,11 @@ from qformer import world
     ("is there not a blue shape?", "no", {"colour": "blue"}),
 ])
 def test_easy_vqa_questions_say_what_they_say_about_the_shape(question, answer, facts):
-    assert load_script("demos/world_data.py").easy_facts(question, answer) == facts
+    assert world_data.easy_facts(question, answer) == facts
 
 
 def test_question_rows_carry_their_clip_s_caption(tmp_path):
-    load_script("demos/world_data.py").main([str(tmp_path), "--clips", "3"])
+    world_data.main([str(tmp_path), "--clips", "3"])
     read = lambda name: [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]  # noqa: E731
     captions = {r["video"]: r["caption"] for r in read("world_captions.jsonl")}
     assert list(captions.values()) == [world.caption(world.scene("train", i)) for i in range(3)]
@@ -42,14 +42,14 @@ def test_question_rows_carry_their_clip_s_caption(tmp_path):
 
 
 def test_first_starts_at_a_later_scene(tmp_path):
-    load_script("demos/world_data.py").main([str(tmp_path), "--clips", "2", "--first", "5"])
+    world_data.main([str(tmp_path), "--clips", "2", "--first", "5"])
     rows = [json.loads(line) for line in (tmp_path / "world_captions.jsonl").read_text().splitlines()]
     assert rows == [{"video": f"clips/train-{i:06d}.mp4", "caption": world.caption(world.scene("train", i))} for i in (5, 6)]
     assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == ["train-000005.mp4", "train-000006.mp4"]
 
 
 def test_objects_keeps_only_the_scenes_with_that_many_objects(tmp_path):
-    load_script("demos/world_data.py").main([str(tmp_path), "--clips", "8", "--objects", "2"])
+    world_data.main([str(tmp_path), "--clips", "8", "--objects", "2"])
     two = [i for i in range(8) if len(world.scene("train", i).objects) == 2]
     assert 0 < len(two) < 8  # the first 8 scenes mix one and two objects, so the filter has work to do
     rows = [json.loads(line) for line in (tmp_path / "world_captions.jsonl").read_text().splitlines()]
