@@ -87,11 +87,11 @@ def read_progress(path: Path, progress_type: type):
     for key, default in defaults.items():
         value = data[key]
         if isinstance(default, list):
-            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            ok, expected = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of names"
         else:
-            ok = type(value) is type(default) and value >= 0
+            ok, expected = type(value) is type(default) and value >= 0, "a count (an integer, 0 or more)"
         if not ok:
-            raise CheckpointError(f"{path}: {key} is {value!r:.80}, not a {type(default).__name__} as a run's progress has")
+            raise CheckpointError(f"{path}: {key} is {value!r:.80}, not {expected}")
     return progress_type(**data)
 
 

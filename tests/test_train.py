@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -286,6 +287,102 @@ def test_a_killed_run_resumes_with_the_uninterrupted_losses(tiny_dirs, qformer_b
     last = Bridge.from_pretrained(tmp_path / "cut" / "checkpoints" / "step-00000007").trainable_state_dict()
     final = Bridge.from_pretrained(tmp_path / "cut").trainable_state_dict()
     assert all(torch.equal(last[k], final[k]) for k in final)
+
+
+@pytest.fixture(scope="session")
+def two_step_run(tiny_dirs, qformer_bert, captions, tmp_path_factory):
+    """The arguments and output of a stage-1 run of two steps with a checkpoint after each."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    args = _args(tiny_dirs, qformer_bert, out, "--max-steps", "2", "--save-every", "1", data=captions)
+    train.main(args)
+    return args, out
+
+
+def _copy_of_run(two_step_run, tmp_path) -> tuple[list[str], Path]:
+    """The run's arguments, pointed at a copy of its output that a test may spoil."""
+    args, out = two_step_run
+    shutil.copytree(out, tmp_path / "out")
+    return [str(tmp_path / "out") if a == str(out) else a for a in args], tmp_path / "out"
+
+
+def _damaged_resume(two_step_run, tmp_path, monkeypatch, damage) -> tuple[str, Path]:
+    """train.py's error resuming a copy of the run whose step-2 checkpoint `damage(directory)` spoils,
+    and that checkpoint; loading a backbone or the run's resumed state fails the test, so the error is
+    shown to come first."""
+    args, out = _copy_of_run(two_step_run, tmp_path)
+    checkpoint = out / "checkpoints" / "step-00000002"
+    damage(checkpoint)
+
+    def too_late(*a, **kw):
+        raise AssertionError("a model loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(train, "load_vision", too_late)
+    monkeypatch.setattr(train, "load_llm", too_late)
+    monkeypatch.setattr(train.Accelerator, "load_state", too_late)
+    with pytest.raises(SystemExit) as e:
+        train.main(args + ["--resume", str(checkpoint)])
+    return str(e.value), checkpoint
+
+
+def test_resuming_from_a_checkpoint_with_a_file_missing_names_it_before_any_model_loads(two_step_run, tmp_path, monkeypatch):
+    error, d = _damaged_resume(two_step_run, tmp_path, monkeypatch, lambda d: (d / "optimizer.bin").unlink())
+    assert error == f"train.py: error: {d}/optimizer.bin: missing, so {d} is not a complete checkpoint"
+    error, d = _damaged_resume(two_step_run, tmp_path / "2", monkeypatch, shutil.rmtree)
+    assert error == f"train.py: error: {d}: no such checkpoint directory"
+
+
+def test_resuming_from_a_truncated_weights_file_names_it_before_any_model_loads(two_step_run, tmp_path, monkeypatch):
+    def truncate(d):
+        data = (d / "bridge.safetensors").read_bytes()
+        (d / "bridge.safetensors").write_bytes(data[: len(data) // 2])
+
+    error, d = _damaged_resume(two_step_run, tmp_path, monkeypatch, truncate)
+    assert error.startswith(f"train.py: error: {d}/bridge.safetensors: tensor ")
+    assert error.endswith(" bytes of data")
+
+
+def test_resuming_from_a_corrupt_progress_file_names_it_before_any_model_loads(two_step_run, tmp_path, monkeypatch):
+    error, d = _damaged_resume(two_step_run, tmp_path, monkeypatch, lambda d: (d / "progress.json").write_text('{"step": 2, "ep'))
+    assert error.startswith(f"train.py: error: {d}/progress.json: cannot be read as JSON (Unterminated string")
+    error, d = _damaged_resume(two_step_run, tmp_path / "2", monkeypatch, lambda d: (d / "progress.json").write_text(
+        json.dumps({"step": -2, "epoch": 0, "batches_in_epoch": 2, "bad_samples": []})))
+    assert error == f"train.py: error: {d}/progress.json: step is -2, not a count (an integer, 0 or more)"
+
+
+def test_resuming_from_a_corrupt_rng_file_names_it_before_any_model_loads_and_never_unpickles_it(two_step_run, tmp_path, monkeypatch):
+    error, d = _damaged_resume(two_step_run, tmp_path, monkeypatch, lambda d: (d / "random_states_0.pkl").write_bytes(b"\x00" * 64))
+    assert error.startswith(f"train.py: error: {d}/random_states_0.pkl: cannot be loaded (")
+    planted = tmp_path / "planted"
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(planted), "w"))
+
+    error, d = _damaged_resume(two_step_run, tmp_path / "2", monkeypatch, lambda d: torch.save({"random_state": Planted()}, d / "random_states_0.pkl"))
+    assert error.startswith(f"train.py: error: {d}/random_states_0.pkl: cannot be loaded (Weights only load failed")
+    assert not planted.exists()
+
+
+def test_rng_states_that_accelerate_fails_to_restore_stop_the_resumed_run(two_step_run, tmp_path, monkeypatch):
+    """Accelerate catches any error restoring the RNG states and goes on: the run would not repeat the
+    interrupted one while saying it resumed it."""
+    import accelerate.checkpointing
+
+    args, out = _copy_of_run(two_step_run, tmp_path)
+    checkpoint = out / "checkpoints" / "step-00000001"
+    real_load = accelerate.checkpointing.load
+
+    def load_failing_on_rng(path, *a, **kw):
+        if Path(path).name == "random_states_0.pkl":
+            raise OSError("disk read error")
+        return real_load(path, *a, **kw)
+
+    monkeypatch.setattr(accelerate.checkpointing, "load", load_failing_on_rng)
+    with pytest.raises(SystemExit) as e:
+        train.main(args + ["--resume", str(checkpoint)])
+    assert str(e.value) == (
+        f"train.py: error: {checkpoint}/random_states_0.pkl: its RNG states were not restored, so the run would not resume exactly"
+    )
 
 
 def test_backbones_are_bitwise_unchanged_and_only_trainable_parts_reach_the_optimizer(tiny_dirs, qformer_bert, captions, tmp_path, monkeypatch):
