@@ -91,7 +91,10 @@ def run_recaption(args) -> int:
     else:
         shard = rc.parse_shard(args.shard) if args.shard else (0, 1)
 
-    items = rc.discover(args.inputs)  # before loading models: a bad manifest fails in a second
+    # Before loading models: a bad manifest, or an --out this run would destroy or mix into, fails in a second.
+    items = rc.discover(args.inputs)
+    prompt = args.prompt if args.prompt is not None else rc.configured_prompt(bridge_dir)
+    rc.check_output(args.out, args.inputs, items, shard, bridge_name, prompt, args.num_beams)
     bridge = Bridge.from_pretrained(bridge_dir).to(state.device)
     summary = rc.recaption(
         items, args.out, bridge, bridge_name,

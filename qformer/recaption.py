@@ -18,6 +18,11 @@ Journals of output FILE:
     FILE.journal.jsonl                 unsharded Parquet output
     FILE.shard-<i>-of-<n>.jsonl        shard i of n (--shard i/n, or each process of `accelerate launch`)
 
+What --out may name: a new or empty file, or an output of this tool made with the same bridge, prompt and
+--num-beams. A journal is cut at its torn tail and the merge replaces FILE, so anything else (a clip, a
+manifest or any other input, another table, a binary file, a directory) would be destroyed: it is refused,
+by reading only, before a model loads (check_output), and the same goes for each journal of FILE.
+
 Merge: every process, after its last record, reads all journals of FILE; if together they hold a
 record for every input it writes FILE atomically (temporary file + os.replace), each input once, in
 sorted order. So the last shard to finish writes the merged file, on one machine or many sharing a
@@ -342,6 +347,122 @@ class OutputBusy(RuntimeError):
     """Another process holds the journal this run would write."""
 
 
+# ---------------------------------------------------------------- what --out may name
+
+
+# How every encoded record begins (_encode): the mark of a first record torn by a kill.
+RECORD_START = b'{"path": '
+# Fields of the records this tool writes; records from before num_beams was recorded lack it.
+RECORD_FIELD_SETS = (set(RECORD_SCHEMA), set(RECORD_SCHEMA) - {"num_beams"})
+# Names that say a file holds clips or a table of them, never records.
+FOREIGN_SUFFIXES = tuple(MEDIA_EXTENSIONS) + (".csv",)
+
+
+def check_output(out: str, inputs: Sequence[str], items: Sequence[Item], shard: tuple[int, int], bridge_name: str,
+                 prompt: str | None, num_beams: int) -> None:
+    """Refuse, by reading only, an --out this run would destroy: its journals are appended to and cut, and
+    the merge replaces it, so each must be new, empty, or this tool's output of the same settings.
+
+    Every journal this run would read or write is checked, against the INPUT arguments and the items too:
+    a manifest or a clip given as --out would otherwise be overwritten. prompt None (a bridge whose config
+    is not on this machine yet) leaves the settings to recaption(), still before anything is written.
+    """
+    targets = list(dict.fromkeys([out, journal_path(out, shard), *_journals(out)]))
+    _refuse_inputs(targets, [*inputs, *(item.path for item in items)])
+    if out.lower().endswith(FOREIGN_SUFFIXES):
+        raise ValueError(f"{out}: --out names a clip, image or CSV file; records go to a .jsonl or .parquet file")
+    for path in targets:
+        first = _first_output_record(path)
+        if first is not None and prompt is not None:
+            _check_same_settings([first], path, bridge_name, prompt, num_beams)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):  # ValueError: a path with a NUL byte
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _refuse_inputs(targets: Sequence[str], sources: Iterable[str]) -> None:
+    """A target that is one of the sources, by path (as given or with links resolved) or by inode (a hard link)."""
+    by_name = {os.path.abspath(t): t for t in targets} | {os.path.realpath(t): t for t in targets}
+    by_inode = {ident: t for t in targets if (ident := _identity(t)) is not None}
+    for source in sources:
+        target = by_name.get(os.path.abspath(source)) or (by_inode and by_inode.get(_identity(source)))
+        if target:
+            raise ValueError(f"{target}: is one of the inputs ({source}); recaption would overwrite it, choose another --out")
+
+
+def _first_output_record(path: str) -> dict | None:
+    """The first record of an existing output or journal; None when there is none yet. ValueError when path
+    is not this tool's output: a directory, another kind of file, a table or lines of other fields."""
+    if not os.path.lexists(path):
+        return None
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory; --out must name a file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: is not a regular file (a device, a pipe or a broken link); --out must name a file")
+    if os.path.getsize(path) == 0:
+        return None
+    if path.lower().endswith(".parquet"):
+        return _first_parquet_record(path)
+    chunks = []
+    with open(path, "rb") as f:
+        # Up to the first newline, or a NUL byte that says the file is binary: a clip is not read whole.
+        while chunk := f.read(1 << 16):
+            chunks.append(chunk)
+            if b"\n" in chunk or b"\0" in chunk:
+                break
+    return _first_journal_record(path, b"".join(chunks))
+
+
+def _first_journal_record(path: str, data: bytes) -> dict | None:
+    """The first record of a JSONL journal from its first bytes (through the first newline); None when there
+    is none yet (an empty file, or a first record torn by a kill). ValueError when they are not a journal of this tool."""
+    end = data.find(b"\n")
+    line = data if end < 0 else data[:end]
+    what = f"{path}: is not an output of qformer recaption"
+    if b"\0" in line:  # JSON text never holds a NUL byte
+        raise ValueError(f"{what} (a binary file); refusing to write to it, choose another --out")
+    if end < 0:
+        if data[: len(RECORD_START)] == RECORD_START[: len(data)]:  # nothing yet, or a first record torn by a kill
+            return None
+        raise ValueError(f"{what} (no complete line, and it does not begin as a record); refusing to write to it, choose another --out")
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        raise ValueError(f"{what} (its first line is not a JSON object); refusing to write to it, choose another --out")
+    _check_fields(set(record), what)
+    return record
+
+
+def _first_parquet_record(path: str) -> dict | None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    what = f"{path}: is not an output of qformer recaption"
+    try:
+        table = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{what} (not a Parquet file: {e}); refusing to replace it, choose another --out") from None
+    schema = table.schema_arrow
+    _check_fields(set(schema.names), what)
+    wrong = [f"{name}: {schema.field(name).type}" for name in schema.names if schema.field(name).type != getattr(pa, RECORD_SCHEMA[name])()]
+    if wrong:
+        raise ValueError(f"{what} (columns of other types: {', '.join(wrong)}); refusing to replace it, choose another --out")
+    return next((batch.to_pylist()[0] for batch in table.iter_batches(batch_size=1) if batch.num_rows), None)
+
+
+def _check_fields(fields: set[str], what: str) -> None:
+    if fields not in RECORD_FIELD_SETS:
+        raise ValueError(f"{what} (its fields are {', '.join(sorted(fields))}; a record's are {', '.join(RECORD_SCHEMA)}); "
+                         "refusing to write to it, choose another --out")
+
+
 class Journal:
     """This process's append-only JSONL journal: locked, torn tail cut, one write and fsync per batch."""
 
@@ -356,6 +477,11 @@ class Journal:
             os.close(self.fd)
             raise OutputBusy(f"{path}: another recaption process is writing this file; wait for it or choose another --out") from None
         data = _read_all(self.fd)
+        try:
+            _first_journal_record(path, data)  # a file of another kind must not be cut below
+        except ValueError:
+            os.close(self.fd)
+            raise
         complete = data.rfind(b"\n") + 1
         if complete < len(data):  # a record torn by a kill: drop it, its item is done again
             os.ftruncate(self.fd, complete)
@@ -486,10 +612,10 @@ def recaption(
     elif num_frames is None:
         num_frames = max_frames
     i, n = shard
+    check_output(out, (), items, shard, bridge_name, prompt, num_beams)
     journal = Journal(journal_path(out, shard))
     try:
         done = _recorded(out)
-        _check_same_settings(done.values(), out, bridge_name, prompt, num_beams)
         mine = items[i::n]
         pending = [item for item in mine if item.path not in done]
         summary = Summary(done=0, failed=0, skipped=len(mine) - len(pending), seconds=0.0, missing=0)
@@ -558,6 +684,18 @@ def _check_same_settings(records: Iterable[dict], out: str, bridge_name: str, pr
                 f"--num-beams {beams}; this run uses bridge {bridge_name!r}, prompt {prompt!r} and --num-beams "
                 f"{num_beams}. Rerun with those, or write to another --out"
             )
+
+
+def configured_prompt(bridge_dir: str) -> str | None:
+    """The bridge's caption prompt, read from its config without loading a model; None when the config is not
+    on this machine (a hub id not downloaded yet)."""
+    from .bridge import CONFIG_NAME
+    from .config import BridgeConfig
+
+    config = Path(bridge_dir, CONFIG_NAME)
+    if not config.is_file():
+        return None
+    return BridgeConfig.from_dict(json.loads(config.read_text())).caption_prompt
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def test_discover_rejects_a_manifest_without_a_clip_column(tmp_path):
         rc.discover([str(tmp_path / "m.csv")])
 
 
-def test_datasets_directory_with_embedded_bytes_and_parquet_output(tmp_path, bridge_dir):
+def test_datasets_directory_with_embedded_bytes_and_parquet_output(tmp_path, bridge_dir, capsys):
     import datasets
 
     clip = write_video(tmp_path / "a.mp4")
@@ -118,6 +119,12 @@ def test_datasets_directory_with_embedded_bytes_and_parquet_output(tmp_path, bri
     assert rows[0]["error"] is None and rows[0]["caption"] and rows[0]["num_frames"] == 4
     assert rows[1]["error"].startswith(f"{tmp_path}/ds/train#1: ")  # named after the item, not a temporary file
     assert list(rows[0]) == list(rc.RECORD_SCHEMA)
+    # A rerun with another prompt must not replace the Parquet output with captions of two kinds.
+    before = out.read_bytes()
+    capsys.readouterr()
+    reason = refusal(capsys, str(tmp_path / "ds"), "--out", str(out), "--bridge", bridge_dir, "--prompt", "What is there?")
+    assert reason.startswith(f"{out}: already holds captions made with bridge")
+    assert out.read_bytes() == before
 
 
 # ---------------------------------------------------------------- exactly once, resume
@@ -234,6 +241,172 @@ def test_sigkill_then_rerun_records_every_input_exactly_once(tmp_path, bridge_di
     assert Counter(r["path"] for r in final) == Counter(clips)
     key = lambda r: r["path"]  # noqa: E731
     assert sorted(final, key=key) == sorted(records(reference), key=key)
+
+
+# ---------------------------------------------------------------- what --out may name
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Loading a bridge fails the test: a refused --out must be refused before any model loads."""
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before --out was checked")
+
+    monkeypatch.setattr(Bridge, "from_pretrained", load)
+
+
+def refusal(capsys, *args: str) -> str:
+    """Run recaption with args, expecting a refusal: its one error line, without the command's prefix."""
+    assert main(["recaption", *args]) == 2
+    err = capsys.readouterr().err
+    prefix = "qformer recaption: error: "
+    assert err.startswith(prefix) and err.count("\n") == 1, err
+    return err[len(prefix):-1]
+
+
+NOT_OURS = "is not an output of qformer recaption"
+FIELDS = "a record's are path, caption, num_frames, duration_s, error, bridge, prompt, num_beams"
+
+
+@pytest.mark.parametrize("name", ["movie.mp4", "movie.jsonl"])
+def test_a_binary_file_as_out_is_left_whole_and_refused_before_a_model_loads(tmp_path, bridge_dir, capsys, no_model_loads, name):
+    write_clips(tmp_path / "clips", 1)
+    out = tmp_path / name
+    # An MP4's first box, then bytes without a newline: the journal used to cut such a file to nothing.
+    noise = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes().replace(b"\n", b"")
+    out.write_bytes(b"\0\0\0\x20ftypisom" + noise)
+    before = out.read_bytes()
+    reason = refusal(capsys, str(tmp_path / "clips"), "--out", str(out), "--bridge", bridge_dir)
+    assert out.read_bytes() == before
+    expected = {
+        "movie.mp4": f"{out}: --out names a clip, image or CSV file; records go to a .jsonl or .parquet file",
+        "movie.jsonl": f"{out}: {NOT_OURS} (a binary file); refusing to write to it, choose another --out",
+    }
+    assert reason == expected[name]
+
+
+def test_a_parquet_manifest_as_out_is_refused_and_keeps_its_columns(tmp_path, bridge_dir, capsys, no_model_loads):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    clips = write_clips(tmp_path / "clips", 2)
+    manifest = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"video": clips, "label": ["a cat", "a dog"], "score": [0.5, 0.25]}), manifest)
+    before = manifest.read_bytes()
+    # As an input and the output at once.
+    assert refusal(capsys, str(manifest), "--out", str(manifest), "--bridge", bridge_dir) == (
+        f"{manifest}: is one of the inputs ({manifest}); recaption would overwrite it, choose another --out")
+    # As the output alone: a table of other columns.
+    assert refusal(capsys, str(tmp_path / "clips"), "--out", str(manifest), "--bridge", bridge_dir) == (
+        f"{manifest}: {NOT_OURS} (its fields are label, score, video; {FIELDS}); refusing to write to it, choose another --out")
+    assert manifest.read_bytes() == before
+    assert pq.read_table(manifest).to_pydict() == {"video": clips, "label": ["a cat", "a dog"], "score": [0.5, 0.25]}
+
+
+def test_a_jsonl_manifest_as_out_is_a_clear_error(tmp_path, bridge_dir, capsys, no_model_loads):
+    write_clips(tmp_path / "clips", 1)
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_text(json.dumps({"video": "clips/clip 00 ü.mp4", "label": "a cat"}) + "\n")
+    before = manifest.read_bytes()
+    assert refusal(capsys, str(manifest), "--out", str(manifest), "--bridge", bridge_dir) == (
+        f"{manifest}: is one of the inputs ({manifest}); recaption would overwrite it, choose another --out")
+    assert manifest.read_bytes() == before
+
+
+@pytest.mark.parametrize("content, reason", [
+    ('{"id": 1, "text": "a cat"}\n{"id": 2, "te', f"(its fields are id, text; {FIELDS})"),
+    ("notes about the clips\nsecond line", "(its first line is not a JSON object)"),
+    ("[1, 2]\n", "(its first line is not a JSON object)"),
+    ("a note without a newline", "(no complete line, and it does not begin as a record)"),
+])
+def test_a_foreign_jsonl_as_out_is_left_whole(tmp_path, bridge_dir, capsys, no_model_loads, content, reason):
+    write_clips(tmp_path / "clips", 1)
+    out = tmp_path / "notes.jsonl"
+    out.write_text(content)
+    assert refusal(capsys, str(tmp_path / "clips"), "--out", str(out), "--bridge", bridge_dir) == (
+        f"{out}: {NOT_OURS} {reason}; refusing to write to it, choose another --out")
+    assert out.read_text() == content
+
+
+def test_a_directory_as_out_is_refused(tmp_path, bridge_dir, capsys, no_model_loads):
+    write_clips(tmp_path / "clips", 1)
+    out = tmp_path / "captions.jsonl"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert refusal(capsys, str(tmp_path / "clips"), "--out", str(out), "--bridge", bridge_dir) == (
+        f"{out}: is a directory; --out must name a file")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_an_input_clip_as_out_is_refused(tmp_path, bridge_dir, capsys, no_model_loads):
+    [clip] = write_clips(tmp_path / "clips", 1)
+    before = Path(clip).read_bytes()
+    assert refusal(capsys, str(tmp_path / "clips"), "--out", clip, "--bridge", bridge_dir) == (
+        f"{clip}: is one of the inputs ({clip}); recaption would overwrite it, choose another --out")
+    # Under another name: a hard link is the same file.
+    link = tmp_path / "captions.jsonl"
+    os.link(clip, link)
+    assert refusal(capsys, str(tmp_path / "clips"), "--out", str(link), "--bridge", bridge_dir) == (
+        f"{link}: is one of the inputs ({clip}); recaption would overwrite it, choose another --out")
+    assert Path(clip).read_bytes() == before
+
+
+def test_journals_of_out_are_checked_as_out_is(tmp_path, bridge_dir, capsys, no_model_loads):
+    write_clips(tmp_path / "clips", 2)
+    foreign = '{"id": 1}\n{"id": 2'
+    # Another shard's journal is read to skip done inputs and to merge; a Parquet output's journal is appended to.
+    for out, journal, shard in ((tmp_path / "a.jsonl", tmp_path / "a.jsonl.shard-1-of-2.jsonl", ["--shard", "0/2"]),
+                                (tmp_path / "b.parquet", tmp_path / "b.parquet.journal.jsonl", [])):
+        journal.write_text(foreign)
+        assert refusal(capsys, str(tmp_path / "clips"), "--out", str(out), "--bridge", bridge_dir, *shard) == (
+            f"{journal}: {NOT_OURS} (its fields are id; {FIELDS}); refusing to write to it, choose another --out")
+        assert journal.read_text() == foreign and not out.exists()
+
+
+def test_another_prompt_leaves_a_torn_journal_whole_and_the_same_one_resumes(tmp_path, bridge_dir, capsys, monkeypatch):
+    write_clips(tmp_path / "clips", 3)
+    out = tmp_path / "out.jsonl"
+    base = ["recaption", str(tmp_path / "clips"), "--out", str(out), "--bridge", bridge_dir, "--workers", "0", "--max-new-tokens", "3"]
+    assert main(base) == 0
+    full = records(out)
+    lines = out.read_bytes().splitlines(keepends=True)
+    torn = lines[0] + lines[1][:25]  # a kill in the middle of the second record
+    out.write_bytes(torn)
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(Bridge, "from_pretrained", lambda *a: pytest.fail("a model was loaded before the settings were checked"))
+        assert refusal(capsys, *base[1:], "--prompt", "What is there?") == (
+            f"{out}: already holds captions made with bridge {bridge_dir!r}, prompt 'Describe the clip.' and --num-beams 1; "
+            f"this run uses bridge {bridge_dir!r}, prompt 'What is there?' and --num-beams 1. Rerun with those, or write to another --out")
+    assert out.read_bytes() == torn  # not cut: the file was not yet known to be this run's journal
+    assert main(base) == 0
+    assert capsys.readouterr().out.startswith("done 2, failed 0")
+    assert records(out)[0] == full[0] and sorted(r["path"] for r in records(out)) == sorted(r["path"] for r in full)
+
+
+def test_journal_and_recaption_refuse_a_foreign_file_from_python(tmp_path, tiny_bridge):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    notes = tmp_path / "notes.jsonl"
+    notes.write_bytes(b'{"id": 1}\n{"id": 2')
+    with pytest.raises(ValueError, match="^" + re.escape(f"{notes}: {NOT_OURS} (its fields are id;")):
+        rc.Journal(str(notes))
+    assert notes.read_bytes() == b'{"id": 1}\n{"id": 2'
+    empty = tmp_path / "empty.jsonl"
+    empty.touch()
+    rc.Journal(str(empty)).close()  # an empty file is a journal with no record yet
+    rc.Journal(str(notes.with_name("new.jsonl"))).close()
+
+    [clip] = write_clips(tmp_path / "clips", 1)
+    table = tmp_path / "table.parquet"
+    pq.write_table(pa.table({"video": [clip], "label": ["a cat"]}), table)
+    before = table.read_bytes()
+    with pytest.raises(ValueError, match="^" + re.escape(f"{table}: {NOT_OURS} (its fields are label, video;")):
+        rc.recaption(rc.discover([clip]), str(table), tiny_bridge, "tiny", workers=0, max_new_tokens=2, progress=False)
+    assert table.read_bytes() == before
+    with pytest.raises(ValueError, match="^" + re.escape(f"{clip}: is one of the inputs")):
+        rc.recaption(rc.discover([clip]), clip, tiny_bridge, "tiny", workers=0, max_new_tokens=2, progress=False)
 
 
 # ---------------------------------------------------------------- shards
