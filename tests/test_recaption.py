@@ -396,6 +396,10 @@ def test_journal_and_recaption_refuse_a_foreign_file_from_python(tmp_path, tiny_
     empty = tmp_path / "empty.jsonl"
     empty.touch()
     rc.Journal(str(empty)).close()  # an empty file is a journal with no record yet
+    torn = tmp_path / "torn.jsonl"
+    torn.write_bytes(b'{"pa')  # a kill within the first record's first bytes
+    rc.Journal(str(torn)).close()
+    assert torn.read_bytes() == b""
     rc.Journal(str(notes.with_name("new.jsonl"))).close()
 
     [clip] = write_clips(tmp_path / "clips", 1)
