@@ -72,14 +72,15 @@ def read_bridge_config(directory: str | os.PathLike) -> BridgeConfig:
     """A bridge directory's config, validated (types, sane sizes); a CheckpointError naming the file otherwise."""
     path = Path(directory) / CONFIG_NAME
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, too large for a bridge config (at most {MAX_CONFIG_BYTES})")
-        return BridgeConfig.from_dict(json.loads(path.read_bytes()))
-    except CheckpointError:
-        raise
+        size = path.stat().st_size
+        raw = path.read_bytes() if size <= MAX_CONFIG_BYTES else None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
-    except (ValueError, TypeError) as e:  # not JSON, unknown keys, wrong types, sizes beyond bounds
+    if raw is None:
+        raise CheckpointError(f"{path}: {size} bytes, too large for a bridge config (at most {MAX_CONFIG_BYTES})")
+    try:
+        return BridgeConfig.from_dict(json.loads(raw))
+    except ValueError as e:  # not JSON, unknown keys, wrong types, sizes beyond bounds
         raise CheckpointError(f"{path}: not a valid bridge config: {e}") from None
 
 
@@ -179,6 +180,8 @@ class Bridge(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, vision: nn.Module | None = None, llm: nn.Module | None = None) -> "Bridge":
+        """The bridge save_pretrained wrote to `directory` (or a hub id). Its files are checked before any
+        backbone loads (read_bridge_dir): a damaged or crafted one is a CheckpointError naming the file."""
         d = Path(directory)
         if not d.is_dir():
             from huggingface_hub import snapshot_download

@@ -169,3 +169,13 @@ def test_the_command_lines_say_a_crafted_bridge_in_one_line(saved, tmp_path, cap
     with pytest.raises(SystemExit) as e:
         chat.load_bridge(str(saved))
     assert str(e.value) == f"qformer chat: cannot load the bridge {saved}: {message}"
+
+
+def test_a_config_that_is_not_json_or_too_large_to_be_one_is_refused(saved):
+    config = saved / "bridge_config.json"
+    config.write_text("{")
+    assert _error(saved) == (
+        f"{config}: not a valid bridge config: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"
+    )
+    config.write_text(" " * (2**20 + 1))
+    assert _error(saved) == f"{config}: 1048577 bytes, too large for a bridge config (at most 1048576)"
