@@ -27,7 +27,7 @@ import json
 import math
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,14 +36,12 @@ from accelerate.utils import gather_object, is_tensorboard_available, set_seed
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from tqdm.auto import tqdm
-from transformers import AutoConfig, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 
-from adapters.llm import load_llm
-from adapters.vision import load_vision
 from qformer import Bridge, BridgeConfig, QFormerConfig
+from qformer.bridge import read_bridge_config, read_bridge_dir
+from qformer.build import MINILM, from_bridge, new_bridge
 from qformer.config import LoraConfig
-from qformer.bridge import CONFIG_NAME, read_bridge_dir
-from qformer.convert import load_bert_into_qformer
 from qformer.data import ClipDataset, FeatureCache, MixedBatchSampler, collate, fill_cache, open_source, parse_data_arg
 from qformer.losses import Stage1Objective
 from qformer.model import count_parameters
@@ -59,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="the trained bridge, checkpoints and logs go here")
     # The bridge: a new one, or one to continue from (which may be re-bridged to another LLM).
     p.add_argument("--init-from", help="a bridge directory to start from; with --llm of another model, re-bridge it")
-    p.add_argument("--vision", default=None, help="vision encoder spec (default efficientnet-lite0, or the --init-from bridge's)")
+    p.add_argument("--vision", default=None, help=f"vision encoder spec (default {BridgeConfig.vision}, or the --init-from bridge's)")
     p.add_argument("--vision-resolution", type=int, default=None, help="input size; 128 is ~4x cheaper than 224 for EfficientNet-Lite0")
     p.add_argument("--system-prompt", default=None, metavar="TEXT",
                    help="system message of every chat ('' drops the template's default, e.g. SmolLM2's 20 tokens); "
@@ -67,15 +65,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vision-layer", type=int, default=None,
                    help="features from this layer (HF models: hidden_states index, -2 = second-to-last; "
                         "efficientnet-lite0: MBConv block, 10 = 112 wide at stride 16); default: the last")
-    p.add_argument("--llm", default=None, help="LLM spec (default smollm2-135m-instruct, or the --init-from bridge's)")
-    p.add_argument("--qformer-init", default="minilm", help="new Q-Former: 'minilm' (offline MiniLM), a BERT directory, or 'random'")
+    p.add_argument("--llm", default=None, help=f"LLM spec (default {BridgeConfig.llm}, or the --init-from bridge's)")
+    p.add_argument("--qformer-init", default=MINILM, help=f"new Q-Former: '{MINILM}' (offline MiniLM), a BERT directory, or 'random'")
     p.add_argument("--qformer-tokenizer", default=None, help="Q-Former tokenizer (default: the --qformer-init BERT's)")
-    p.add_argument("--num-queries", type=int, default=32)
+    p.add_argument("--num-queries", type=int, default=None, help=f"new Q-Former: learned queries (default {QFormerConfig.num_queries})")
     p.add_argument("--cross-attention-every", type=int, default=None, metavar="N",
-                   help="the queries cross-attend to the clip in every N-th layer (default 2, as BLIP-2, or the --init-from "
-                        "bridge's); 1, every layer, reads more of a clip with several objects (bench/reading.py). Given "
+                   help=f"the queries cross-attend to the clip in every N-th layer (default {QFormerConfig.cross_attention_every}, as "
+                        "BLIP-2, or the --init-from bridge's); 1, every layer, reads more of a clip with several objects "
+                        "(python -m bench.reading). Given "
                         "with --init-from, the bridge's Q-Former gains (or loses) cross-attention layers")
-    p.add_argument("--num-frames", type=int, default=None, help="frames per clip (default 4, or the --init-from bridge's)")
+    p.add_argument("--num-frames", type=int, default=None, help=f"frames per clip (default {BridgeConfig.num_frames}, or the --init-from bridge's)")
     p.add_argument("--tubelets", action="store_true",
                    help="new Q-Former: each place of the frame grid is one token over all --num-frames frames, so tokens "
                         "carry motion (an --init-from bridge keeps its own choice)")
@@ -157,7 +156,7 @@ def fail(message: str):
     raise SystemExit(f"train.py: error: {message}")
 
 
-# ---- building the bridge ---------------------------------------------------------------------------
+# ---- the bridge --------------------------------------------------------------------------------------
 
 
 def stage1_losses(names: str | None) -> tuple[str, ...]:
@@ -175,126 +174,32 @@ def lora_modules(names: str | None) -> list[str] | str:
     return names if names == "all-linear" else [n.strip() for n in names.split(",") if n.strip()]
 
 
-def grown_cross_attention(state: dict[str, torch.Tensor], qformer: nn.Module) -> dict[str, torch.Tensor]:
-    """Q-Former weights fitted to `qformer`'s cross-attention layers, which may be more or fewer than the
-    weights have (--cross-attention-every with --init-from): a dropped layer's weights go; a new layer
-    starts from the nearest earlier trained one, which already reads these vision tokens, but with its
-    output projection at zero, so that at first it adds no attention. Its LayerNorm takes the weights of
-    the self-attention's before it, whose output it now normalises again: post-LN, so not quite the
-    identity, but the trained bridge barely moves (demos/bridge/README.md, the grown trial)."""
-    state = dict(state)
-    has = lambda i: f"layers.{i}.cross_attn.query.weight" in state  # noqa: E731
-    trained = [i for i in range(len(qformer.layers)) if has(i)]
-    for i, layer in enumerate(qformer.layers):
-        prefix = f"layers.{i}.cross_attn."
-        if layer.cross_attn is None:
-            for k in [k for k in state if k.startswith(prefix)]:
-                del state[k]
-        elif not has(i):
-            source = max((j for j in trained if j < i), default=min(trained))
-            for name, v in layer.cross_attn.state_dict().items():
-                state[prefix + name] = state[f"layers.{source}.cross_attn.{name}"].clone()
-            for name in ("weight", "bias"):
-                state[prefix + "out." + name] = torch.zeros_like(state[prefix + "out." + name])
-                state[prefix + "norm." + name] = state[f"layers.{i}.self_attn.norm.{name}"].clone()
-    return state
-
-
-def build_bridge(args) -> Bridge:
-    stage = int(args.stage)
-    new_lora = LoraConfig(r=args.lora, alpha=2 * args.lora, target_modules=lora_modules(args.lora_modules)) if args.lora else None
-    if args.init_from:
-        d = Path(args.init_from)
-        if not (d / CONFIG_NAME).exists():
-            fail(f"--init-from {d}: not a bridge directory (no {CONFIG_NAME})")
-        source, state = _checked(lambda: read_bridge_dir(d))
-        if args.vision and args.vision != source.vision:
-            fail(f"--vision {args.vision}: the Q-Former in {d} was trained on {source.vision} features; drop --vision")
-        if args.vision_layer is not None and args.vision_layer != source.vision_layer:
-            fail(f"--vision-layer {args.vision_layer}: the Q-Former in {d} was trained on layer {source.vision_layer}; drop --vision-layer")
-        resolution = args.vision_resolution or source.vision_resolution
-        vision = load_vision(source.vision, source.vision_layer, resolution)
-        lora = new_lora or source.lora
-        llm = load_llm(args.llm or source.llm, lora=lora)
-        if args.tubelets and not source.qformer.tubelet_frames:
-            fail(f"--tubelets: the Q-Former in {d} reads frames one by one; tubelets change its input, start a new one")
-        qformer_config = replace(source.qformer, stage1_heads=source.qformer.stage1_heads or stage == 1)
-        if source.qformer.grid_positions and not source.qformer.grid_side and resolution != source.vision_resolution:
-            # Another resolution, another token grid: positions keep counting on the grid they were learnt on,
-            # so each token of the new grid is placed where it lies on the old one.
-            before = load_vision(source.vision, source.vision_layer, source.vision_resolution)
-            qformer_config = replace(qformer_config, grid_side=math.isqrt(before.num_tokens))
-        if args.cross_attention_every:
-            qformer_config = replace(qformer_config, cross_attention_every=args.cross_attention_every)
-        config = replace(
-            source, qformer=qformer_config, llm=args.llm or source.llm, llm_width=llm.width,
-            vision_resolution=resolution,
-            instruct=args.instruct or source.instruct, caption_first=args.caption_first or source.caption_first,
-            num_frames=args.num_frames or source.num_frames,
-            qformer_tokenizer=args.qformer_tokenizer or source.qformer_tokenizer,
-            system_prompt=source.system_prompt if args.system_prompt is None else args.system_prompt, lora=lora,
-        )
-        bridge = _checked(lambda: Bridge(config, vision, llm))
-        same_llm = config.llm == source.llm and config.llm_width == source.llm_width
-        for part in ("qformer", "heads", "projection"):
-            module = getattr(bridge, part)
-            weights = {k[len(part) + 1 :]: v for k, v in state.items() if k.startswith(part + ".")}
-            # Re-bridging: the projection into another LLM starts fresh; everything else carries over.
-            if part == "qformer":
-                weights = grown_cross_attention(weights, module)
-            if module is not None and weights and (part != "projection" or same_llm):
-                module.load_state_dict(weights)
-        # LoRA adapters belong to their LLM: kept when it and the adapter shape stay, else they start fresh.
-        lora_weights = {k: v for k, v in state.items() if k.startswith("llm.")}
-        if lora_weights and same_llm and lora == source.lora:
-            params = dict(bridge.named_parameters())
-            with torch.no_grad():
-                for k, v in lora_weights.items():
-                    params[k].copy_(v)
-        print(f"initialised from {d}" + ("" if same_llm else f"; new projection into {config.llm} ({llm.width} wide)"))
-        return bridge
-
-    vision = load_vision(args.vision or "efficientnet-lite0", args.vision_layer, args.vision_resolution)
-    llm = load_llm(args.llm or "smollm2-135m-instruct", lora=new_lora)
-    bert = None
-    if args.qformer_init == "minilm":
-        from adapters.offline import minilm_dir
-
-        bert = minilm_dir()
-    elif args.qformer_init != "random":
-        bert = args.qformer_init
-    num_frames = args.num_frames or 4
-    # A CNN's feature map does not say where a token is: such encoders get grid positions.
-    new_vision_reading = dict(stage1_heads=stage == 1, tubelet_frames=num_frames if args.tubelets else 0,
-                              cross_attention_every=args.cross_attention_every or 2,
-                              grid_positions=not getattr(vision, "encodes_position", True))
-    if bert is not None:
-        b = AutoConfig.from_pretrained(bert)
-        q = QFormerConfig(
-            hidden_size=b.hidden_size, num_layers=b.num_hidden_layers, num_heads=b.num_attention_heads,
-            intermediate_size=b.intermediate_size, vocab_size=b.vocab_size, max_text_len=b.max_position_embeddings,
-            layer_norm_eps=b.layer_norm_eps, dropout=b.hidden_dropout_prob, hidden_act=b.hidden_act,
-            pad_token_id=b.pad_token_id or 0, num_queries=args.num_queries, vision_width=vision.width,
-            **new_vision_reading,
-        )
-    else:
-        q = QFormerConfig(num_queries=args.num_queries, vision_width=vision.width, **new_vision_reading)
-    config = BridgeConfig(
-        qformer=q, vision=args.vision or "efficientnet-lite0", llm=args.llm or "smollm2-135m-instruct",
-        vision_layer=args.vision_layer, vision_resolution=args.vision_resolution, llm_width=llm.width, instruct=args.instruct,
-        caption_first=args.caption_first,
-        qformer_tokenizer=args.qformer_tokenizer or ("minilm" if args.qformer_init == "minilm" else bert),
-        num_frames=num_frames, system_prompt=args.system_prompt, lora=new_lora,
-    )
-    bridge = _checked(lambda: Bridge(config, vision, llm))
-    if bert is not None:
-        _checked(lambda: load_bert_into_qformer(bridge.qformer, bert))
-    return bridge
-
-
-def _checked(build):
+def setup_bridge(args, stage: int) -> Bridge:
+    """The bridge this run trains: a new one (qformer.build.new_bridge) or one carried over from --init-from
+    (qformer.build.from_bridge), with what the arguments change. Options left out keep the config's
+    defaults, or the --init-from bridge's values."""
+    given = dict(vision=args.vision, vision_layer=args.vision_layer, vision_resolution=args.vision_resolution, llm=args.llm,
+                 num_frames=args.num_frames, qformer_tokenizer=args.qformer_tokenizer, system_prompt=args.system_prompt)
+    if args.lora:
+        given["lora"] = LoraConfig(r=args.lora, alpha=2 * args.lora, target_modules=lora_modules(args.lora_modules))
+    changes = {k: v for k, v in given.items() if v is not None}
+    # Switches only ever turn a behaviour on: a caption-first bridge stays caption-first.
+    changes.update({k: True for k in ("instruct", "caption_first") if getattr(args, k)})
+    qformer = {"stage1_heads": True} if stage == 1 else {}
+    if args.cross_attention_every:
+        qformer["cross_attention_every"] = args.cross_attention_every
     try:
-        return build()
+        if args.init_from:
+            bridge = from_bridge(args.init_from, qformer, **changes)
+            print(f"initialised from {args.init_from}" + ("" if bridge.config.llm == read_bridge_config(args.init_from).llm
+                                                          else f"; new projection into {bridge.config.llm} ({bridge.llm.width} wide)"))
+            return bridge
+        if args.num_queries:
+            qformer["num_queries"] = args.num_queries
+        if args.tubelets:
+            qformer["tubelet_frames"] = changes.get("num_frames", BridgeConfig.num_frames)
+        config = BridgeConfig(qformer=QFormerConfig(**qformer), **changes)
+        return new_bridge(config, None if args.qformer_init == "random" else args.qformer_init)
     except ValueError as e:
         fail(str(e))
 
@@ -331,8 +236,53 @@ def main(argv=None) -> Bridge:
     args = parse_args(argv)
     stage = int(args.stage)
     out = Path(args.output)
+    # 1. The configuration, the data and the checkpoint to resume from, checked before any model loads.
+    plan = check_arguments(args, stage, out)
+    # 2. Accelerate: devices, processes, precision.
+    accelerator = setup_accelerator(args, out)
+    set_seed(args.seed)
+    # 3. The bridge, and what of it trains.
+    bridge = setup_bridge(args, stage)
+    choose_trainable(bridge, stage, args.train)
+    qtok = stage1_tokenizer(bridge) if stage == 1 else None
+    trainable, total = count_parameters(bridge)
+    accelerator.print(f"stage {stage}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%); "
+                      f"{accelerator.num_processes} processes on {accelerator.device}, mixed precision {accelerator.mixed_precision}")
+    # 4. Data: decoded in worker processes, mixed batch by batch; optionally frozen features from a cache.
+    train_set, sampler, train_loader, eval_loader, cache = setup_data(args, bridge, plan)
+    # 5. Optimizer over the trainable parameters only; warmup then cosine decay.
+    run = setup_optimizer(args, accelerator, TrainStep(bridge, stage, plan.stage1_losses), train_loader, eval_loader)
+    # 6. Frozen-feature cache: each process encodes its share of what is missing, once.
+    if cache is not None:
+        fill_feature_cache(args, accelerator, bridge, cache, [train_set] + ([eval_loader.dataset] if eval_loader is not None else []))
+    # 7. Resume: weights, optimizer, scheduler, RNG states, and the position in the data.
+    progress = resume(args, plan, accelerator, out)
+    # 8. The loop.
+    train_loop(run, args, accelerator, bridge, stage, qtok, sampler, len(train_set), out, progress)
+    # 9. The output directory is a bridge.
+    accelerator.wait_for_everyone()
+    bridge = accelerator.unwrap_model(run.model).bridge
+    if accelerator.is_main_process:
+        bridge.save_pretrained(out)
+        accelerator.print(f"bridge saved to {out}")
+    accelerator.end_training()
+    return bridge
 
-    # 1. Check the configuration before any model is loaded or any sample decoded.
+
+@dataclass
+class Plan:
+    """What the arguments ask for, read and checked before any model loads."""
+
+    data: list[tuple[str, float]]  # (path, weight) of each --data
+    sources: list
+    eval_sources: list
+    stage1_losses: tuple[str, ...]
+    checkpoint: Path | None  # the checkpoint to resume from
+    progress: Progress  # where that checkpoint stands; step 0 without one
+
+
+def check_arguments(args, stage: int, out: Path) -> Plan:
+    """The run's plan, or a `fail` saying what to change."""
     if stage == 1 and args.train == "projection":
         fail("--train projection is for stage 2 (stage 1 trains the Q-Former without an LLM)")
     if stage == 1 and args.instruct:
@@ -343,7 +293,7 @@ def main(argv=None) -> Bridge:
         fail("--lora RANK is for stage 2 (stage 1 does not run the LLM), with a rank of at least 1")
     if args.stage1_losses is not None and stage != 1:
         fail("--stage1-losses is for stage 1")
-    stage1_loss_names = stage1_losses(args.stage1_losses)
+    loss_names = stage1_losses(args.stage1_losses)
     if args.lora_modules is not None and (args.lora is None or not lora_modules(args.lora_modules)):
         fail(f"--lora-modules {args.lora_modules!r}: give module names (or all-linear) together with --lora RANK")
     if args.batch_size < 1 or args.grad_accum < 1:
@@ -353,73 +303,102 @@ def main(argv=None) -> Bridge:
     if not args.resume and latest_checkpoint(out) is not None:
         fail(f"{out} already holds a run's checkpoints: pass --resume to continue it, or choose another --output")
     # The checkpoint to resume from is read whole now, not found damaged once the models are loaded.
-    resume_from = latest_checkpoint(out) if args.resume == "latest" else args.resume and Path(args.resume)
-    resumed = resume_from and _checked(lambda: check_checkpoint(resume_from, Progress))
+    checkpoint = latest_checkpoint(out) if args.resume == "latest" else args.resume and Path(args.resume) or None
     try:
+        progress = check_checkpoint(checkpoint, Progress) if checkpoint else Progress()
+        if args.init_from:
+            check_init_from(args, read_bridge_config(args.init_from))
         data = [parse_data_arg(a) for a in args.data]
         sources = [open_source(path) for path, _ in data]
         eval_sources = [open_source(path) for path in args.eval_data]
     except ValueError as e:
         fail(str(e))
+    return Plan(data, sources, eval_sources, loss_names, checkpoint, progress)
 
-    # 2. Accelerate: devices, processes, precision. fp32 on the CPU by default: bf16 is only fast on CPUs
-    # with native bf16 matmuls (AVX512-BF16, AMX; the default bridge's retrain uses it there), and
-    # exact-resume tests and users' numbers should not depend on which CPU ran them.
+
+def check_init_from(args, source: BridgeConfig) -> None:
+    """What a trained Q-Former cannot take on: another encoder or layer (it learnt to read those features), tubelets."""
+    d = args.init_from
+    if args.vision and args.vision != source.vision:
+        fail(f"--vision {args.vision}: the Q-Former in {d} was trained on {source.vision} features; drop --vision")
+    if args.vision_layer is not None and args.vision_layer != source.vision_layer:
+        fail(f"--vision-layer {args.vision_layer}: the Q-Former in {d} was trained on layer {source.vision_layer}; drop --vision-layer")
+    if args.tubelets and not source.qformer.tubelet_frames:
+        fail(f"--tubelets: the Q-Former in {d} reads frames one by one; tubelets change its input, start a new one")
+
+
+def setup_accelerator(args, out: Path) -> Accelerator:
+    """fp32 on the CPU by default: bf16 is only fast on CPUs with native bf16 matmuls (AVX512-BF16, AMX; the
+    default bridge's retrain uses it there), and exact-resume tests and users' numbers should not depend on
+    which CPU ran them."""
     precision = args.mixed_precision
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "no"
     log_with = "tensorboard" if args.log_with == "tensorboard" and is_tensorboard_available() else None
     accelerator = Accelerator(mixed_precision=precision, log_with=log_with, project_dir=str(out), step_scheduler_with_optimizer=False)
-    say = accelerator.print
     if args.log_with == "tensorboard" and log_with is None:
-        say("tensorboard is not installed (pip install tensorboard): logging to metrics.jsonl only")
-    set_seed(args.seed)
+        accelerator.print("tensorboard is not installed (pip install tensorboard): logging to metrics.jsonl only")
+    return accelerator
 
-    # 3. The bridge, and what of it trains.
-    bridge = build_bridge(args)
-    choose_trainable(bridge, stage, args.train)
-    qtok = None
-    if stage == 1:
-        if not bridge.config.qformer_tokenizer:
-            fail("stage 1 needs a Q-Former tokenizer: pass --qformer-tokenizer DIR (or --qformer-init minilm/BERT_DIR)")
-        qtok = bridge.qformer_tokenizer
-        if len(qtok) > bridge.config.qformer.vocab_size:
-            fail(f"the Q-Former tokenizer has {len(qtok)} tokens but the Q-Former only {bridge.config.qformer.vocab_size} word embeddings; "
-                 "use the tokenizer of the BERT it was initialised from")
-    trainable, total = count_parameters(bridge)
-    say(f"stage {stage}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%); "
-        f"{accelerator.num_processes} processes on {accelerator.device}, mixed precision {precision}")
 
-    # 4. Data: decoded in worker processes, mixed batch by batch; optionally frozen features from a cache.
+def stage1_tokenizer(bridge: Bridge):
+    """Stage 1 shows the Q-Former text, in its own tokenizer, which must fit its word embeddings."""
+    qtok = bridge.qformer_tokenizer
+    if qtok is None:
+        fail("stage 1 needs a Q-Former tokenizer: pass --qformer-tokenizer DIR (or --qformer-init minilm/BERT_DIR)")
+    if len(qtok) > bridge.config.qformer.vocab_size:
+        fail(f"the Q-Former tokenizer has {len(qtok)} tokens but the Q-Former only {bridge.config.qformer.vocab_size} word embeddings; "
+             "use the tokenizer of the BERT it was initialised from")
+    return qtok
+
+
+def setup_data(args, bridge: Bridge, plan: Plan):
+    """(train set, its sampler, train loader, eval loader or None, feature cache or None)."""
     cfg = bridge.config
     cache = None
     if args.cache_features:
         # Everything that changes the features is in the key: encoder, layer, resolution, frames, fps.
         spec = f"{cfg.vision}|layer={cfg.vision_layer}|res={cfg.vision_resolution}|frames={cfg.num_frames}|fps={args.fps}"
         cache = FeatureCache(args.cache_features, spec)
-    train_set = ClipDataset(sources, cfg.num_frames, args.fps, bridge.vision.preprocess, cache)
-    sampler = MixedBatchSampler([len(s) for s in sources], [w for _, w in data], args.batch_size, args.seed)
+    train_set = ClipDataset(plan.sources, cfg.num_frames, args.fps, bridge.vision.preprocess, cache)
+    sampler = MixedBatchSampler([len(s) for s in plan.sources], [w for _, w in plan.data], args.batch_size, args.seed)
     loader_kwargs = dict(collate_fn=collate, num_workers=args.num_workers)
     train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs)
     eval_loader = None
-    if eval_sources:
-        eval_set = ClipDataset(eval_sources, cfg.num_frames, args.fps, bridge.vision.preprocess, cache)
+    if plan.eval_sources:
+        eval_set = ClipDataset(plan.eval_sources, cfg.num_frames, args.fps, bridge.vision.preprocess, cache)
         eval_loader = DataLoader(eval_set, batch_sampler=BatchSampler(SequentialSampler(eval_set), args.batch_size, False), **loader_kwargs)
+    return train_set, sampler, train_loader, eval_loader, cache
 
-    # 5. Optimizer over the trainable parameters only; warmup then cosine decay.
-    model = TrainStep(bridge, stage, stage1_loss_names)
+
+@dataclass
+class Run:
+    """What accelerate prepared, and the schedule's length."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_loader: DataLoader
+    eval_loader: DataLoader | None
+    params: list
+    batches_per_epoch: int
+    total_steps: int
+
+
+def setup_optimizer(args, accelerator, model: TrainStep, train_loader, eval_loader) -> Run:
+    """AdamW over the trainable parameters only, warmup then cosine decay; checkpoints of trainable weights."""
+    bridge = model.bridge
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     batches_per_epoch = len(train_loader)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    total_steps = args.max_steps or args.epochs * math.ceil(batches_per_epoch / args.grad_accum)
     scheduler = accelerator.prepare(get_cosine_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps))
 
     # Checkpoints hold the trainable weights only, never copies of the frozen backbones; with the config
-    # beside them each checkpoint is itself a bridge (bench/quality.py --bridge out/checkpoints/step-N).
+    # beside them each checkpoint is itself a bridge (bench.quality --bridge out/checkpoints/step-N).
     def save_trainable_only(models, weights, directory):
         if accelerator.is_main_process:
             bridge.save_pretrained(directory)
@@ -431,42 +410,51 @@ def main(argv=None) -> Bridge:
 
     accelerator.register_save_state_pre_hook(save_trainable_only)
     accelerator.register_load_state_pre_hook(load_trainable_only)
+    return Run(model, optimizer, scheduler, train_loader, eval_loader, params, batches_per_epoch, total_steps)
 
-    # 6. Frozen-feature cache: each process encodes its share of what is missing, once.
-    if cache is not None:
-        for dataset in [train_set] + ([eval_loader.dataset] if eval_loader is not None else []):
-            mine = list(range(len(dataset)))[accelerator.process_index :: accelerator.num_processes]
-            added = fill_cache(dataset, bridge.vision.encode, cache, mine, args.batch_size, args.num_workers, device=accelerator.device)
-            say(f"feature cache {cache.directory}: {added} samples encoded by process 0, {len(cache)} cached")
-        accelerator.wait_for_everyone()
-        cache.refresh()
 
-    # 7. Resume: weights, optimizer, scheduler, RNG states, and the position in the data.
-    progress = Progress()
-    if args.resume:
-        if resume_from is None:
-            say(f"no checkpoint in {out / 'checkpoints'}: starting from step 0")
-        else:
-            _checked(lambda: accelerator.load_state(str(resume_from)))  # weights that do not fit this run's bridge
-            _checked(lambda: check_rng_restored(resume_from, accelerator.process_index))
-            progress = resumed
-            say(f"resumed from {resume_from} at step {progress.step}")
-            if accelerator.is_main_process:
-                forget_metrics_after(out / "metrics.jsonl", progress.step)
+def fill_feature_cache(args, accelerator, bridge: Bridge, cache: FeatureCache, datasets: list) -> None:
+    for dataset in datasets:
+        mine = list(range(len(dataset)))[accelerator.process_index :: accelerator.num_processes]
+        added = fill_cache(dataset, bridge.vision.encode, cache, mine, args.batch_size, args.num_workers, device=accelerator.device)
+        accelerator.print(f"feature cache {cache.directory}: {added} samples encoded by process 0, {len(cache)} cached")
+    accelerator.wait_for_everyone()
+    cache.refresh()
 
+
+def resume(args, plan: Plan, accelerator, out: Path) -> Progress:
+    """Where the run stands: step 0, or the checkpoint's weights, optimizer, scheduler, RNG states and data position."""
+    if plan.checkpoint is None:
+        if args.resume:
+            accelerator.print(f"no checkpoint in {out / 'checkpoints'}: starting from step 0")
+        return plan.progress
+    try:
+        accelerator.load_state(str(plan.checkpoint))
+        # Accelerate skips RNG states it cannot restore; the run would then quietly differ from the killed one.
+        check_rng_restored(plan.checkpoint, accelerator.process_index)
+    except ValueError as e:  # weights that do not fit this run's bridge
+        fail(str(e))
+    accelerator.print(f"resumed from {plan.checkpoint} at step {plan.progress.step}")
+    if accelerator.is_main_process:
+        forget_metrics_after(out / "metrics.jsonl", plan.progress.step)
+    return plan.progress
+
+
+def train_loop(run: Run, args, accelerator, bridge: Bridge, stage: int, qtok, sampler, train_size: int, out: Path, progress: Progress) -> None:
+    """Optimizer steps until the schedule's end. Gradients accumulate over --grad-accum batches and synchronise
+    across processes on the last; checkpoints, evaluation and logs at their intervals."""
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     accelerator.init_trackers("tensorboard", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     metrics_file = out / "metrics.jsonl"
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc=f"stage {stage}")
-
-    # 8. The loop. Gradients accumulate over --grad-accum batches and synchronise across processes on the last.
+    bar = tqdm(total=run.total_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc=f"stage {stage}")
+    model, optimizer, scheduler, batches_per_epoch = run.model, run.optimizer, run.scheduler, run.batches_per_epoch
     model.train()
     sums: dict[str, float] = {}
     eval_bad: list[str] = []
-    while progress.step < total_steps:
+    while progress.step < run.total_steps:
         sampler.epoch = progress.epoch  # the batch order depends on (seed, epoch) only
-        loader = accelerator.skip_first_batches(train_loader, progress.batches_in_epoch) if progress.batches_in_epoch else train_loader
+        loader = accelerator.skip_first_batches(run.train_loader, progress.batches_in_epoch) if progress.batches_in_epoch else run.train_loader
         for batch in loader:
             b = progress.batches_in_epoch
             progress.batches_in_epoch += 1
@@ -477,9 +465,9 @@ def main(argv=None) -> Bridge:
             # Unreadable samples: reported by every process, counted over all of them.
             reports = gather_object([(batch["bad"], len(batch["names"]))])
             progress.bad_samples += report_bad(accelerator, out, [item for r, _ in reports for item in r], progress.bad_samples)
-            if len(progress.bad_samples) > args.max_bad_fraction * len(train_set):
+            if len(progress.bad_samples) > args.max_bad_fraction * train_size:
                 raise SystemExit(
-                    f"train.py: stopped: {len(progress.bad_samples)} of {len(train_set)} samples are unreadable, more than "
+                    f"train.py: stopped: {len(progress.bad_samples)} of {train_size} samples are unreadable, more than "
                     f"--max-bad-fraction {args.max_bad_fraction:g}; see {out / 'bad_samples.jsonl'}, fix or remove them"
                 )
             # A process with nothing readable would leave the others waiting in DDP; all skip this batch.
@@ -496,7 +484,7 @@ def main(argv=None) -> Bridge:
             if skip:
                 optimizer.zero_grad()  # grads of this group never synchronised; drop them on every process
             else:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
             scheduler.step()
@@ -510,25 +498,17 @@ def main(argv=None) -> Bridge:
                 logged.update(zip(sums, values.tolist()))
             sums = {}
             log(accelerator, metrics_file, logged, bar, progress.step % args.log_every == 0)
-            if eval_loader is not None and (progress.step % args.eval_every == 0 or progress.step == total_steps):
-                log(accelerator, metrics_file, {"step": progress.step} | evaluate(model, eval_loader, bridge, stage, qtok, args, accelerator, out, eval_bad), bar, True)
-            if progress.step % args.save_every == 0 or progress.step == total_steps:
+            if run.eval_loader is not None and (progress.step % args.eval_every == 0 or progress.step == run.total_steps):
+                scores = evaluate(model, run.eval_loader, bridge, stage, qtok, args, accelerator, out, eval_bad)
+                log(accelerator, metrics_file, {"step": progress.step} | scores, bar, True)
+            if progress.step % args.save_every == 0 or progress.step == run.total_steps:
                 save_checkpoint(accelerator, out, progress, args.keep_checkpoints)
-            if progress.step >= total_steps:
+            if progress.step >= run.total_steps:
                 break
         else:
             progress.epoch += 1
             progress.batches_in_epoch = 0
     bar.close()
-
-    # 9. The output directory is a bridge.
-    accelerator.wait_for_everyone()
-    bridge = accelerator.unwrap_model(model).bridge
-    if accelerator.is_main_process:
-        bridge.save_pretrained(out)
-        say(f"bridge saved to {out}")
-    accelerator.end_training()
-    return bridge
 
 
 def micro_batch_id(progress: Progress, batches_per_epoch: int) -> int:

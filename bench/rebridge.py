@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import train
 from adapters.llm import load_llm
 from adapters.vision import load_vision
 from bench.quality import world_captions
@@ -28,6 +28,7 @@ from qformer import Bridge
 from qformer.bridge import DEFAULT_BRIDGE
 
 SPLIT = "test-iid"
+TRAIN = Path(__file__).resolve().parent.parent / "train.py"
 
 
 def train_once(out: Path, argv: list[str], args) -> Path:
@@ -37,7 +38,8 @@ def train_once(out: Path, argv: list[str], args) -> Path:
     if (out / "checkpoints").is_dir():
         argv = [*argv, "--resume"]
     print(f"== python train.py {' '.join(argv)}", flush=True)
-    train.main(argv)
+    # The training recipe runs as the script it is, in a process of its own, as a user would run it.
+    subprocess.run([sys.executable, str(TRAIN), *argv], check=True)
     (out / ".done").touch()
     return out
 

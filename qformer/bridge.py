@@ -24,6 +24,7 @@ from adapters.offline import minilm_dir
 from adapters.vision import load_vision
 
 from .config import BridgeConfig
+from .convert import blip2_bridge_config, blip2_weights
 from .model import QFormer, QFormerHeads, count_parameters
 
 # The trained demo bridge shipped in the repository, used when no bridge is named.
@@ -153,10 +154,14 @@ class Bridge(nn.Module):
 
     @classmethod
     def from_blip2(cls, path: str | os.PathLike) -> "Bridge":
-        """A bridge from a transformers `Blip2ForConditionalGeneration.save_pretrained` directory."""
-        from .convert import bridge_from_blip2
-
-        return bridge_from_blip2(str(path))
+        """A bridge from a transformers `Blip2ForConditionalGeneration.save_pretrained` directory: its vision
+        tower, Q-Former, projection and language model, all read from the checkpoint."""
+        path = str(path)
+        bridge = cls(blip2_bridge_config(path))
+        qformer, projection = blip2_weights(path, bridge.qformer)
+        bridge.qformer.load_state_dict(qformer, strict=False)
+        bridge.projection.load_state_dict(projection)
+        return bridge
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Q-Former, projection and LoRA weights: all a bridge adds to its frozen backbones."""

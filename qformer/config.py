@@ -123,7 +123,7 @@ class BridgeConfig:
     # System message of every chat; None leaves the LLM's template to its default. "" drops a template's
     # built-in one (SmolLM2's costs 20 tokens of every training step).
     system_prompt: str | None = None
-    num_frames: int = 8
+    num_frames: int = 4
 
     def validate(self) -> None:
         """A ValueError naming the first field of a wrong type or beyond its BOUNDS, here or in the nested configs."""

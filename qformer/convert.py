@@ -5,6 +5,7 @@ Each source is one key map from its names to ours (model.py), applied layer by l
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from transformers import AutoConfig
 
@@ -65,58 +66,62 @@ def _rename(key: str, layer_map: dict, top_map: dict) -> list[str]:
     return [f"{top_map[stem]}.{kind}"] if stem in top_map else []
 
 
-def qformer_config_from_blip2(config) -> QFormerConfig:
-    q = config.qformer_config
-    return QFormerConfig(
-        hidden_size=q.hidden_size,
-        num_layers=q.num_hidden_layers,
-        num_heads=q.num_attention_heads,
-        intermediate_size=q.intermediate_size,
-        num_queries=config.num_query_tokens,
-        cross_attention_every=q.cross_attention_frequency,
-        vision_width=q.encoder_hidden_size,
-        vocab_size=q.vocab_size,
-        max_text_len=q.max_position_embeddings,
-        layer_norm_eps=q.layer_norm_eps,
-        dropout=q.hidden_dropout_prob,
-        hidden_act=q.hidden_act,
-        vision_norm=False,  # transformers' BLIP-2 vision tower already ends in a LayerNorm
-        pad_token_id=q.pad_token_id,
+def qformer_config_from_bert(bert, base: QFormerConfig | None = None) -> QFormerConfig:
+    """`base` (default QFormerConfig()) with the architecture of a BERT-style config: a BERT, MiniLM, or the
+    Q-Former config inside a BLIP-2 / InstructBLIP checkpoint, which are BERTs with cross-attention. The
+    choices a BERT does not make (queries, cross-attention, tubelets, heads) stay base's."""
+    return replace(
+        base or QFormerConfig(),
+        hidden_size=bert.hidden_size,
+        num_layers=bert.num_hidden_layers,
+        num_heads=bert.num_attention_heads,
+        intermediate_size=bert.intermediate_size,
+        vocab_size=bert.vocab_size,
+        max_text_len=bert.max_position_embeddings,
+        layer_norm_eps=bert.layer_norm_eps,
+        dropout=bert.hidden_dropout_prob,
+        hidden_act=bert.hidden_act,
+        pad_token_id=bert.pad_token_id or 0,
     )
 
 
-def bridge_from_blip2(path: str):
-    """A Bridge whose backbones and trained parts all come from a BLIP-2 checkpoint directory."""
-    from .bridge import Bridge
-
+def blip2_bridge_config(path: str) -> BridgeConfig:
+    """The BridgeConfig of a transformers BLIP-2 checkpoint directory: its backbones are the checkpoint's own."""
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "blip-2":
         raise ValueError(f"{path}: expected a BLIP-2 checkpoint (model_type 'blip-2'), found {config.model_type!r}")
-    bcfg = BridgeConfig(
-        qformer=qformer_config_from_blip2(config),
+    q = config.qformer_config
+    choices = QFormerConfig(
+        num_queries=config.num_query_tokens,
+        cross_attention_every=q.cross_attention_frequency,
+        vision_width=q.encoder_hidden_size,
+        vision_norm=False,  # transformers' BLIP-2 vision tower already ends in a LayerNorm
+    )
+    return BridgeConfig(
+        qformer=qformer_config_from_bert(q, choices),
         vision=str(path),
         llm=str(path),
         llm_width=config.text_config.hidden_size,
         caption_prompt="",
         num_frames=1,
     )
-    bridge = Bridge(bcfg)
+
+
+def blip2_weights(path: str, qformer: QFormer) -> tuple[dict, dict]:
+    """(Q-Former state, projection state) of a BLIP-2 checkpoint, in our names, checked against `qformer`."""
     source = load_prefixed(path, "qformer.")
-    own = bridge.qformer.state_dict()
     state = {}
     for key, value in source.items():
         for target in _rename(key, BLIP2_LAYER_MAP, BLIP2_TOP_MAP):
             state[target] = value
     state["query_tokens"] = load_prefixed(path, "query_tokens")[""]
     # BLIP-2 for generation has no text branch: those weights keep their initialisation, unused.
-    needed = [k for k in own if not k.startswith(("embeddings.word", "embeddings.position", "temporal_embed")) and ".mlp_text." not in k]
+    unused = ("embeddings.word", "embeddings.position", "temporal_embed")
+    needed = [k for k in qformer.state_dict() if not k.startswith(unused) and ".mlp_text." not in k]
     missing = [k for k in needed if k not in state]
     if missing:
         raise ValueError(f"{path}: Q-Former weights missing from the checkpoint: {missing[:5]}")
-    bridge.qformer.load_state_dict(state, strict=False)
-    proj = load_prefixed(path, "language_projection.")
-    bridge.projection.load_state_dict(proj)
-    return bridge
+    return state, load_prefixed(path, "language_projection.")
 
 
 def load_bert_into_qformer(qformer: QFormer, path: str) -> None:

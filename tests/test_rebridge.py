@@ -17,7 +17,7 @@ from conftest import make_tokenizer, tiny_config
 pytestmark = pytest.mark.backbones  # the MiniLM arm and the easy-VQA training split come from their packages
 
 
-def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_runs(tiny_dirs, tmp_path, capsys):
+def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_runs(tiny_dirs, tmp_path, capfd):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     # The new LLM is wider than the source's (48 against 32), so the projection must be new.
@@ -35,7 +35,7 @@ def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_r
     argv = ["--data", str(tmp_path / "data"), "--source", str(tmp_path / "source"), "--llm", str(tmp_path / "new-llm"),
             "--steps", "3", "--projection-steps", "1", "--eval-every", "1", "--world", "2", "--batch-size", "2", "--out", str(tmp_path / "out")]
     results = rebridge.main(argv)
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     assert "new projection into" in printed and "(48 wide)" in printed
     assert results["steps"] == [1, 2, 3]
     assert results["step_at_95"] in (None, 1, 2, 3) and "0.95 of the source: " in printed
@@ -56,5 +56,5 @@ def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_r
 
     # Finished arms are reused, not trained again: the same figures come back.
     again = rebridge.main(argv)
-    assert "python train.py" not in capsys.readouterr().out
+    assert "python train.py" not in capfd.readouterr().out
     assert again["slot_accuracy"] == results["slot_accuracy"]

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import train
+import qformer.build
 from qformer import Bridge
+from qformer.build import from_bridge
 from qformer.losses import Stage1Objective
 
 from conftest import make_tokenizer
@@ -152,8 +154,7 @@ def test_init_from_with_cross_attention_every_grows_the_q_former_from_its_traine
     train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s1", "--max-steps", "1", data=captions))
     trained = {k[len("qformer."):]: v for k, v in load_file(str(tmp_path / "s1" / "bridge.safetensors")).items() if k.startswith("qformer.")}
     assert "layers.1.cross_attn.query.weight" not in trained
-    grow = lambda d, every: train.build_bridge(train.parse_args(_args(  # noqa: E731
-        tiny_dirs, qformer_bert, tmp_path / "x", "--init-from", str(d), "--cross-attention-every", every, stage="2", data=captions)))
+    grow = lambda d, every: from_bridge(d, {"cross_attention_every": int(every)})  # noqa: E731
     grown = grow(tmp_path / "s1", "1")
     assert grown.config.qformer.cross_attention_every == 1
     new = grown.qformer.state_dict()
@@ -316,8 +317,8 @@ def _damaged_resume(two_step_run, tmp_path, monkeypatch, damage) -> tuple[str, P
     def too_late(*a, **kw):
         raise AssertionError("a model loaded before the checkpoint was checked")
 
-    monkeypatch.setattr(train, "load_vision", too_late)
-    monkeypatch.setattr(train, "load_llm", too_late)
+    monkeypatch.setattr(qformer.build, "load_vision", too_late)
+    monkeypatch.setattr(qformer.build, "load_llm", too_late)
     monkeypatch.setattr(train.Accelerator, "load_state", too_late)
     with pytest.raises(SystemExit) as e:
         train.main(args + ["--resume", str(checkpoint)])
