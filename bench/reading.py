@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoConfig
 
 from adapters.offline import minilm_dir
 from adapters.vision import load_vision
 from adapters.video import as_clip
 from qformer import QFormerConfig, world
-from qformer.convert import load_bert_into_qformer
+from qformer.convert import load_bert_into_qformer, qformer_config_from_bert
 from qformer.model import QFormer
 from bench.probe import print_table
 
@@ -138,10 +139,8 @@ def main(argv=None) -> dict:
     x_train, x_test = features(vision, "train", args.train), features(vision, "test-iid", args.test)
     y_train, y_test = labels(world.scene("train", i) for i in range(args.train)), labels(world.scene("test-iid", i) for i in range(args.test))
     print(f"features: block {args.layer} at {args.resolution} px, {tuple(x_train.shape[1:])} per clip; {args.train} train, {args.test} test-iid clips ({time.time() - t0:.0f} s)")
-    b = json.loads((Path(minilm_dir()) / "config.json").read_text())
-    base = QFormerConfig(hidden_size=b["hidden_size"], num_layers=b["num_hidden_layers"], num_heads=b["num_attention_heads"],
-                         intermediate_size=b["intermediate_size"], vocab_size=b["vocab_size"], num_queries=args.num_queries,
-                         cross_attention_every=args.cross_attention_every, vision_width=vision.width)
+    choices = QFormerConfig(num_queries=args.num_queries, cross_attention_every=args.cross_attention_every, vision_width=vision.width)
+    base = qformer_config_from_bert(AutoConfig.from_pretrained(minilm_dir()), choices)
     results = {}
     for name in args.variant or list(VARIANTS):
         tubelets, grid = VARIANTS[name]
