@@ -67,7 +67,7 @@ class LanguageModel(FrozenModule):
         return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
     @torch.no_grad()
-    def generate(self, inputs_embeds, attention_mask, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
+    def generate(self, inputs_embeds, attention_mask, max_new_tokens: int, **kwargs) -> torch.Tensor:
         kwargs.setdefault("do_sample", False)
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id if self.tokenizer is not None else None)
         # Given embeddings and no ids, transformers returns only the new tokens.

@@ -23,7 +23,7 @@ from adapters.llm import load_llm
 from adapters.offline import minilm_dir
 from adapters.vision import load_vision
 
-from .config import BridgeConfig
+from .config import CAPTION_BATCH_SIZE, MAX_NEW_TOKENS, BridgeConfig
 from .convert import blip2_bridge_config, blip2_weights
 from .model import QFormer, QFormerHeads, count_parameters
 
@@ -31,8 +31,6 @@ from .model import QFormer, QFormerHeads, count_parameters
 DEFAULT_BRIDGE = Path(__file__).resolve().parent.parent / "demos" / "bridge"
 CONFIG_NAME = "bridge_config.json"
 WEIGHTS_NAME = "bridge.safetensors"
-# Longest caption or answer generated unless asked otherwise: a two-object WORLD.md caption is 17 SmolLM2 tokens or so.
-MAX_NEW_TOKENS = 48
 # A bridge config is a page of JSON; a larger file is not one.
 MAX_CONFIG_BYTES = 2**20
 # The dtypes a bridge's trainable weights are saved in (save_pretrained's dtype casts floating weights).
@@ -312,7 +310,7 @@ class Bridge(nn.Module):
         pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 32,
+        max_new_tokens: int = MAX_NEW_TOKENS,
         visual_position: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
         instruction_ids: torch.Tensor | None = None,
@@ -326,7 +324,7 @@ class Bridge(nn.Module):
 
     # ---- high level: captions and answers from paths, PIL images, arrays -------------------------
 
-    def caption(self, items, prompt: str | None = None, num_frames: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 8, num_beams: int = 1) -> list[str]:
+    def caption(self, items, prompt: str | None = None, num_frames: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = CAPTION_BATCH_SIZE, num_beams: int = 1) -> list[str]:
         """One caption per image or clip (paths, PIL images, uint8 arrays or adapters.video.Clip).
 
         num_beams > 1 decodes by beam search instead of greedily: slower, and on the world's two-object

@@ -12,6 +12,7 @@ import sys
 from . import chat
 from . import recaption as rc
 from .bridge import DEFAULT_BRIDGE, bridge_or_default
+from .config import CAPTION_BATCH_SIZE, MAX_NEW_TOKENS
 
 
 
@@ -52,12 +53,12 @@ def add_recaption(subparsers) -> None:
     frames.add_argument("--num-frames", type=int, metavar="N", help="frames sampled per clip (default: the bridge's)")
     frames.add_argument("--fps", type=float, metavar="F",
                         help="sample F frames per second instead (capped at the frames the bridge's Q-Former takes)")
-    p.add_argument("--batch-size", type=int, default=rc.DEFAULT_BATCH_SIZE, metavar="B", help="clips per model call")
+    p.add_argument("--batch-size", type=int, default=CAPTION_BATCH_SIZE, metavar="B", help="clips per model call")
     p.add_argument("--prompt", metavar="TEXT", help="instruction given with each clip (default: the bridge's caption prompt)")
-    p.add_argument("--max-new-tokens", type=int, default=rc.DEFAULT_MAX_NEW_TOKENS, metavar="K", help="longest caption, in tokens")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, metavar="K", help="longest caption, in tokens")
     p.add_argument("--num-beams", type=int, default=1, metavar="NB",
                    help="beam search over NB beams instead of greedy decoding: slower, and more often right (README)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="W",
+    p.add_argument("--workers", type=int, default=rc.DEFAULT_WORKERS, metavar="W",
                    help="processes decoding clips while the model runs (0: decode in the main process)")
     p.add_argument("--shard", metavar="i/n", help="caption only every n-th input, starting at the i-th (0-based), of the sorted inputs")
     p.set_defaults(run=run_recaption)

@@ -4,6 +4,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+# Generation: the longest caption or answer unless asked otherwise (a two-object WORLD.md caption is about 17
+# SmolLM2 tokens), and how many clips or images go through the models in one call when captioning.
+MAX_NEW_TOKENS = 48
+CAPTION_BATCH_SIZE = 8
+
 # Sane bounds (inclusive) of every numeric field. A bridge directory is read from disk and may be crafted,
 # and the Q-Former allocates what its config says (vocab_size x hidden_size word embeddings, layers of
 # hidden_size x intermediate_size, ...), so validate() checks each size before any module is built. The

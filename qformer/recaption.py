@@ -48,6 +48,8 @@ import torch
 
 from adapters.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, read_clip
 
+from .config import CAPTION_BATCH_SIZE, MAX_NEW_TOKENS
+
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 # Columns of a manifest or datasets directory that may name the clips, in order of preference.
@@ -55,8 +57,8 @@ MEDIA_COLUMNS = ("video", "video_path", "image", "image_path", "clip", "path", "
 # The output record, field -> Parquet type; JSONL lines carry the same fields in the same order.
 RECORD_SCHEMA = {"path": "string", "caption": "string", "num_frames": "int32", "duration_s": "float64", "error": "string",
                  "bridge": "string", "prompt": "string", "num_beams": "int32"}
-DEFAULT_BATCH_SIZE = 8
-DEFAULT_MAX_NEW_TOKENS = 48
+# Decoding processes beside the model: enough to keep it fed, not so many that they fight it for the cores.
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 
 # ---------------------------------------------------------------- inputs
@@ -587,10 +589,10 @@ def recaption(
     prompt: str | None = None,
     num_frames: int | None = None,
     fps: float | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = CAPTION_BATCH_SIZE,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     num_beams: int = 1,
-    workers: int = 2,
+    workers: int = DEFAULT_WORKERS,
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> Summary:
@@ -689,13 +691,11 @@ def _check_same_settings(records: Iterable[dict], out: str, bridge_name: str, pr
 def configured_prompt(bridge_dir: str) -> str | None:
     """The bridge's caption prompt, read from its config without loading a model; None when the config is not
     on this machine (a hub id not downloaded yet)."""
-    from .bridge import CONFIG_NAME
-    from .config import BridgeConfig
+    from .bridge import CONFIG_NAME, read_bridge_config
 
-    config = Path(bridge_dir, CONFIG_NAME)
-    if not config.is_file():
+    if not Path(bridge_dir, CONFIG_NAME).is_file():
         return None
-    return BridgeConfig.from_dict(json.loads(config.read_text())).caption_prompt
+    return read_bridge_config(bridge_dir).caption_prompt
 
 
 def parse_shard(text: str) -> tuple[int, int]:
