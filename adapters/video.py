@@ -78,6 +78,9 @@ _SEEK_MIN_GAP_S = 1
 # A request for more output than this is refused before decoding rather than
 # left to exhaust memory (an uncapped fps on an hour of video).
 _MAX_OUTPUT_BYTES = 8 << 30
+# Frames larger than this (width * height) are refused from the header: decoding one would take
+# 120 MB at 40 Mpx, and a decompression bomb claims far more.
+MAX_PIXELS = 40_000_000
 
 
 @dataclass
@@ -108,14 +111,20 @@ def read_clip(
     path: str | os.PathLike,
     num_frames: int | None = 8,
     fps: float | None = None,
-    max_pixels: int = 40_000_000,
+    max_pixels: int = MAX_PIXELS,
     max_side: int | None = None,
+    max_duration_s: float | None = None,
 ) -> Clip:
     """Decode `num_frames` frames (or one every 1/fps s) of a video, or an image as one frame.
 
     Frames larger than `max_pixels` (width * height, read from the header
     before any pixel is decoded) are refused. `max_side` shrinks frames while
     decoding so their longer side is at most `max_side`, keeping the aspect ratio.
+    A video longer than `max_duration_s` is refused before any frame is decoded:
+    the duration comes from the header, or, when no header has one, from reading
+    packets, which stops at the limit. Sample times come from that duration, so a
+    header that understates the length never lets decoding run past the limit
+    either: it stops one frame after the last sample time.
     """
     if num_frames is None and fps is None:
         raise ValueError("read_clip needs num_frames or fps (or both)")
@@ -125,11 +134,13 @@ def read_clip(
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     if max_side is not None and max_side < 2:
         raise ValueError(f"max_side must be at least 2, got {max_side!r}")
+    if max_duration_s is not None and not (isinstance(max_duration_s, numbers.Real) and max_duration_s > 0):
+        raise ValueError(f"max_duration_s must be a positive number, got {max_duration_s!r}")
 
     path = os.fspath(path)
     _check_file(path)
     decoders = [
-        partial(_read_video, path, num_frames, fps, max_pixels, max_side),
+        partial(_read_video, path, num_frames, fps, max_pixels, max_side, max_duration_s),
         partial(_read_image, path, max_pixels, max_side),
     ]
     # The extension only decides which decoder tries first; the content decides.
@@ -148,6 +159,14 @@ def read_clip(
     )
 
 
+def decode_side(vision) -> int | None:
+    """The `max_side` to decode frames at for the vision encoder `vision`: twice its input side, so the
+    decoder's cheap resize bounds memory (an 8K frame) while the short side of frames up to 2:1 keeps
+    full detail for preprocess's final resize. None for an encoder that does not say its input size."""
+    side = getattr(vision, "resolution", None) or getattr(vision, "image_size", None)
+    return 2 * int(side) if side else None
+
+
 def as_clip(item, num_frames: int | None = 8, fps: float | None = None) -> Clip:
     """Turn a path, a PIL image, a uint8 array (H, W, 3) or (T, H, W, 3), or a Clip into a Clip.
 
@@ -164,7 +183,7 @@ def as_clip(item, num_frames: int | None = 8, fps: float | None = None) -> Clip:
         return read_clip(item, num_frames=num_frames, fps=fps)
     if isinstance(item, Image.Image):
         name = getattr(item, "filename", "") or None
-        _check_size(name or "<PIL image>", *item.size, max_pixels=40_000_000)
+        _check_size(name or "<PIL image>", *item.size, max_pixels=MAX_PIXELS)
         try:
             frame = _pil_to_rgb(item, max_side=None)
         except (OSError, ValueError) as e:  # a lazily loaded image whose file is truncated or corrupt
@@ -176,7 +195,7 @@ def as_clip(item, num_frames: int | None = 8, fps: float | None = None) -> Clip:
         frames = np.ascontiguousarray(item if item.ndim == 4 else item[None])
         if len(frames) == 0:
             raise ClipError("<array>: zero frames")
-        _check_size("<array>", frames.shape[2], frames.shape[1], max_pixels=40_000_000)
+        _check_size("<array>", frames.shape[2], frames.shape[1], max_pixels=MAX_PIXELS)
         index = np.arange(len(frames))
         if num_frames is not None and frames.shape[0] > 1:
             index = ((np.arange(num_frames) + 0.5) * len(frames) / num_frames).astype(np.int64)
@@ -272,12 +291,12 @@ def _pil_to_rgb(image: Image.Image, max_side: int | None) -> np.ndarray:
 # ---------------------------------------------------------------- videos
 
 
-def _read_video(path: str, num_frames: int | None, fps: float | None, max_pixels: int, max_side: int | None) -> Clip:
+def _read_video(path: str, num_frames, fps, max_pixels, max_side, max_duration_s) -> Clip:
     try:
         try:
-            return _sample_video(path, num_frames, fps, max_pixels, max_side, seek=True)
+            return _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, seek=True)
         except _SeekUnreliable:
-            return _sample_video(path, num_frames, fps, max_pixels, max_side, seek=False)
+            return _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, seek=False)
     except av.error.FFmpegError as e:
         raise ClipError(f"{path}: cannot decode video (corrupt or truncated?): {e}") from None
 
@@ -291,7 +310,7 @@ def _open(path: str):
         raise _NotAVideo(str(e)) from None
 
 
-def _sample_video(path, num_frames, fps, max_pixels, max_side, seek: bool) -> Clip:
+def _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, seek: bool) -> Clip:
     with _open(path) as container:
         if not container.streams.video:
             raise _NotAVideo("no video stream")
@@ -308,7 +327,9 @@ def _sample_video(path, num_frames, fps, max_pixels, max_side, seek: bool) -> Cl
 
         time_base = stream.time_base
         start = stream.start_time or 0
-        duration = _duration(path, container, stream)
+        duration = _duration(path, container, stream, max_duration_s)
+        if max_duration_s is not None and duration > max_duration_s:
+            raise ClipError(f"{path}: the clip lasts {float(duration):.1f} s, longer than the limit of {max_duration_s:g} s")
         times = _sample_times(duration, num_frames, fps)
         if len(times) * out_width * out_height * 3 > _MAX_OUTPUT_BYTES:
             raise ClipError(
@@ -327,8 +348,12 @@ def _sample_video(path, num_frames, fps, max_pixels, max_side, seek: bool) -> Cl
         return Clip(frames=frames, timestamps=timestamps, duration_s=float(duration), path=path)
 
 
-def _duration(path: str, container, stream) -> Fraction:
-    """Seconds the video stream lasts: from its header, the container's, or by reading every packet."""
+def _duration(path: str, container, stream, max_duration_s: float | None) -> Fraction:
+    """Seconds the video stream lasts: from its header, the container's, or by reading every packet.
+
+    Reading packets stops as soon as they pass `max_duration_s`: an hour of raw video is refused
+    after a minute's worth of packets.
+    """
     if stream.duration:
         return stream.duration * stream.time_base
     if container.duration:
@@ -342,6 +367,8 @@ def _duration(path: str, container, stream) -> Fraction:
             total += packet.duration or step
             if packet.pts is not None:
                 end = max(end or start, packet.pts + (packet.duration or step))
+            if max_duration_s is not None and max(total, (end or start) - start) * stream.time_base > max_duration_s:
+                raise ClipError(f"{path}: the clip lasts more than the limit of {max_duration_s:g} s")
     if total == 0:
         raise ClipError(f"{path}: no video frames")
     return (end - start if end is not None else total) * stream.time_base

@@ -1,7 +1,7 @@
 """Visual question answering as a conversation: the terminal chat and the session the web page shares.
 
     qformer chat [--bridge DIR] [--image PATH | --clip PATH]       (or: python -m qformer.chat ...)
-    qformer chat --web [--host 127.0.0.1] [--port 7860]
+    qformer chat --web [--host 127.0.0.1] [--port 7860] [--max-sessions N ...]   (limits: qformer chat --help)
 
 A `ChatSession` is one conversation: the current image or clip and the (question, answer) turns
 about it. Every answer comes from `Bridge.answer`, streamed through transformers'
@@ -16,15 +16,17 @@ to stderr, so `qformer chat --clip c.mp4 < questions.txt > answers.txt` works as
 from __future__ import annotations
 
 import argparse
+import queue
 import re
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from adapters.video import Clip, ClipError, read_clip
+from adapters.video import MAX_PIXELS, Clip, ClipError, decode_side, read_clip
 
 from .bridge import DEFAULT_BRIDGE, MAX_NEW_TOKENS, Bridge, bridge_or_default
 
@@ -50,7 +52,7 @@ class ChatError(ValueError):
 class ChatSession:
     """One conversation: the current image or clip and the turns about it."""
 
-    def __init__(self, bridge: Bridge, max_new_tokens: int = 48, num_beams: int = 1):
+    def __init__(self, bridge: Bridge, max_new_tokens: int = MAX_NEW_TOKENS, num_beams: int = 1):
         if num_beams < 1:
             raise ValueError(f"num_beams must be 1 (greedy) or more, not {num_beams}")
         self.bridge = bridge
@@ -62,16 +64,19 @@ class ChatSession:
         # caption the clip again for every turn, and greedy decoding gives the same caption each time.
         self.opening: tuple[Clip | None, list[tuple[str, str]]] = (None, [])
 
-    def load(self, path: str | Path, max_duration_s: float | None = None) -> Clip:
+    def load(self, path: str | Path, max_duration_s: float | None = None, max_pixels: int = MAX_PIXELS) -> Clip:
         """Make the image or clip at `path` the subject of a new conversation.
 
-        Decoded once here (the frames the bridge samples), so a bad file is reported when it is
-        named rather than at the next question. A clip longer than `max_duration_s` is refused
-        (ChatError). On an error the session is unchanged.
+        Decoded once here (the frames the bridge samples), at twice the vision encoder's input side:
+        the session keeps only what the bridge reads, not a photo's full resolution, and a bad file
+        is reported when it is named rather than at the next question. A clip longer than
+        `max_duration_s` (from its header, before decoding) or frames larger than `max_pixels` are
+        refused (ClipError). On an error the session is unchanged.
         """
-        clip = read_clip(path, num_frames=self.bridge.config.num_frames)
-        if max_duration_s is not None and clip.duration_s > max_duration_s:
-            raise ChatError(f"{path}: the clip lasts {clip.duration_s:.1f} s; the limit here is {max_duration_s:g} s")
+        clip = read_clip(
+            path, num_frames=self.bridge.config.num_frames, max_pixels=max_pixels,
+            max_side=decode_side(self.bridge.vision), max_duration_s=max_duration_s,
+        )
         # Earlier turns were about another picture; carrying them over would mislead the LLM.
         self.clip, self.history = clip, []
         return clip
@@ -80,12 +85,19 @@ class ChatSession:
         # A new list rather than clear(): an answer still streaming belongs to the old conversation.
         self.history = []
 
-    def stream(self, question: str) -> Iterator[str]:
+    def close(self) -> None:
+        """Drop the image or clip and the turns, so their memory is freed now (a page that was closed)."""
+        self.clip, self.history, self.opening = None, [], (None, [])
+
+    def stream(self, question: str, idle_s: float | None = None) -> Iterator[str]:
         """Answer `question` with the turns so far, yielding the text as it is generated.
 
         When the answer is complete it is appended to `history`, exactly as `Bridge.answer`
         returned it. Closing the iterator early (Ctrl-C, a closed page) stops generation. Under beam
-        search the answer is yielded in one piece when it is complete.
+        search the answer is yielded in one piece when it is complete. With `idle_s`, an empty
+        string is yielded after each `idle_s` seconds without new text (beam search, the opening
+        caption), so a caller that acts only between items, as a web server does, can close the
+        stream then.
         """
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -101,7 +113,8 @@ class ChatSession:
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
                 return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
-        streamer = TextIteratorStreamer(self.bridge.llm.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TextIteratorStreamer(self.bridge.llm.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=idle_s)
+        until_stopped = StoppingCriteriaList([StopWhenAsked()])
         outcome: dict[str, object] = {}
 
         def generate() -> None:
@@ -110,14 +123,17 @@ class ChatSession:
                 if self.bridge.captions_before(question, turns):
                     if self.opening[0] is not clip:  # keyed by the clip: another may have been loaded meanwhile
                         prompt = self.bridge.config.caption_prompt
-                        caption = self.bridge.answer(clip, prompt, max_new_tokens=MAX_NEW_TOKENS, num_beams=self.num_beams)
+                        caption = self.bridge.answer(
+                            clip, prompt, max_new_tokens=MAX_NEW_TOKENS, num_beams=self.num_beams, stopping_criteria=until_stopped,
+                        )
+                        if stop.is_set():  # a caption cut short must not open later answers; nobody waits for this one
+                            return
                         self.opening = (clip, [(prompt, caption)])
                     turns = self.opening[1] + turns
                 # generate() refuses a streamer with beams; then the finished answer goes through it whole.
                 decode = {"streamer": streamer} if self.num_beams == 1 else {"num_beams": self.num_beams}
                 outcome["answer"] = self.bridge.answer(
-                    clip, question, turns, max_new_tokens=self.max_new_tokens,
-                    stopping_criteria=StoppingCriteriaList([StopWhenAsked()]), **decode,
+                    clip, question, turns, max_new_tokens=self.max_new_tokens, stopping_criteria=until_stopped, **decode,
                 )
                 if self.num_beams > 1:
                     streamer.on_finalized_text(outcome["answer"], stream_end=True)
@@ -129,7 +145,14 @@ class ChatSession:
         worker.start()
         try:
             started = False
-            for text in streamer:
+            while True:
+                try:
+                    text = next(streamer)
+                except StopIteration:
+                    break
+                except queue.Empty:  # nothing new for idle_s seconds
+                    yield ""
+                    continue
                 if not started:
                     # Bridge.answer strips the answer; strip the stream's start the same way.
                     text = text.lstrip()
@@ -228,6 +251,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--web", action="store_true", help="serve the chat as a web page instead of the terminal")
     parser.add_argument("--host", default="127.0.0.1", help="web: address to listen on (default: %(default)s, this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="web: port (default: %(default)s)")
+    from .web import Limits
+
+    for limit in fields(Limits):
+        parser.add_argument(
+            "--" + limit.name.replace("_", "-"), type=type(limit.default), default=limit.default, metavar="N",
+            help=f"web: {limit.metadata['help']} (default: %(default)s)",
+        )
 
 
 def main(args: argparse.Namespace) -> None:
@@ -235,12 +265,17 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit("qformer chat: --image and --clip are for the terminal chat; in the web page, upload the file")
     if args.num_beams < 1:
         raise SystemExit(f"qformer chat: --num-beams must be at least 1, got {args.num_beams}")
-    bridge = load_bridge(args.bridge)
     if args.web:
-        from .web import launch
+        from .web import Limits, launch
 
         try:
-            launch(bridge, host=args.host, port=args.port, num_beams=args.num_beams)
+            limits = Limits(**{limit.name: getattr(args, limit.name) for limit in fields(Limits)})
+        except ValueError as e:  # names the limit, as its flag is named
+            raise SystemExit(f"qformer chat: --{str(e).replace('_', '-')}") from None
+    bridge = load_bridge(args.bridge)
+    if args.web:
+        try:
+            launch(bridge, host=args.host, port=args.port, limits=limits, num_beams=args.num_beams)
         except OSError:  # Gradio says only that it found no free port
             raise SystemExit(
                 f"qformer chat: cannot serve the page on {args.host}:{args.port} (the port is in use, or the host is "

@@ -6,13 +6,16 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import qformer.bridge
-from adapters.video import ClipError
+from adapters import video
+from adapters.video import Clip, ClipError, decode_side, read_clip
 from qformer import Bridge, chat, world
 from qformer.chat import ChatError, ChatSession
 
@@ -20,6 +23,11 @@ from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 Q1, Q2, Q3 = "what color is the background?", "how many objects are there?", "what shape is the red object?"
+
+
+def as_read(bridge: Bridge, path) -> Clip:
+    """`path` as a ChatSession reads it: the frames the bridge samples, decoded at twice the encoder's input side."""
+    return read_clip(path, num_frames=bridge.config.num_frames, max_side=decode_side(bridge.vision))
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +71,15 @@ def test_multi_turn_answers_are_the_librarys(bridge, world_clips):
     session = ChatSession(bridge)
     session.load(world_clips[0])
     chunks = list(session.stream(Q1))
-    a1 = bridge.answer(str(world_clips[0]), Q1)
+    a1 = bridge.answer(as_read(bridge, world_clips[0]), Q1)
     assert a1 and "".join(chunks) == a1
-    assert a1 != bridge.answer(str(world_clips[1]), Q1)  # the answer depends on the clip
+    assert a1 != bridge.answer(as_read(bridge, world_clips[1]), Q1)  # the answer depends on the clip
     assert len(chunks) > 1  # streamed, not delivered at once
     a2 = "".join(session.stream(Q2))
-    assert a2 == bridge.answer(str(world_clips[0]), Q2, [(Q1, a1)])
+    assert a2 == bridge.answer(as_read(bridge, world_clips[0]), Q2, [(Q1, a1)])
     assert session.history == [(Q1, a1), (Q2, a2)]
     # The follow-up really saw the first turn, in the LLM's own chat template.
-    assert a2 != bridge.answer(str(world_clips[0]), Q2)
+    assert a2 != bridge.answer(as_read(bridge, world_clips[0]), Q2)
     ids, _ = bridge.llm.chat_prompt(Q2, [(Q1, a1)])
     assert bridge.llm.tokenizer.decode(ids).count("<|user|>") == 2
 
@@ -81,7 +89,7 @@ def test_a_caption_first_bridge_streams_its_answer_and_not_its_caption(bridge, w
     try:
         session = ChatSession(bridge)
         session.load(world_clips[0])
-        answer = bridge.answer(str(world_clips[0]), Q1)
+        answer = bridge.answer(as_read(bridge, world_clips[0]), Q1)
         assert "".join(session.stream(Q1)) == answer
         assert session.history == [(Q1, answer)]
     finally:
@@ -95,9 +103,9 @@ def test_a_caption_first_chat_captions_each_clip_once(bridge, world_clips, monke
     try:
         clip0, clip1 = str(world_clips[0]), str(world_clips[1])
         expected = {
-            (clip0, 1): bridge.answer(clip0, Q1),
-            (clip0, 2): bridge.answer(clip0, Q2, [(Q1, bridge.answer(clip0, Q1))]),
-            (clip1, 1): bridge.answer(clip1, Q1),
+            (clip0, 1): bridge.answer(as_read(bridge, clip0), Q1),
+            (clip0, 2): bridge.answer(as_read(bridge, clip0), Q2, [(Q1, bridge.answer(as_read(bridge, clip0), Q1))]),
+            (clip1, 1): bridge.answer(as_read(bridge, clip1), Q1),
         }
         calls = []
         generate = Bridge.generate
@@ -119,21 +127,22 @@ def test_a_caption_first_chat_captions_each_clip_once(bridge, world_clips, monke
 
 def test_beam_search_answers_are_the_librarys_and_arrive_whole(bridge, world_clips):
     clip = str(world_clips[0])
+    read = as_read(bridge, clip)
     session = ChatSession(bridge, num_beams=3)
     session.load(clip)
     chunks = list(session.stream(Q1))
-    a1 = bridge.answer(clip, Q1, num_beams=3)
+    a1 = bridge.answer(read, Q1, num_beams=3)
     assert chunks == [a1]
     a2 = "".join(session.stream(Q2))
-    assert a2 == bridge.answer(clip, Q2, [(Q1, a1)], num_beams=3)
+    assert a2 == bridge.answer(read, Q2, [(Q1, a1)], num_beams=3)
     assert session.history == [(Q1, a1), (Q2, a2)]
     # A caption-first bridge's opening caption is decoded by the same beam search (as Bridge.ask does).
     bridge.config.caption_first = True
     try:
         session = ChatSession(bridge, num_beams=3)
         session.load(clip)
-        assert "".join(session.stream(Q1)) == bridge.answer(clip, Q1, num_beams=3)
-        assert session.opening[1] == [(bridge.config.caption_prompt, bridge.caption(clip, num_beams=3)[0])]
+        assert "".join(session.stream(Q1)) == bridge.answer(read, Q1, num_beams=3)
+        assert session.opening[1] == [(bridge.config.caption_prompt, bridge.caption(read, num_beams=3)[0])]
     finally:
         bridge.config.caption_first = False
     with pytest.raises(ValueError, match="num_beams must be 1 .greedy. or more, not 0"):
@@ -152,12 +161,43 @@ def test_reset_and_new_clips_start_new_conversations(bridge, world_clips):
     for bad in (world_clips[2], world_clips[0].parent / "missing.png"):
         with pytest.raises(ClipError, match=bad.name):
             session.load(bad)
-    with pytest.raises(ChatError, match="lasts 2.0 s; the limit here is 1.5 s"):
+    with pytest.raises(ClipError, match="world1.mp4: the clip lasts 2.0 s, longer than the limit of 1.5 s"):
         session.load(world_clips[1], max_duration_s=1.5)
     assert session.history == [(Q1, first)] and session.clip.path == str(world_clips[0])
     session.load(world_clips[1])
     assert session.history == [] and len(session.clip.frames) == bridge.config.num_frames
-    assert "".join(session.stream(Q1)) == bridge.answer(str(world_clips[1]), Q1, max_new_tokens=8)
+    assert "".join(session.stream(Q1)) == bridge.answer(as_read(bridge, world_clips[1]), Q1, max_new_tokens=8)
+
+
+def test_a_long_clip_is_refused_before_decoding(bridge, tmp_path):
+    from test_video import write_hour
+
+    path = write_hour(tmp_path / "hour.mp4")
+    session = ChatSession(bridge)
+    before = video.frames_decoded
+    with pytest.raises(ClipError, match="hour.mp4: the clip lasts 3600.0 s, longer than the limit of 60 s"):
+        session.load(path, max_duration_s=60)
+    assert video.frames_decoded == before and session.clip is None
+
+
+def test_a_session_keeps_frames_at_twice_the_encoders_input(bridge, tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (6000, 3000), (200, 30, 30)).save(path)
+    side = 2 * bridge.vision.image_size
+    assert ChatSession(bridge).load(path).frames.shape == (1, side // 2, side, 3)
+
+
+def test_closing_an_answer_that_shows_nothing_yet_stops_it(bridge, world_clips):
+    """Beam search yields its answer only at the end; with idle_s the stream can be closed before that."""
+    session = ChatSession(bridge, max_new_tokens=20_000, num_beams=2)  # a minute or more, unless stopped
+    session.load(world_clips[0])
+    answering = session.stream(Q1, idle_s=0.1)
+    assert next(answering) == ""  # 0.1 s without text
+    start = time.monotonic()
+    answering.close()
+    assert time.monotonic() - start < 5
+    assert not any(t.name == "chat-generate" for t in threading.enumerate())
+    assert session.history == []
 
 
 def test_questions_need_a_clip_and_text(bridge, world_clips):
@@ -170,7 +210,7 @@ def test_questions_need_a_clip_and_text(bridge, world_clips):
 
 
 def test_closing_a_stream_stops_generation_and_keeps_no_turn(bridge, world_clips, monkeypatch):
-    full = bridge.answer(str(world_clips[0]), Q1, max_new_tokens=100)
+    full = bridge.answer(as_read(bridge, world_clips[0]), Q1, max_new_tokens=100)
     returned = []
     library_answer = bridge.answer
 
@@ -211,10 +251,10 @@ def test_terminal_chat_through_stdin(bridge, bridge_dir, world_clips):
     )
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr
-    a1 = bridge.answer(str(clip), Q1)
-    a2 = bridge.answer(str(clip), Q2, [(Q1, a1)])
-    a3 = bridge.answer(str(clip), Q3, [(Q1, a1), (Q2, a2)])  # the failed loads kept the conversation
-    b2 = bridge.answer(str(other), Q2)  # a new clip starts a new conversation
+    a1 = bridge.answer(as_read(bridge, clip), Q1)
+    a2 = bridge.answer(as_read(bridge, clip), Q2, [(Q1, a1)])
+    a3 = bridge.answer(as_read(bridge, clip), Q3, [(Q1, a1), (Q2, a2)])  # the failed loads kept the conversation
+    b2 = bridge.answer(as_read(bridge, other), Q2)  # a new clip starts a new conversation
     # stdout holds the answers only, one per line; the reset question got the first answer again;
     # nothing after /quit was answered.
     assert run.stdout.splitlines() == [a1, a2, a3, a1, b2]
@@ -277,7 +317,7 @@ def test_default_bridge_answers_world_questions(tmp_path):
         for question, expected in world.questions(scene):
             session.reset()  # each question on its own, as the benchmark asks them
             answer = "".join(session.stream(question))
-            assert answer == bridge.answer(str(path), question)
+            assert answer == bridge.answer(as_read(bridge, path), question)
             if question == Q1:
                 assert world.score_answer(answer, expected), (path, question, answer, expected)
             right += world.score_answer(answer, expected)

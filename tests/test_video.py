@@ -9,6 +9,7 @@ import io
 import os
 import struct
 import zlib
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -66,6 +67,11 @@ def png_header_only(path, width, height):
     body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
     return path
+
+
+def write_hour(path):
+    """An hour of video in milliseconds: 40 frames of 16x16, one every 90 s, one keyframe."""
+    return write_video(path, "libx264", n=40, fps=Fraction(1, 90), width=16, height=16, options={"g": "1000"})
 
 
 CONTAINERS = {  # file name: (codec, pix_fmt)
@@ -190,6 +196,44 @@ def test_raw_h264_without_timestamps(tmp_path):
     clip = read_clip(path, num_frames=8)
     assert indices(clip) == [2, 6, 10, 14, 18, 22, 26, 30]
     assert clip.duration_s == pytest.approx(3.2)
+
+
+def test_a_clip_over_the_duration_limit_is_refused_before_decoding(tmp_path):
+    path = write_hour(tmp_path / "hour.mp4")
+    before = video.frames_decoded
+    with pytest.raises(ClipError, match="hour.mp4: the clip lasts 3600.0 s, longer than the limit of 60 s"):
+        read_clip(path, num_frames=8, max_duration_s=60)
+    assert video.frames_decoded == before  # the header said it
+    assert indices(read_clip(path, num_frames=2, max_duration_s=3600)) == [10, 30]
+
+
+def test_a_stream_without_a_duration_is_refused_from_its_packets(tmp_path):
+    path = write_video(tmp_path / "raw.h264", "libx264")  # 3.2 s, no header says how long
+    before = video.frames_decoded
+    with pytest.raises(ClipError, match="raw.h264: the clip lasts more than the limit of 1 s"):
+        read_clip(path, num_frames=8, max_duration_s=1)
+    assert video.frames_decoded == before
+    assert read_clip(path, num_frames=8, max_duration_s=3.2).duration_s == pytest.approx(3.2)
+
+
+def test_a_header_that_understates_the_duration_does_not_let_decoding_run_on(tmp_path):
+    """The hour-long clip whose track header says 2 s: sampled over those 2 s, not decoded to the limit."""
+    data = bytearray(write_hour(tmp_path / "hour.mp4").read_bytes())
+    mdhd = data.index(b"mdhd")  # version 0: flags, creation and modification times, timescale, duration
+    (timescale,) = struct.unpack(">I", data[mdhd + 16 : mdhd + 20])
+    data[mdhd + 20 : mdhd + 24] = struct.pack(">I", 2 * timescale)
+    path = tmp_path / "says_two_seconds.mp4"
+    path.write_bytes(data)
+    before = video.frames_decoded
+    clip = read_clip(path, num_frames=8, max_duration_s=60)
+    assert clip.duration_s == 2.0 and indices(clip) == [0] * 8
+    assert video.frames_decoded - before == 2  # frame 0, and frame 1 (at 90 s), which ends the search
+
+
+def test_max_duration_is_a_positive_number(clips):
+    for bad in (0, -1.0, "60"):
+        with pytest.raises(ValueError, match="max_duration_s must be a positive number"):
+            read_clip(clips["h264.mp4"], max_duration_s=bad)
 
 
 # ---------------------------------------------------------------- images

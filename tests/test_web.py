@@ -22,9 +22,9 @@ pytest.importorskip("gradio", reason="the web page needs gradio (pip install gra
 import httpx  # noqa: E402  (comes with gradio)
 
 from qformer import chat, world  # noqa: E402
-from qformer.web import build_app, launch  # noqa: E402
+from qformer.web import Limits, build_app, launch  # noqa: E402
 
-from test_chat import Q1, Q2, REPO, bridge, bridge_dir, world_clips  # noqa: E402, F401  (fixtures)
+from test_chat import Q1, Q2, REPO, as_read, bridge, bridge_dir, world_clips  # noqa: E402, F401  (fixtures)
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Quiet: no sandbox (root in a container), no GPU, nothing fetched in the background.
@@ -57,11 +57,17 @@ def listening_addresses(port: int) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def server(bridge):
+def served(bridge):
+    """(address, app) of a page with small upload and clip limits."""
     port = free_port()
-    demo = launch(bridge, port=port, block=False, max_upload_bytes=MAX_UPLOAD_BYTES, max_clip_seconds=MAX_CLIP_SECONDS)
-    yield f"http://127.0.0.1:{port}"
+    demo = launch(bridge, port=port, block=False, limits=Limits(max_upload_bytes=MAX_UPLOAD_BYTES, max_clip_seconds=MAX_CLIP_SECONDS))
+    yield f"http://127.0.0.1:{port}", demo
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def server(served) -> str:
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +89,12 @@ def long_clip(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("long") / "long.mp4"
     world.write_mp4(np.concatenate([frames, frames[:8]]), path)
     return path
+
+
+def web_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    chat.add_arguments(parser)
+    return parser.parse_args(["--web", *argv])
 
 
 # ---- page helpers ------------------------------------------------------------------------------------
@@ -138,9 +150,9 @@ WATCH_ANSWERS = """() => {
 @pytest.mark.slow
 def test_page_answers_like_the_library_and_keeps_sessions_apart(browser, server, bridge, world_clips, long_clip, tmp_path):
     clip, other, _ = world_clips
-    a1 = bridge.answer(str(clip), Q1)
-    a2 = bridge.answer(str(clip), Q2, [(Q1, a1)])
-    b1 = bridge.answer(str(other), Q1)
+    a1 = bridge.answer(as_read(bridge, clip), Q1)
+    a2 = bridge.answer(as_read(bridge, clip), Q2, [(Q1, a1)])
+    b1 = bridge.answer(as_read(bridge, other), Q1)
     assert len({a1, a2, b1}) == 3  # so a mixed-up history or clip could not pass unnoticed
     seen: list[str] = []
     a, b = open_page(browser, server, seen), open_page(browser, server, seen)
@@ -150,7 +162,7 @@ def test_page_answers_like_the_library_and_keeps_sessions_apart(browser, server,
 
     # Limits: the reason is shown in the page.
     upload(a, long_clip)
-    expect_status(a, f"Cannot use this file. long.mp4: the clip lasts 3.0 s; the limit here is {MAX_CLIP_SECONDS:g} s")
+    expect_status(a, f"Cannot use this file. long.mp4: the clip lasts 3.0 s, longer than the limit of {MAX_CLIP_SECONDS:g} s")
     assert a.locator("#frames img").count() == 0
     big = tmp_path / "big.mp4"
     big.write_bytes(os.urandom(MAX_UPLOAD_BYTES + 1))
@@ -214,11 +226,13 @@ def test_server_reads_only_uploaded_files(server, bridge_dir, world_clips):
 
 def test_the_page_answers_by_beam_search_when_asked_to(bridge, world_clips):
     """`qformer chat --web --num-beams NB`: each browser session's answers are the library's under NB beams."""
+    import gradio as gr
+
     events = {f.name: f.fn for f in build_app(bridge, num_beams=3).fns.values()}
-    session, status, _, _ = events["load"](str(world_clips[0]), None)
+    status, _, _, session = events["load"](str(world_clips[0]), None, gr.Request(session_hash="one"))
     assert status.startswith("Loaded world0.mp4") and session.num_beams == 3
-    *_, (chat_shown, _, _) = events["ask"](Q1, session)
-    assert session.history == [(Q1, bridge.answer(str(world_clips[0]), Q1, num_beams=3))]
+    *_, (chat_shown, _, _, _) = events["ask"](Q1, session)
+    assert session.history == [(Q1, bridge.answer(as_read(bridge, world_clips[0]), Q1, num_beams=3))]
     assert chat_shown[-1]["content"] == session.history[0][1]
 
 
@@ -252,10 +266,208 @@ def test_cli_says_when_it_cannot_serve(bridge_dir):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        args = argparse.Namespace(bridge=str(bridge_dir), image=None, clip=None, web=True, host="127.0.0.1", port=port,
-                                  num_beams=1)
+        args = web_args("--bridge", str(bridge_dir), "--port", str(port))
         with pytest.raises(SystemExit, match=f"cannot serve the page on 127.0.0.1:{port} .*choose another --port"):
             chat.main(args)
+
+
+# ---- what one visitor or one request may cost ---------------------------------------------------------
+
+
+def client(server: str):
+    from gradio_client import Client
+
+    return Client(server, verbose=False, download_files=False)
+
+
+def stored_session(demo, client) -> chat.ChatSession | None:
+    """The ChatSession the server keeps for a client's Gradio session."""
+    session = demo.state_holder.session_data.get(client.session_hash)
+    kept = [v for v in session.state_data.values() if isinstance(v, chat.ChatSession)] if session else []
+    return kept[0] if kept else None
+
+
+def solid_png(path: Path, width: int, height: int) -> Path:
+    """A one-colour PNG: millions of pixels in a few kilobytes."""
+    from PIL import Image
+
+    Image.new("RGB", (width, height), (200, 30, 30)).save(path)
+    return path
+
+
+def test_a_session_keeps_frames_at_the_size_the_bridge_reads(served, bridge, tmp_path):
+    from gradio_client import handle_file
+
+    server, demo = served
+    side = 2 * bridge.vision.image_size  # twice the encoder's input side
+    visitor = client(server)
+    for name, (width, height), stored in (("square.png", (6000, 6000), (side, side)), ("wide.png", (20000, 1200), (4, side))):
+        path = solid_png(tmp_path / name, width, height)
+        status, strip, _ = visitor.predict(handle_file(path), api_name="/load")
+        assert status == f"Loaded {name}: an image. Ask a question."
+        assert stored_session(demo, visitor).clip.frames.shape == (1, *stored, 3)
+        assert len(strip) == 1
+    # The wide image is the one the next answer is about.
+    chat_shown, _, _ = visitor.predict(Q1, api_name="/ask")
+    assert chat_shown[-1]["content"][0]["text"] == bridge.answer(as_read(bridge, tmp_path / "wide.png"), Q1)
+
+
+def test_refusals_say_why_and_leave_the_conversation_as_it_was(served, bridge, world_clips, long_clip, tmp_path):
+    import http.server
+    import threading
+
+    from gradio_client import handle_file
+
+    server, demo = served
+    clip = world_clips[0]
+    a1 = bridge.answer(as_read(bridge, clip), Q1)
+    visitor = client(server)
+    visitor.predict(handle_file(clip), api_name="/load")
+    visitor.predict(Q1, api_name="/ask")
+    kept = stored_session(demo, visitor)
+    frames = kept.clip.frames
+
+    status, _, _ = visitor.predict(handle_file(long_clip), api_name="/load")
+    assert status == f"Cannot use this file. long.mp4: the clip lasts 3.0 s, longer than the limit of {MAX_CLIP_SECONDS:g} s"
+    broken = world_clips[2]
+    status, _, _ = visitor.predict(handle_file(broken), api_name="/load")
+    assert status.startswith("Cannot use this file. broken.mp4: not a decodable video or image")
+
+    # A URL where a file is expected is refused, and nothing is fetched from it.
+    fetched = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            fetched.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder) as elsewhere:
+        threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{elsewhere.server_address[1]}/photo.png"
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            visitor.predict(handle_file(url), api_name="/load")
+        assert refused.value.response.status_code == 400
+        assert refused.value.response.json() == {"detail": f"{url}: a URL is never fetched here; upload the file itself"}
+        elsewhere.shutdown()
+    assert fetched == []
+
+    limit = Limits().max_question_chars
+    shown, _, status = visitor.predict("what " * 101, api_name="/ask")
+    assert status == f"The question has {len('what ' * 101) - 1} characters; the limit is {limit}. Shorten it."
+
+    assert stored_session(demo, visitor) is kept and kept.clip.frames is frames and kept.history == [(Q1, a1)]
+    shown, _, _ = visitor.predict(Q2, api_name="/ask")
+    assert shown[-1]["content"][0]["text"] == bridge.answer(as_read(bridge, clip), Q2, [(Q1, a1)])
+
+
+def test_a_conversation_has_a_number_of_turns(bridge, world_clips):
+    from gradio_client import handle_file
+
+    port = free_port()
+    demo = launch(bridge, port=port, block=False, limits=Limits(max_turns=2, max_new_tokens=4))
+    try:
+        visitor = client(f"http://127.0.0.1:{port}")
+        visitor.predict(handle_file(world_clips[0]), api_name="/load")
+        for question in (Q1, Q2):
+            visitor.predict(question, api_name="/ask")
+        shown, _, status = visitor.predict(Q1, api_name="/ask")
+        assert status == "This conversation has reached its 2 questions; start a new conversation."
+        assert shown == {"__type__": "update"}  # the chat shown stays as it was
+        assert [q for q, _ in stored_session(demo, visitor).history] == [Q1, Q2]
+        visitor.predict(api_name="/reset")
+        shown, _, _ = visitor.predict(Q1, api_name="/ask")
+        assert len(shown) == 2
+    finally:
+        demo.close()
+
+
+def test_uploads_are_bounded_per_request(server):
+    part = os.urandom(MAX_UPLOAD_BYTES * 6 // 10)  # each under the limit, together over it
+    refusal = "one upload may carry at most 256 KB (all its files together)"
+    response = httpx.post(f"{server}/gradio_api/upload", files=[("files", ("a.mp4", part)), ("files", ("b.mp4", part))])
+    assert response.status_code == 413 and refusal in response.json()["detail"], response.text
+
+    # The same body without a declared length (chunked) is refused when it passes the limit.
+    request = httpx.Request("POST", f"{server}/gradio_api/upload", files=[("files", ("a.mp4", part)), ("files", ("b.mp4", part))])
+    body = request.read()
+    chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
+    headers = {"content-type": request.headers["content-type"]}
+    response = httpx.post(f"{server}/gradio_api/upload", content=chunks, headers=headers)
+    assert response.status_code == 413 and refusal in response.json()["detail"], response.text
+
+    response = httpx.post(f"{server}/gradio_api/upload", files=[("files", ("a.mp4", part))])
+    assert response.status_code == 200 and len(response.json()) == 1
+
+
+def test_sessions_are_bounded_and_expire_when_idle(bridge, world_clips):
+    from gradio_client import handle_file
+
+    port = free_port()
+    demo = launch(bridge, port=port, block=False, limits=Limits(max_sessions=1, session_ttl_s=2))
+    try:
+        first, second = client(f"http://127.0.0.1:{port}"), client(f"http://127.0.0.1:{port}")
+        assert first.predict(handle_file(world_clips[0]), api_name="/load")[0].startswith("Loaded world0.mp4")
+        kept = stored_session(demo, first)
+        status, _, _ = second.predict(handle_file(world_clips[1]), api_name="/load")
+        assert status == "The server is busy: 1 conversations are open. Try again in a few minutes."
+        assert stored_session(demo, second) is None
+        # Two seconds without a request: the first conversation is closed, its frames freed.
+        deadline = time.monotonic() + 30
+        while stored_session(demo, first) is not None:
+            assert time.monotonic() < deadline, "the idle session was not deleted"
+            time.sleep(0.2)
+        assert kept.clip is None and kept.history == []
+        assert second.predict(handle_file(world_clips[1]), api_name="/load")[0].startswith("Loaded world1.mp4")
+        assert first.predict(Q1, api_name="/ask")[2] == "Upload an image or a clip first."
+    finally:
+        demo.close()
+
+
+def test_the_queue_is_bounded_and_an_abandoned_answer_stops(bridge, world_clips):
+    """A beam-search answer shows nothing until it is done; it still stops when its client goes away."""
+    import json
+    import threading
+
+    from gradio_client import handle_file
+
+    port = free_port()
+    server = f"http://127.0.0.1:{port}"
+    # 20,000 tokens of beam search: a minute or more on this model, unless stopped.
+    demo = launch(bridge, port=port, block=False, limits=Limits(max_queue=1, max_new_tokens=20_000), num_beams=2)
+    try:
+        visitor = client(server)
+        visitor.predict(handle_file(world_clips[0]), api_name="/load")
+        ask = next(d["id"] for d in visitor.config["dependencies"] if d["api_name"] == "ask")
+
+        def join(session_hash: str) -> httpx.Response:
+            body = {"data": [Q1, None], "fn_index": ask, "session_hash": session_hash, "trigger_id": None, "event_data": None}
+            return httpx.post(f"{server}/gradio_api/queue/join", json=body)
+
+        assert join(visitor.session_hash).status_code == 200
+        with httpx.stream("GET", f"{server}/gradio_api/queue/data", params={"session_hash": visitor.session_hash}, timeout=60) as events:
+            messages = (json.loads(line[len("data: "):])["msg"] for line in events.iter_lines() if line.startswith("data: "))
+            generating = (m for m in messages if m == "process_generating")
+            next(generating), next(generating)  # "Answering.", then the answer's first idle tick: it is being generated
+            assert any(t.name == "chat-generate" for t in threading.enumerate())
+            # One request waits for the answer slot; the next finds the queue full.
+            assert join("waiting").status_code == 200
+            full = join("one-too-many")
+            assert full.status_code == 503 and full.json()["detail"].startswith("Queue is full. Max size is 1"), full.text
+        left = time.monotonic()  # the client has gone away
+        while any(t.name == "chat-generate" for t in threading.enumerate()):
+            assert time.monotonic() - left < 15, "the abandoned answer is still being generated"
+            time.sleep(0.1)
+    finally:
+        demo.close()
+
+
+def test_every_limit_is_a_flag(bridge_dir):
+    assert all(getattr(web_args(), limit) == getattr(Limits(), limit) for limit in vars(Limits()))
+    args = web_args("--max-sessions", "3", "--session-ttl-s", "90", "--max-upload-bytes", "1000", "--max-queue", "2")
+    assert (args.max_sessions, args.session_ttl_s, args.max_upload_bytes, args.max_queue) == (3, 90.0, 1000, 2)
+    with pytest.raises(SystemExit, match="qformer chat: --max-queue must be positive, got 0"):
+        chat.main(web_args("--bridge", str(bridge_dir), "--max-queue", "0"))
 
 
 # ---- with the trained demo bridge (turns on when demos/bridge ships) ----------------------------------
@@ -269,7 +481,7 @@ def test_default_bridge_answers_in_the_page(browser, tmp_path):
     path = tmp_path / "world.mp4"
     world.write_mp4(world.render(scene), path)
     bridge = chat.load_bridge(None)
-    answer = bridge.answer(str(path), Q1)
+    answer = bridge.answer(as_read(bridge, path), Q1)
     assert world.score_answer(answer, dict(world.questions(scene))[Q1]), answer
     port = free_port()
     demo = launch(bridge, port=port, block=False)
