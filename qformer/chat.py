@@ -28,7 +28,8 @@ import torch
 
 from adapters.video import MAX_PIXELS, Clip, ClipError, decode_side, read_clip
 
-from .bridge import DEFAULT_BRIDGE, MAX_NEW_TOKENS, Bridge, bridge_or_default
+from .bridge import DEFAULT_BRIDGE, Bridge, bridge_or_default
+from .config import MAX_NEW_TOKENS
 
 # The trained demo bridge, shipped in the repository next to the package.
 

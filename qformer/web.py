@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING
 
 from adapters.video import IMAGE_EXTENSIONS, MAX_PIXELS, VIDEO_EXTENSIONS, ClipError
 
-from .bridge import MAX_NEW_TOKENS, Bridge
+from .bridge import Bridge
 from .chat import ChatSession, describe
+from .config import MAX_NEW_TOKENS
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -98,7 +99,7 @@ def build_app(bridge: Bridge, limits: Limits = Limits(), num_beams: int = 1) -> 
     # Open conversations by Gradio session, to bound their number and free them when a page closes.
     sessions: dict[str, ChatSession] = {}
     sessions_lock = threading.Lock()
-    busy = f"The server is busy: {limits.max_sessions} conversations are open. Try again in a few minutes."
+    busy = f"The server is busy (open conversations: {limits.max_sessions} of {limits.max_sessions}). Try again in a few minutes."
 
     def forget(session: ChatSession | None) -> None:
         """A conversation is over (expired, or its file removed): free its frames and its place."""

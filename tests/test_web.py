@@ -410,7 +410,7 @@ def test_sessions_are_bounded_and_expire_when_idle(bridge, world_clips):
         assert first.predict(handle_file(world_clips[0]), api_name="/load")[0].startswith("Loaded world0.mp4")
         kept = stored_session(demo, first)
         status, _, _ = second.predict(handle_file(world_clips[1]), api_name="/load")
-        assert status == "The server is busy: 1 conversations are open. Try again in a few minutes."
+        assert status == "The server is busy (open conversations: 1 of 1). Try again in a few minutes."
         assert stored_session(demo, second) is None
         # Two seconds without a request: the first conversation is closed, its frames freed.
         deadline = time.monotonic() + 30
