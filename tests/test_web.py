@@ -148,7 +148,8 @@ WATCH_ANSWERS = """() => {
 
 
 @pytest.mark.slow
-def test_page_answers_like_the_library_and_keeps_sessions_apart(browser, server, bridge, world_clips, long_clip, tmp_path):
+def test_page_answers_like_the_library_and_keeps_sessions_apart(browser, served, bridge, world_clips, long_clip, tmp_path):
+    server, demo = served
     clip, other, _ = world_clips
     a1 = bridge.answer(as_read(bridge, clip), Q1)
     a2 = bridge.answer(as_read(bridge, clip), Q2, [(Q1, a1)])
@@ -193,6 +194,18 @@ def test_page_answers_like_the_library_and_keeps_sessions_apart(browser, server,
     ask(a, Q1)
     expect_chat(a, [(Q1, a1)])
     expect_chat(b, [(Q1, b1)])
+
+    # Closing a page frees its conversation's frames at once, not when it expires.
+    def conversations_about(path: Path) -> int:
+        held = [v for s in demo.state_holder.session_data.values() for v in s.state_data.values() if isinstance(v, chat.ChatSession)]
+        return sum(session.clip is not None and session.clip.path.endswith(path.name) for session in held)
+
+    assert conversations_about(other) == 1
+    b.context.close()
+    deadline = time.monotonic() + 60
+    while conversations_about(other):
+        assert time.monotonic() < deadline, "the closed page's conversation still holds its frames"
+        time.sleep(0.2)
 
     assert seen and all(url.startswith(server + "/") for url in seen), {u for u in seen if not u.startswith(server + "/")}
 
