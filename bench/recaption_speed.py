@@ -35,7 +35,7 @@ import av
 import numpy as np
 import torch
 
-from adapters.video import read_clip
+from adapters.video import decode_side, read_clip
 from qformer import Bridge, BridgeConfig
 from qformer import recaption as rc
 from qformer.bridge import DEFAULT_BRIDGE
@@ -80,7 +80,7 @@ def frozen_floor(items, bridge, prompt: str, num_frames: int, args) -> tuple[flo
 
     Decoding, preprocessing, the Q-Former and splicing happen outside the timed parts.
     """
-    side = rc.decode_side(bridge.vision)
+    side = decode_side(bridge.vision)
     pixels = [bridge.vision.preprocess(read_clip(it.path, num_frames=num_frames, max_side=side).frames) for it in items]
     seconds, captions = 0.0, {}
     for i in range(0, len(items), args.batch_size):

@@ -6,7 +6,7 @@
       --> append-only JSONL journal (one line per record, fsynced per batch) --> merged output file
 
 Output records (JSONL, or Parquet when the file name ends in .parquet), one per input:
-    path, caption, num_frames, duration_s, error (null, or what was wrong), bridge, prompt
+    path, caption, num_frames, duration_s, error (null, or what was wrong), bridge, prompt, num_beams
 
 Exactly once, through kills: each process appends complete lines to its own journal and fsyncs them
 per batch. On start it cuts a torn last line (a kill mid-write) off its journal and skips every path
@@ -46,7 +46,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from adapters.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, read_clip
+from adapters.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, decode_side, read_clip
 
 from .config import CAPTION_BATCH_SIZE, MAX_NEW_TOKENS
 
@@ -290,13 +290,6 @@ def _loader(dataset: DecodedItems, workers: int, batch_size: int, journal: Journ
             # main process the orphaned worker would hold the lock for seconds and refuse an immediate rerun.
             kwargs["worker_init_fn"] = functools.partial(_close_in_worker, (journal.fd,))
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_keep, **kwargs)
-
-
-def decode_side(vision) -> int | None:
-    """Longest side to decode frames at: twice the encoder's input, so the decoder's cheap resize bounds memory
-    (an 8K frame) while the short side of frames up to 2:1 keeps full detail for preprocess's final resize."""
-    side = getattr(vision, "resolution", None) or getattr(vision, "image_size", None)
-    return 2 * int(side) if side else None
 
 
 # ---------------------------------------------------------------- journals and output

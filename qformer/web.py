@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from adapters.video import IMAGE_EXTENSIONS, MAX_PIXELS, VIDEO_EXTENSIONS, ClipError
 
 from .bridge import Bridge
-from .chat import ChatSession, describe
+from .session import ChatSession, describe
 from .config import MAX_NEW_TOKENS
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ import qformer.bridge
 from adapters import video
 from adapters.video import Clip, ClipError, decode_side, read_clip
 from qformer import Bridge, chat, world
-from qformer.chat import ChatError, ChatSession
+from qformer.session import ChatError, ChatSession
 
 from conftest import tiny_config
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from adapters.video import decode_side
 from qformer import Bridge
 from qformer import recaption as rc
 from qformer.cli import main
@@ -525,7 +526,7 @@ def test_a_long_clip_is_sampled_without_decoding_it_all(tmp_path, tiny_bridge):
 
     write_video(tmp_path / "hour.mp4", frames=3600, size=16, fps=1, solid=True)
     items = rc.discover([str(tmp_path / "hour.mp4")])
-    decoded = rc.DecodedItems(items, tiny_bridge.vision.preprocess, 8, None, rc.decode_side(tiny_bridge.vision))
+    decoded = rc.DecodedItems(items, tiny_bridge.vision.preprocess, 8, None, decode_side(tiny_bridge.vision))
     before = video.frames_decoded
     sample = decoded[0]
     assert sample.error is None and sample.pixels.shape == (8, 3, 32, 32)

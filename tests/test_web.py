@@ -22,6 +22,7 @@ pytest.importorskip("gradio", reason="the web page needs gradio (pip install gra
 import httpx  # noqa: E402  (comes with gradio)
 
 from qformer import chat, world  # noqa: E402
+from qformer.session import ChatSession  # noqa: E402
 from qformer.web import Limits, build_app, launch  # noqa: E402
 
 from test_chat import Q1, Q2, REPO, as_read, bridge, bridge_dir, world_clips  # noqa: E402, F401  (fixtures)
@@ -197,7 +198,7 @@ def test_page_answers_like_the_library_and_keeps_sessions_apart(browser, served,
 
     # Closing a page frees its conversation's frames at once, not when it expires.
     def conversations_about(path: Path) -> int:
-        held = [v for s in demo.state_holder.session_data.values() for v in s.state_data.values() if isinstance(v, chat.ChatSession)]
+        held = [v for s in demo.state_holder.session_data.values() for v in s.state_data.values() if isinstance(v, ChatSession)]
         return sum(session.clip is not None and session.clip.path.endswith(path.name) for session in held)
 
     assert conversations_about(other) == 1
@@ -293,10 +294,10 @@ def client(server: str):
     return Client(server, verbose=False, download_files=False)
 
 
-def stored_session(demo, client) -> chat.ChatSession | None:
+def stored_session(demo, client) -> ChatSession | None:
     """The ChatSession the server keeps for a client's Gradio session."""
     session = demo.state_holder.session_data.get(client.session_hash)
-    kept = [v for v in session.state_data.values() if isinstance(v, chat.ChatSession)] if session else []
+    kept = [v for v in session.state_data.values() if isinstance(v, ChatSession)] if session else []
     return kept[0] if kept else None
 
 
