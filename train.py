@@ -19,6 +19,7 @@ from its last checkpoint with exactly the batches it had not seen.
 The output directory is a bridge (Bridge.from_pretrained), plus metrics.jsonl (every step),
 bad_samples.jsonl, checkpoints/ (trainable weights, optimizer, scheduler, RNG) and tensorboard/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,49 +52,88 @@ from qformer.resume import check_checkpoint, check_rng_restored
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stage", required=True, choices=["1", "2"], help="1: ITC+ITM+ITG, no LLM; 2: generative, through the frozen LLM")
-    p.add_argument("--data", action="append", required=True, metavar="PATH[:WEIGHT]",
-                   help="a manifest (.jsonl/.csv/.parquet), a save_to_disk directory or .tar shards; repeat to mix, weighted")
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="PATH[:WEIGHT]",
+        help="a manifest (.jsonl/.csv/.parquet), a save_to_disk directory or .tar shards; repeat to mix, weighted",
+    )
     p.add_argument("--eval-data", action="append", default=[], metavar="PATH")
     p.add_argument("--output", required=True, help="the trained bridge, checkpoints and logs go here")
     # The bridge: a new one, or one to continue from (which may be re-bridged to another LLM).
     p.add_argument("--init-from", help="a bridge directory to start from; with --llm of another model, re-bridge it")
     p.add_argument("--vision", default=None, help=f"vision encoder spec (default {BridgeConfig.vision}, or the --init-from bridge's)")
     p.add_argument("--vision-resolution", type=int, default=None, help="input size; 128 is ~4x cheaper than 224 for EfficientNet-Lite0")
-    p.add_argument("--system-prompt", default=None, metavar="TEXT",
-                   help="system message of every chat ('' drops the template's default, e.g. SmolLM2's 20 tokens); "
-                        "default: the template's own, or the --init-from bridge's")
-    p.add_argument("--vision-layer", type=int, default=None,
-                   help="features from this layer (HF models: hidden_states index, -2 = second-to-last; "
-                        "efficientnet-lite0: MBConv block, 10 = 112 wide at stride 16); default: the last")
+    p.add_argument(
+        "--system-prompt",
+        default=None,
+        metavar="TEXT",
+        help="system message of every chat ('' drops the template's default, e.g. SmolLM2's 20 tokens); "
+        "default: the template's own, or the --init-from bridge's",
+    )
+    p.add_argument(
+        "--vision-layer",
+        type=int,
+        default=None,
+        help="features from this layer (HF models: hidden_states index, -2 = second-to-last; "
+        "efficientnet-lite0: MBConv block, 10 = 112 wide at stride 16); default: the last",
+    )
     p.add_argument("--llm", default=None, help=f"LLM spec (default {BridgeConfig.llm}, or the --init-from bridge's)")
     p.add_argument("--qformer-init", default=MINILM, help=f"new Q-Former: '{MINILM}' (offline MiniLM), a BERT directory, or 'random'")
     p.add_argument("--qformer-tokenizer", default=None, help="Q-Former tokenizer (default: the --qformer-init BERT's)")
     p.add_argument("--num-queries", type=int, default=None, help=f"new Q-Former: learned queries (default {QFormerConfig.num_queries})")
-    p.add_argument("--cross-attention-every", type=int, default=None, metavar="N",
-                   help=f"the queries cross-attend to the clip in every N-th layer (default {QFormerConfig.cross_attention_every}, as "
-                        "BLIP-2, or the --init-from bridge's); 1, every layer, reads more of a clip with several objects "
-                        "(python -m bench.reading). Given "
-                        "with --init-from, the bridge's Q-Former gains (or loses) cross-attention layers")
-    p.add_argument("--num-frames", type=int, default=None, help=f"frames per clip (default {BridgeConfig.num_frames}, or the --init-from bridge's)")
-    p.add_argument("--tubelets", action="store_true",
-                   help="new Q-Former: each place of the frame grid is one token over all --num-frames frames, so tokens "
-                        "carry motion (an --init-from bridge keeps its own choice)")
+    p.add_argument(
+        "--cross-attention-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"the queries cross-attend to the clip in every N-th layer (default {QFormerConfig.cross_attention_every}, as "
+        "BLIP-2, or the --init-from bridge's); 1, every layer, reads more of a clip with several objects "
+        "(python -m bench.reading). Given "
+        "with --init-from, the bridge's Q-Former gains (or loses) cross-attention layers",
+    )
+    p.add_argument(
+        "--num-frames", type=int, default=None, help=f"frames per clip (default {BridgeConfig.num_frames}, or the --init-from bridge's)"
+    )
+    p.add_argument(
+        "--tubelets",
+        action="store_true",
+        help="new Q-Former: each place of the frame grid is one token over all --num-frames frames, so tokens "
+        "carry motion (an --init-from bridge keeps its own choice)",
+    )
     p.add_argument("--fps", type=float, default=None, help="sample clips at this rate, at most --num-frames frames")
     p.add_argument("--instruct", action="store_true", help="InstructBLIP: the question also enters the Q-Former (stage 2)")
-    p.add_argument("--caption-first", action="store_true",
-                   help="stage 2: a question row's 'caption' (its clip's) goes before the question as the chat's first "
-                        "turn (rows without one train as plain questions), and the bridge answers that way: its own "
-                        "caption first, then the answer")
-    p.add_argument("--stage1-losses", default=None, metavar="NAMES",
-                   help="stage 1: the losses trained on, comma-separated (default itc,itm,itg). ITC aligns the queries with "
-                        "the text encoder's sentence feature, so what that feature ignores the queries learn to drop")
+    p.add_argument(
+        "--caption-first",
+        action="store_true",
+        help="stage 2: a question row's 'caption' (its clip's) goes before the question as the chat's first "
+        "turn (rows without one train as plain questions), and the bridge answers that way: its own "
+        "caption first, then the answer",
+    )
+    p.add_argument(
+        "--stage1-losses",
+        default=None,
+        metavar="NAMES",
+        help="stage 1: the losses trained on, comma-separated (default itc,itm,itg). ITC aligns the queries with "
+        "the text encoder's sentence feature, so what that feature ignores the queries learn to drop",
+    )
     p.add_argument("--train", choices=["all", "projection"], default="all", help="'projection': only the projection learns")
-    p.add_argument("--lora", type=int, default=None, metavar="RANK",
-                   help="stage 2: also train LoRA adapters of this rank on the LLM (on --lora-modules); the LLM's own "
-                        "weights stay frozen (default: none, or the --init-from bridge's)")
-    p.add_argument("--lora-modules", default=None, metavar="NAMES",
-                   help="with --lora: the LLM's modules to adapt, comma-separated, or all-linear for every linear layer "
-                        "but the output head (default: q_proj,v_proj)")
+    p.add_argument(
+        "--lora",
+        type=int,
+        default=None,
+        metavar="RANK",
+        help="stage 2: also train LoRA adapters of this rank on the LLM (on --lora-modules); the LLM's own "
+        "weights stay frozen (default: none, or the --init-from bridge's)",
+    )
+    p.add_argument(
+        "--lora-modules",
+        default=None,
+        metavar="NAMES",
+        help="with --lora: the LLM's modules to adapt, comma-separated, or all-linear for every linear layer "
+        "but the output head (default: q_proj,v_proj)",
+    )
     # Optimisation.
     p.add_argument("--batch-size", type=int, default=8, help="per process")
     p.add_argument("--grad-accum", type=int, default=1)
@@ -105,7 +145,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
     p.add_argument("--max-text-len", type=int, default=64, help="Q-Former text tokens (stage 1)")
     p.add_argument("--max-answer-tokens", type=int, default=64, help="LLM tokens of an answer or caption (stage 2)")
-    p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto", help="auto: bf16/fp16 on GPUs, fp32 on the CPU; bf16 pays on CPUs with AVX512-BF16 or AMX")
+    p.add_argument(
+        "--mixed-precision",
+        choices=["auto", "no", "fp16", "bf16"],
+        default="auto",
+        help="auto: bf16/fp16 on GPUs, fp32 on the CPU; bf16 pays on CPUs with AVX512-BF16 or AMX",
+    )
     p.add_argument("--seed", type=int, default=0)
     # Data handling.
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader processes that decode clips")
@@ -178,8 +223,15 @@ def setup_bridge(args, stage: int) -> Bridge:
     """The bridge this run trains: a new one (qformer.build.new_bridge) or one carried over from --init-from
     (qformer.build.from_bridge), with what the arguments change. Options left out keep the config's
     defaults, or the --init-from bridge's values."""
-    given = dict(vision=args.vision, vision_layer=args.vision_layer, vision_resolution=args.vision_resolution, llm=args.llm,
-                 num_frames=args.num_frames, qformer_tokenizer=args.qformer_tokenizer, system_prompt=args.system_prompt)
+    given = dict(
+        vision=args.vision,
+        vision_layer=args.vision_layer,
+        vision_resolution=args.vision_resolution,
+        llm=args.llm,
+        num_frames=args.num_frames,
+        qformer_tokenizer=args.qformer_tokenizer,
+        system_prompt=args.system_prompt,
+    )
     if args.lora:
         given["lora"] = LoraConfig(r=args.lora, alpha=2 * args.lora, target_modules=lora_modules(args.lora_modules))
     changes = {k: v for k, v in given.items() if v is not None}
@@ -191,8 +243,14 @@ def setup_bridge(args, stage: int) -> Bridge:
     try:
         if args.init_from:
             bridge = from_bridge(args.init_from, qformer, **changes)
-            print(f"initialised from {args.init_from}" + ("" if bridge.config.llm == read_bridge_config(args.init_from).llm
-                                                          else f"; new projection into {bridge.config.llm} ({bridge.llm.width} wide)"))
+            print(
+                f"initialised from {args.init_from}"
+                + (
+                    ""
+                    if bridge.config.llm == read_bridge_config(args.init_from).llm
+                    else f"; new projection into {bridge.config.llm} ({bridge.llm.width} wide)"
+                )
+            )
             return bridge
         if args.num_queries:
             qformer["num_queries"] = args.num_queries
@@ -246,8 +304,10 @@ def main(argv=None) -> Bridge:
     choose_trainable(bridge, stage, args.train)
     qtok = stage1_tokenizer(bridge) if stage == 1 else None
     trainable, total = count_parameters(bridge)
-    accelerator.print(f"stage {stage}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%); "
-                      f"{accelerator.num_processes} processes on {accelerator.device}, mixed precision {accelerator.mixed_precision}")
+    accelerator.print(
+        f"stage {stage}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%); "
+        f"{accelerator.num_processes} processes on {accelerator.device}, mixed precision {accelerator.mixed_precision}"
+    )
     # 4. Data: decoded in worker processes, mixed batch by batch; optionally frozen features from a cache.
     train_set, sampler, train_loader, eval_loader, cache = setup_data(args, bridge, plan)
     # 5. Optimizer over the trainable parameters only; warmup then cosine decay.
@@ -347,8 +407,10 @@ def stage1_tokenizer(bridge: Bridge):
     if qtok is None:
         fail("stage 1 needs a Q-Former tokenizer: pass --qformer-tokenizer DIR (or --qformer-init minilm/BERT_DIR)")
     if len(qtok) > bridge.config.qformer.vocab_size:
-        fail(f"the Q-Former tokenizer has {len(qtok)} tokens but the Q-Former only {bridge.config.qformer.vocab_size} word embeddings; "
-             "use the tokenizer of the BERT it was initialised from")
+        fail(
+            f"the Q-Former tokenizer has {len(qtok)} tokens but the Q-Former only {bridge.config.qformer.vocab_size} word embeddings; "
+            "use the tokenizer of the BERT it was initialised from"
+        )
     return qtok
 
 
@@ -440,7 +502,9 @@ def resume(args, plan: Plan, accelerator, out: Path) -> Progress:
     return plan.progress
 
 
-def train_loop(run: Run, args, accelerator, bridge: Bridge, stage: int, qtok, sampler, train_size: int, out: Path, progress: Progress) -> None:
+def train_loop(
+    run: Run, args, accelerator, bridge: Bridge, stage: int, qtok, sampler, train_size: int, out: Path, progress: Progress
+) -> None:
     """Optimizer steps until the schedule's end. Gradients accumulate over --grad-accum batches and synchronise
     across processes on the last; checkpoints, evaluation and logs at their intervals."""
     if accelerator.is_main_process:
@@ -454,7 +518,9 @@ def train_loop(run: Run, args, accelerator, bridge: Bridge, stage: int, qtok, sa
     eval_bad: list[str] = []
     while progress.step < run.total_steps:
         sampler.epoch = progress.epoch  # the batch order depends on (seed, epoch) only
-        loader = accelerator.skip_first_batches(run.train_loader, progress.batches_in_epoch) if progress.batches_in_epoch else run.train_loader
+        loader = (
+            accelerator.skip_first_batches(run.train_loader, progress.batches_in_epoch) if progress.batches_in_epoch else run.train_loader
+        )
         for batch in loader:
             b = progress.batches_in_epoch
             progress.batches_in_epoch += 1
@@ -474,7 +540,9 @@ def train_loop(run: Run, args, accelerator, bridge: Bridge, stage: int, qtok, sa
             skip = any(n == 0 for _, n in reports)
             if not skip:
                 with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                    losses = model(**model_inputs(batch, bridge, stage, qtok, args, accelerator, micro_batch_id(progress, batches_per_epoch)))
+                    losses = model(
+                        **model_inputs(batch, bridge, stage, qtok, args, accelerator, micro_batch_id(progress, batches_per_epoch))
+                    )
                     accelerator.backward(losses["loss"] / group_size)
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float().item() / group_size
@@ -525,15 +593,18 @@ def model_inputs(batch: dict, bridge: Bridge, stage: int, qtok, args, accelerato
         enc = qtok(texts, padding=True, truncation=True, max_length=args.max_text_len, return_tensors="pt")
         inputs["text"] = {k: enc[k].to(accelerator.device) for k in ("input_ids", "attention_mask")}
         # ITM negatives from a generator fixed by the batch, so resuming draws the same ones.
-        inputs["generator"] = torch.Generator().manual_seed(args.seed * 1_000_003 + batch_id * accelerator.num_processes + accelerator.process_index)
+        inputs["generator"] = torch.Generator().manual_seed(
+            args.seed * 1_000_003 + batch_id * accelerator.num_processes + accelerator.process_index
+        )
     else:
         # A row with a question is a question; a caption alone answers the bridge's caption prompt. A
         # caption-first bridge sees a question row's caption (its clip's) as the chat's first turn.
         prompt = bridge.config.caption_prompt
         qs = [prompt if q is None else q for q in questions]
         ans = [c if q is None else a for c, q, a in zip(captions, questions, answers)]
-        histories = [[(prompt, c)] if bridge.config.caption_first and q is not None and c is not None else []
-                     for c, q in zip(captions, questions)]
+        histories = [
+            [(prompt, c)] if bridge.config.caption_first and q is not None and c is not None else [] for c, q in zip(captions, questions)
+        ]
         inputs["text"] = bridge.answer_batch(qs, ans, histories, max_answer_tokens=args.max_answer_tokens)
     return inputs
 

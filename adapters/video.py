@@ -56,13 +56,44 @@ import av
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-VIDEO_EXTENSIONS = frozenset({
-    ".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".gif", ".mpg", ".mpeg",
-    ".ts", ".mts", ".m2ts", ".flv", ".wmv", ".ogv", ".3gp", ".y4m", ".h264", ".hevc",
-})
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".tga",
-})
+VIDEO_EXTENSIONS = frozenset(
+    {
+        ".mp4",
+        ".m4v",
+        ".mov",
+        ".webm",
+        ".mkv",
+        ".avi",
+        ".gif",
+        ".mpg",
+        ".mpeg",
+        ".ts",
+        ".mts",
+        ".m2ts",
+        ".flv",
+        ".wmv",
+        ".ogv",
+        ".3gp",
+        ".y4m",
+        ".h264",
+        ".hevc",
+    }
+)
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".bmp",
+        ".webp",
+        ".tif",
+        ".tiff",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".tga",
+    }
+)
 
 # Frames PyAV has decoded in this process. Tests read it to check that sampling
 # a long clip seeks instead of decoding the whole file.
@@ -85,9 +116,9 @@ MAX_PIXELS = 40_000_000
 
 @dataclass
 class Clip:
-    frames: np.ndarray        # (T, H, W, 3) uint8, RGB
-    timestamps: list[float]   # seconds of each frame from the start of the stream
-    duration_s: float         # duration of the whole video (0.0 for a still image)
+    frames: np.ndarray  # (T, H, W, 3) uint8, RGB
+    timestamps: list[float]  # seconds of each frame from the start of the stream
+    duration_s: float  # duration of the whole video (0.0 for a still image)
     path: str | None
 
 
@@ -154,9 +185,7 @@ def read_clip(
             reasons.append(str(e))
         except _NotAnImage:
             pass
-    raise ClipError(
-        f"{path}: not a decodable video or image (truncated, corrupt or another kind of file): {reasons[0]}"
-    )
+    raise ClipError(f"{path}: not a decodable video or image (truncated, corrupt or another kind of file): {reasons[0]}")
 
 
 def decode_side(vision) -> int | None:
@@ -202,9 +231,7 @@ def as_clip(item, num_frames: int | None = 8, fps: float | None = None) -> Clip:
             frames = frames[index]
         step = 1.0 / fps if fps else 1.0
         return Clip(frames=frames, timestamps=[float(i) * step for i in index], duration_s=0.0, path=None)
-    raise ClipError(
-        f"<{type(item).__name__}>: cannot make a clip from this type; pass a path, PIL image, uint8 array or Clip"
-    )
+    raise ClipError(f"<{type(item).__name__}>: cannot make a clip from this type; pass a path, PIL image, uint8 array or Clip")
 
 
 # ---------------------------------------------------------------- checks
@@ -232,9 +259,7 @@ def _check_size(path: str, width: int, height: int, max_pixels: int) -> None:
     if width < 2 or height < 2:
         raise ClipError(f"{path}: frame too small ({width}x{height}; need at least 2x2)")
     if width * height > max_pixels:
-        raise ClipError(
-            f"{path}: frame too large ({width}x{height} = {width * height} pixels > max_pixels={max_pixels})"
-        )
+        raise ClipError(f"{path}: frame too large ({width}x{height} = {width * height} pixels > max_pixels={max_pixels})")
 
 
 def _fit(width: int, height: int, max_side: int | None) -> tuple[int, int]:
@@ -414,16 +439,13 @@ def _frames_at(path: str, container, stream, targets: list[int], seek: bool, to_
     """
     slack = math.floor(_TIMESTAMP_SLACK_S / stream.time_base)
     picked: list[tuple[int, np.ndarray]] = []
-    frames = None    # the decoder, positioned just after `upcoming`
-    shown = None     # the last frame at or before the previous target
+    frames = None  # the decoder, positioned just after `upcoming`
+    shown = None  # the last frame at or before the previous target
     upcoming = None  # the first frame after it; None once the stream is exhausted
     for target in targets:
         if frames is None:
             frames, shown, upcoming = _restart(container, stream, target, seek, slack)
-        elif (
-            seek and upcoming is not None and upcoming.pts <= target + slack
-            and _seek_helps(stream, upcoming.pts, target)
-        ):
+        elif seek and upcoming is not None and upcoming.pts <= target + slack and _seek_helps(stream, upcoming.pts, target):
             previous = upcoming.pts
             frames, shown, upcoming = _restart(container, stream, target, seek, slack)
             if upcoming.pts <= previous:

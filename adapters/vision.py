@@ -7,6 +7,7 @@
 
 Each encoder is frozen when built and stays in eval mode whatever `train()` is called on a parent.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -81,8 +82,10 @@ class EfficientNetLite0(FrozenModule):
         self.layer = None if layer is None else layer % blocks
         last = self.net._blocks[self.layer] if self.layer is not None else None
         self.width = 1280 if last is None else last._block_args.output_filters
-        strides = [2] + [b._block_args.stride[0] if isinstance(b._block_args.stride, list) else b._block_args.stride
-                         for b in self.net._blocks[: (self.layer + 1) if self.layer is not None else blocks]]
+        strides = [2] + [
+            b._block_args.stride[0] if isinstance(b._block_args.stride, list) else b._block_args.stride
+            for b in self.net._blocks[: (self.layer + 1) if self.layer is not None else blocks]
+        ]
         self.stride = int(np.prod(strides))
         self.freeze()
 

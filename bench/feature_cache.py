@@ -12,6 +12,7 @@ the other, is unfair to whichever runs second (training epochs slow down after t
 
 Uses the offline EfficientNet-Lite0. Decoding runs in DataLoader workers in both paths, as in train.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -113,8 +114,10 @@ def main():
         no_cache_input, cache_input, no_cache_train, cache_train = (min(times[k]) for k in times)
 
     n = args.clips
-    print(f"{n} clips x {args.frames} frames, EfficientNet-Lite0 at {args.resolution} px, batch {args.batch_size}, {args.workers} workers, "
-          f"{torch.get_num_threads()} threads; best of {args.repeats} epochs each")
+    print(
+        f"{n} clips x {args.frames} frames, EfficientNet-Lite0 at {args.resolution} px, batch {args.batch_size}, {args.workers} workers, "
+        f"{torch.get_num_threads()} threads; best of {args.repeats} epochs each"
+    )
     print(f"  fill the cache once:              {fill_s:7.2f} s  ({n / fill_s:6.1f} clips/s)")
     print(f"  input per epoch, no cache:        {no_cache_input:7.2f} s  ({n / no_cache_input:6.1f} clips/s)")
     print(f"  input per epoch, cache:           {cache_input:7.2f} s  ({n / cache_input:6.1f} clips/s)")

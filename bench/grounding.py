@@ -10,6 +10,7 @@ Printed: both losses and their gap (nats per caption token; 0 = the clip is igno
 prompt's spread across clips relative to its size (0 = one constant prompt), for the projected prompt
 and for the Q-Former's query outputs before the projection.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,15 +51,20 @@ def measure(bridge: Bridge, split: str, clips: int, batch_size: int) -> dict:
             out = bridge(**batch, features=feats[i : i + batch_size], return_logits=False)
             totals[name] += float(out.loss) * n
         tokens += n
-        hidden = bridge.qformer(features[i : i + batch_size], batch.get("instruction_ids"), batch.get("instruction_mask"),
-                                mode="bidirectional")[:, :Q]
+        hidden = bridge.qformer(
+            features[i : i + batch_size], batch.get("instruction_ids"), batch.get("instruction_mask"), mode="bidirectional"
+        )[:, :Q]
         queries.append(hidden)
         prompts.append(bridge.projection(hidden))
     right, wrong_loss = totals["right"] / tokens, totals["wrong"] / tokens
     return {
-        "split": split, "clips": clips,
-        "caption_loss_right_clip": right, "caption_loss_wrong_clip": wrong_loss, "gap": wrong_loss - right,
-        "prompt_spread": spread(torch.cat(prompts)), "query_spread": spread(torch.cat(queries)),
+        "split": split,
+        "clips": clips,
+        "caption_loss_right_clip": right,
+        "caption_loss_wrong_clip": wrong_loss,
+        "gap": wrong_loss - right,
+        "prompt_spread": spread(torch.cat(prompts)),
+        "query_spread": spread(torch.cat(queries)),
     }
 
 

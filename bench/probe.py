@@ -16,6 +16,7 @@ The linear probe standardises every input dimension, so it finds a slot however 
 The LLM gets no such help: the last row per bridge classifies the visual prompt by the nearest class
 mean, as it is, which succeeds only where the slot is a large part of how prompts differ.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,12 @@ SLOTS = {"colour": list(world.COLOURS), "motion": list(world.MOTIONS), "size": l
 def frame_features(bridge: Bridge, scenes, batch_size: int = 32) -> torch.Tensor:
     out = []
     for i in range(0, len(scenes), batch_size):
-        px = torch.stack([bridge.vision.preprocess(as_clip(world.render(s), num_frames=bridge.config.num_frames).frames)
-                          for s in scenes[i : i + batch_size]])
+        px = torch.stack(
+            [
+                bridge.vision.preprocess(as_clip(world.render(s), num_frames=bridge.config.num_frames).frames)
+                for s in scenes[i : i + batch_size]
+            ]
+        )
         out.append(bridge.frame_features(px.to(bridge.projection.weight.device)))
     return torch.cat(out)  # (n, T, N, Dv)
 
@@ -59,8 +64,9 @@ def query_outputs(bridge: Bridge, features: torch.Tensor, batch_size: int = 32) 
 
 def nearest_class_mean(x_train, y_train, x_test, classes: int) -> torch.Tensor:
     """The class whose mean training input is closest (Euclidean, no standardising) to each test input."""
-    means = torch.stack([x_train[y_train == k].mean(0) if (y_train == k).any() else torch.full_like(x_train[0], float("inf"))
-                         for k in range(classes)])
+    means = torch.stack(
+        [x_train[y_train == k].mean(0) if (y_train == k).any() else torch.full_like(x_train[0], float("inf")) for k in range(classes)]
+    )
     return torch.cdist(x_test, means).argmin(1)
 
 
@@ -86,10 +92,13 @@ def itg_words(bridge: Bridge, scenes, features: torch.Tensor, single: torch.Tens
         head = tok(caption, add_special_tokens=False)["input_ids"][:2]
         at = next(k for k in range(len(full)) if full[k : k + 2] == head)  # where the caption starts, after [CLS]
 
-        def end(k):  # token position where the first k words end
+        def end(k, at=at, words=words):  # token position where the first k words end
             return at + len(tok(" ".join(words[:k]), add_special_tokens=False)["input_ids"])
 
-        span = {slot: range(end(k), end(k + n)) for slot, k, n in (("size", 1, 1), ("colour", 2, 1), ("shape", 3, 1), ("motion", 4, motion_words))}
+        span = {
+            slot: range(end(k), end(k + n))
+            for slot, k, n in (("size", 1, 1), ("colour", 2, 1), ("shape", 3, 1), ("motion", 4, motion_words))
+        }
         rows.append(full)
         spans.append(span)
     right = {slot: [] for slot in SLOTS}
@@ -115,9 +124,14 @@ def text_feature_similarity(bridge: Bridge) -> dict[str, float]:
     """Mean cosine between the ITC text features of captions that differ in one slot alone. Near 1 means
     ITC's text side cannot tell those captions apart, so ITC teaches the queries to ignore that slot."""
     base = dict(size="large", colour="red", shape="circle", motion="left", background="white")
-    values = {"colour": world.COLOURS, "motion": ("left", "right", "up", "down"), "size": world.SIZES,
-              "shape": world.SHAPES, "background": world.BACKGROUNDS}
-    tok, Q = bridge.qformer_tokenizer, bridge.config.qformer.num_queries
+    values = {
+        "colour": world.COLOURS,
+        "motion": ("left", "right", "up", "down"),
+        "size": world.SIZES,
+        "shape": world.SHAPES,
+        "background": world.BACKGROUNDS,
+    }
+    tok = bridge.qformer_tokenizer
     scores = {}
     for slot, options in values.items():
         captions = [("a {size} {colour} {shape} moves {motion} on a {background} background").format(**{**base, slot: v}) for v in options]
@@ -193,17 +207,22 @@ def main(argv=None) -> dict:
             f_train, f_test = features[key]
             layer = "" if c.vision_layer is None else f" layer {c.vision_layer}"
             results[f"features {c.vision}{layer} (frames mean-pooled, in order)"] = probe_all(
-                f_train.mean(2).flatten(1), f_test.mean(2).flatten(1), y_train, y_test, single)
+                f_train.mean(2).flatten(1), f_test.mean(2).flatten(1), y_train, y_test, single
+            )
         q_train, q_test = (query_outputs(bridge, f) for f in features[key])
         results[f"queries of {spec}"] = probe_all(q_train, q_test, y_train, y_test, single)
         p_train, p_test = (visual_prompt(bridge, q) for q in (q_train, q_test))
         results[f"visual prompt of {spec}"] = probe_all(p_train, p_test, y_train, y_test, single)
         results[f"visual prompt of {spec}, nearest class mean"] = probe_all(p_train, p_test, y_train, y_test, single, nearest_class_mean)
-        if bridge.heads is not None and bridge.qformer_tokenizer is not None:  # stage-1 heads (trained in stage 1 only, so exact for a stage-1 bridge)
+        if (
+            bridge.heads is not None and bridge.qformer_tokenizer is not None
+        ):  # stage-1 heads (trained in stage 1 only, so exact for a stage-1 bridge)
             results[f"ITG head of {spec}, teacher-forced words"] = itg_words(bridge, test_scenes, features[key][1], single)
             text_similarity[f"ITC text feature of {spec}"] = text_feature_similarity(bridge)
 
-    print(f"probes of the first object's slots (linear unless said): fitted on {args.train} world train clips, scored on {args.test} test-iid clips")
+    print(
+        f"probes of the first object's slots (linear unless said): fitted on {args.train} world train clips, scored on {args.test} test-iid clips"
+    )
     print_table(results, list(next(iter(results.values()))))
     if text_similarity:
         print("\nmean cosine between captions that differ only in this slot (1: the text side cannot tell them apart)")

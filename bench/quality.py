@@ -13,6 +13,7 @@ caption of the clip; for two-object questions the bench also says how often that
 set above got it) implies the right answer, and how often the answer is right when it does.
 `--num-beams NB` decodes every caption and answer by beam search (Bridge.caption), greedy by default.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ from pathlib import Path
 
 from qformer import Bridge, world
 from qformer.bridge import DEFAULT_BRIDGE
-
 
 
 def batched(items, n):
@@ -54,8 +54,10 @@ def swapped(pred: str, ref: str) -> bool:
     p, r = world.parse_caption(pred), world.parse_caption(ref)
     if p is None or r is None or len(p.objects) != 2 or len(r.objects) != 2:
         return False
+
     def matches(objects):
         return sum(getattr(a, k) == getattr(b, k) for a, b in zip(objects, r.objects) for k in OBJECT_SLOTS)
+
     return matches(p.objects[::-1]) > matches(p.objects)
 
 
@@ -66,9 +68,10 @@ def crossed(pred: str, ref: str) -> dict[str, int]:
     p, r = world.parse_caption(pred), world.parse_caption(ref)
     if p is None or r is None or len(p.objects) != 2 or len(r.objects) != 2 or swapped(pred, ref):
         return {}
-    return {k: sum(getattr(got, k) == getattr(other, k) != getattr(want, k)
-                   for got, want, other in zip(p.objects, r.objects, r.objects[::-1]))
-            for k in OBJECT_SLOTS}
+    return {
+        k: sum(getattr(got, k) == getattr(other, k) != getattr(want, k) for got, want, other in zip(p.objects, r.objects, r.objects[::-1]))
+        for k in OBJECT_SLOTS
+    }
 
 
 # WORLD.md names the object whose centre is further left in frame 0 first. Centres closer in x than this
@@ -78,7 +81,7 @@ CLOSE_PX = 16
 
 
 def closeness(scene: world.Scene) -> str:
-    """"close" or "apart": how far apart in x a two-object clip's centres are in frame 0."""
+    """ "close" or "apart": how far apart in x a two-object clip's centres are in frame 0."""
     (x0, _), (x1, _) = (o.centre_at(0) for o in scene.objects)
     return "close" if abs(x1 - x0) < CLOSE_PX else "apart"
 
@@ -130,9 +133,14 @@ def world_captions(bridge: Bridge, split: str, n: int, batch_size: int, num_beam
         # Per slot: the share of two-object clips' objects given the other object's value (in captions in
         # the right order), as against a value neither object has, which shows in per_slot alone.
         "two_object_crossed": {k: n / (2 * two["background"][1]) for k, n in crossings.items()} if two["background"][1] else {},
-        **{f"two_object_{k}": {"clips": g["clips"], "slot_accuracy": g["right"] / g["slots"] if g["slots"] else None,
-                               "swapped": g["swaps"] / g["clips"] if g["clips"] else None}
-           for k, g in by_closeness.items()},
+        **{
+            f"two_object_{k}": {
+                "clips": g["clips"],
+                "slot_accuracy": g["right"] / g["slots"] if g["slots"] else None,
+                "swapped": g["swaps"] / g["clips"] if g["clips"] else None,
+            }
+            for k, g in by_closeness.items()
+        },
     }, captions
 
 
@@ -140,7 +148,13 @@ def question_slot(question: str) -> str:
     """The caption slot a WORLD.md question asks about (so the background's colour is not an object's)."""
     if question == "what color is the background?":
         return "background"
-    for start, slot in (("how many", "count"), ("what color", "colour"), ("what shape", "shape"), ("what does", "motion"), ("is the", "size")):
+    for start, slot in (
+        ("how many", "count"),
+        ("what color", "colour"),
+        ("what shape", "shape"),
+        ("what does", "motion"),
+        ("is the", "size"),
+    ):
         if question.startswith(start):
             return slot
     raise ValueError(f"not a WORLD.md question: {question!r}")
@@ -238,8 +252,9 @@ def easy_vqa(bridge: Bridge, n: int, batch_size: int, num_beams: int = 1) -> dic
     # that leans one way shows it.
     by_kind, yes_answers, said_yes = counts(), 0, 0
     for chunk in batched(items, batch_size):
-        preds = bridge.ask([paths[i] for _, _, i in chunk], [q for q, _, _ in chunk],
-                           [histories.get(i, []) for _, _, i in chunk], num_beams=num_beams)
+        preds = bridge.ask(
+            [paths[i] for _, _, i in chunk], [q for q, _, _ in chunk], [histories.get(i, []) for _, _, i in chunk], num_beams=num_beams
+        )
         for p, (q, a, _) in zip(preds, chunk):
             kind = easy_vqa_kind(q, a)
             by_kind[kind][0] += world.score_answer(p, a)
@@ -248,9 +263,14 @@ def easy_vqa(bridge: Bridge, n: int, batch_size: int, num_beams: int = 1) -> dic
             said_yes += kind.startswith("yes/no") and world.score_answer(p, "yes")
     right = sum(c for c, _ in by_kind.values())
     asked = sum(t for kind, (_, t) in by_kind.items() if kind.startswith("yes/no"))
-    return {"questions": len(items), "accuracy": right / len(items), "per_kind": rates(by_kind),
-            "yes_no_questions": asked, "yes_answers": yes_answers / asked if asked else 0.0,
-            "said_yes": said_yes / asked if asked else 0.0}
+    return {
+        "questions": len(items),
+        "accuracy": right / len(items),
+        "per_kind": rates(by_kind),
+        "yes_no_questions": asked,
+        "yes_answers": yes_answers / asked if asked else 0.0,
+        "said_yes": said_yes / asked if asked else 0.0,
+    }
 
 
 def main(argv=None) -> dict:
@@ -259,10 +279,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--world", type=int, default=200, help="clips per world split")
     ap.add_argument("--easy-vqa", type=int, default=2000, help="easy-VQA test questions (0 = all)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--splits", type=lambda v: v.split(","), default=["test-iid", "test-novel"], metavar="S,S",
-                    help=f"world splits to score, of {', '.join(world.SPLITS)} (default test-iid,test-novel)")
-    ap.add_argument("--captions-only", action="store_true",
-                    help="world captions alone (what a recaptioner writes): no world VQA, no easy-VQA")
+    ap.add_argument(
+        "--splits",
+        type=lambda v: v.split(","),
+        default=["test-iid", "test-novel"],
+        metavar="S,S",
+        help=f"world splits to score, of {', '.join(world.SPLITS)} (default test-iid,test-novel)",
+    )
+    ap.add_argument(
+        "--captions-only", action="store_true", help="world captions alone (what a recaptioner writes): no world VQA, no easy-VQA"
+    )
     ap.add_argument("--num-beams", type=int, default=1, metavar="NB", help="beam search over NB beams (default 1: greedy)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
@@ -280,16 +306,24 @@ def main(argv=None) -> dict:
         r, captions[split] = world_captions(bridge, split, args.world, args.batch_size, args.num_beams)
         results[f"world {split} captions"] = r
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_slot"].items())
-        print(f"world {split:10s} captions: exact {r['exact_match']:.3f}  slot accuracy {r['slot_accuracy']:.3f}  ({per}; {r['clips']} clips)")
+        print(
+            f"world {split:10s} captions: exact {r['exact_match']:.3f}  slot accuracy {r['slot_accuracy']:.3f}  ({per}; {r['clips']} clips)"
+        )
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["one_object_per_slot"].items())
         print(f"{'':>28}one object: {per}; {r['one_object_clips']} clips")
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["two_object_per_slot"].items())
-        print(f"{'':>28}two objects: {per}; {r['two_object_clips']} clips, "
-              f"{r['two_object_swapped']:.3f} of them captioned in the wrong order")
-        parts = [f"{'under' if k == 'close' else 'at least'} {CLOSE_PX} px: "
-                 + (f"slot accuracy {g['slot_accuracy']:.3f}, {g['swapped']:.3f} in the wrong order; {g['clips']} clips"
-                    if g["clips"] else "no clips")
-                 for k, g in ((k, r[f"two_object_{k}"]) for k in ("close", "apart"))]
+        print(
+            f"{'':>28}two objects: {per}; {r['two_object_clips']} clips, {r['two_object_swapped']:.3f} of them captioned in the wrong order"
+        )
+        parts = [
+            f"{'under' if k == 'close' else 'at least'} {CLOSE_PX} px: "
+            + (
+                f"slot accuracy {g['slot_accuracy']:.3f}, {g['swapped']:.3f} in the wrong order; {g['clips']} clips"
+                if g["clips"]
+                else "no clips"
+            )
+            for k, g in ((k, r[f"two_object_{k}"]) for k in ("close", "apart"))
+        ]
         print(f"{'':>28}two objects, centres apart in x in frame 0 by {parts[0]}; by {parts[1]}")
         if r["two_object_crossed"]:
             per = ", ".join(f"{k} {v:.3f}" for k, v in r["two_object_crossed"].items())
@@ -311,8 +345,10 @@ def main(argv=None) -> dict:
         r = results["easy-vqa test"] = easy_vqa(bridge, args.easy_vqa, args.batch_size, args.num_beams)
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_kind"].items())
         print(f"easy-VQA test: accuracy {r['accuracy']:.3f}  ({per}; {r['questions']} questions)")
-        print(f"{'':>15}yes/no: the answer is yes for {r['yes_answers']:.3f} of {r['yes_no_questions']}, "
-              f"the bridge says yes to {r['said_yes']:.3f}")
+        print(
+            f"{'':>15}yes/no: the answer is yes for {r['yes_answers']:.3f} of {r['yes_no_questions']}, "
+            f"the bridge says yes to {r['said_yes']:.3f}"
+        )
     print(f"time: {time.time() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -13,6 +13,7 @@ every 50 steps. Every variant sees the same batches. Features: EfficientNet-Lite
 --resolution px (the clips' own 128 by default, as the default bridge reads them; more is the clip
 upsampled, so an object spans more tokens), 4 frames per clip.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,17 +28,21 @@ from torch import nn
 from transformers import AutoConfig
 
 from adapters.offline import minilm_dir
-from adapters.vision import load_vision
 from adapters.video import as_clip
+from adapters.vision import load_vision
+from bench.probe import print_table
 from qformer import QFormerConfig, world
 from qformer.convert import load_bert_into_qformer, qformer_config_from_bert
 from qformer.model import QFormer
-from bench.probe import print_table
 
 # Label values of each slot; the second object's slots have one more value, "none".
 SLOTS = {
-    "background": tuple(world.BACKGROUNDS), "count": (1, 2),
-    "size": tuple(world.SIZES), "colour": tuple(world.COLOURS), "shape": world.SHAPES, "motion": world.MOTIONS,
+    "background": tuple(world.BACKGROUNDS),
+    "count": (1, 2),
+    "size": tuple(world.SIZES),
+    "colour": tuple(world.COLOURS),
+    "shape": world.SHAPES,
+    "motion": world.MOTIONS,
 }
 OBJECT_SLOTS = ("size", "colour", "shape", "motion")
 HEADS = ["background", "count"] + [f"{s} {k}" for k in (1, 2) for s in OBJECT_SLOTS]
@@ -72,8 +77,10 @@ def features(vision, split: str, n: int, frames: int = 4, batch: int = 32) -> to
     """(n, T, N, D) frozen features of the first n clips of a split."""
     out = []
     for start in range(0, n, batch):
-        clips = [vision.preprocess(as_clip(world.render(world.scene(split, i)), num_frames=frames).frames)
-                 for i in range(start, min(n, start + batch))]
+        clips = [
+            vision.preprocess(as_clip(world.render(world.scene(split, i)), num_frames=frames).frames)
+            for i in range(start, min(n, start + batch))
+        ]
         px = torch.stack(clips)  # (b, T, 3, H, W)
         f = vision.encode(px.flatten(0, 1))
         out.append(f.view(len(clips), frames, *f.shape[1:]))
@@ -95,8 +102,9 @@ class Reader(nn.Module):
 def train_variant(cfg, x_train, y_train, x_test, y_test, steps: int, batch_size: int, seed: int, log) -> list[dict]:
     torch.manual_seed(seed)
     model = Reader(cfg)
-    opt = torch.optim.AdamW([{"params": model.qformer.parameters(), "lr": 3e-4}, {"params": model.heads.parameters(), "lr": 1e-3}],
-                            weight_decay=0.05)
+    opt = torch.optim.AdamW(
+        [{"params": model.qformer.parameters(), "lr": 3e-4}, {"params": model.heads.parameters(), "lr": 1e-3}], weight_decay=0.05
+    )
     order = torch.Generator().manual_seed(seed)
     history = []
     for step in range(1, steps + 1):
@@ -125,8 +133,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--num-queries", type=int, default=16, help="the Q-Former's queries (the default bridge's: 16)")
-    ap.add_argument("--cross-attention-every", type=int, default=2,
-                    help="cross-attention in every n-th layer (the default bridge's: 2; 1 is every layer)")
+    ap.add_argument(
+        "--cross-attention-every",
+        type=int,
+        default=2,
+        help="cross-attention in every n-th layer (the default bridge's: 2; 1 is every layer)",
+    )
     ap.add_argument("--variant", action="append", choices=list(VARIANTS), help="default: all four")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
@@ -137,8 +149,13 @@ def main(argv=None) -> dict:
     t0 = time.time()
     vision = load_vision("efficientnet-lite0", args.layer, args.resolution)
     x_train, x_test = features(vision, "train", args.train), features(vision, "test-iid", args.test)
-    y_train, y_test = labels(world.scene("train", i) for i in range(args.train)), labels(world.scene("test-iid", i) for i in range(args.test))
-    print(f"features: block {args.layer} at {args.resolution} px, {tuple(x_train.shape[1:])} per clip; {args.train} train, {args.test} test-iid clips ({time.time() - t0:.0f} s)")
+    y_train, y_test = (
+        labels(world.scene("train", i) for i in range(args.train)),
+        labels(world.scene("test-iid", i) for i in range(args.test)),
+    )
+    print(
+        f"features: block {args.layer} at {args.resolution} px, {tuple(x_train.shape[1:])} per clip; {args.train} train, {args.test} test-iid clips ({time.time() - t0:.0f} s)"
+    )
     choices = QFormerConfig(num_queries=args.num_queries, cross_attention_every=args.cross_attention_every, vision_width=vision.width)
     base = qformer_config_from_bert(AutoConfig.from_pretrained(minilm_dir()), choices)
     results = {}
@@ -150,7 +167,9 @@ def main(argv=None) -> dict:
         results[name] = train_variant(cfg, x_train, y_train, x_test, y_test, args.steps, args.batch_size, args.seed, print)
         print(f"  {time.time() - start:.0f} s")
 
-    print(f"\ntest-iid accuracy after {args.steps} steps (slot k: of the k-th object in the caption; chance for the first: colour 0.17, motion 0.14)")
+    print(
+        f"\ntest-iid accuracy after {args.steps} steps (slot k: of the k-th object in the caption; chance for the first: colour 0.17, motion 0.14)"
+    )
     print_table({name: history[-1] for name, history in results.items()}, HEADS)
     print(f"time: {time.time() - t0:.0f} s")
     if args.json:

@@ -12,6 +12,7 @@ N clips, as is the source bridge. Prints a table and the first scored step at wh
 reaches 0.95 of the source; writes OUT/rebridge.json and OUT/rebridge.png.
 Rerunning continues killed runs and reuses finished ones.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,12 +55,25 @@ def run(name: str, start: list[str], args, source: Bridge) -> list[Path]:
     c = source.config
     data = Path(args.data)
     common = [
-        "--stage", "2", "--llm", args.llm,
-        "--data", f"{data / 'world_captions.jsonl'}:2", "--data", f"{data / 'world_vqa.jsonl'}:1.5",
-        "--data", f"{data / 'easy_vqa.jsonl'}:1",
+        "--stage",
+        "2",
+        "--llm",
+        args.llm,
+        "--data",
+        f"{data / 'world_captions.jsonl'}:2",
+        "--data",
+        f"{data / 'world_vqa.jsonl'}:1.5",
+        "--data",
+        f"{data / 'easy_vqa.jsonl'}:1",
         *(["--caption-first", "--data", f"{data / 'easy_captions.jsonl'}:0.5"] if c.caption_first else []),
-        "--num-frames", str(c.num_frames), "--batch-size", str(args.batch_size), "--log-with", "none",
-        "--mixed-precision", args.mixed_precision,
+        "--num-frames",
+        str(c.num_frames),
+        "--batch-size",
+        str(args.batch_size),
+        "--log-with",
+        "none",
+        "--mixed-precision",
+        args.mixed_precision,
     ]
     if c.vision_resolution is not None:
         common += ["--vision-resolution", str(c.vision_resolution)]
@@ -70,15 +84,44 @@ def run(name: str, start: list[str], args, source: Bridge) -> list[Path]:
     if args.cache_features:
         common += ["--cache-features", args.cache_features]
     out = Path(args.out) / name
-    first = train_once(out / "projection", [
-        *common, *start, "--output", str(out / "projection"), "--train", "projection", "--lr", str(args.projection_lr),
-        "--max-steps", str(args.projection_steps), "--save-every", str(args.projection_steps),
-    ], args)
+    first = train_once(
+        out / "projection",
+        [
+            *common,
+            *start,
+            "--output",
+            str(out / "projection"),
+            "--train",
+            "projection",
+            "--lr",
+            str(args.projection_lr),
+            "--max-steps",
+            str(args.projection_steps),
+            "--save-every",
+            str(args.projection_steps),
+        ],
+        args,
+    )
     rest = args.steps - args.projection_steps
-    train_once(out, [
-        *common, "--init-from", str(first), "--output", str(out), "--lr", str(args.lr),
-        "--max-steps", str(rest), "--save-every", str(args.eval_every), "--keep-checkpoints", str(rest // args.eval_every),
-    ], args)
+    train_once(
+        out,
+        [
+            *common,
+            "--init-from",
+            str(first),
+            "--output",
+            str(out),
+            "--lr",
+            str(args.lr),
+            "--max-steps",
+            str(rest),
+            "--save-every",
+            str(args.eval_every),
+            "--keep-checkpoints",
+            str(rest // args.eval_every),
+        ],
+        args,
+    )
     return [first, *(out / "checkpoints" / f"step-{s:08d}" for s in range(args.eval_every, rest + 1, args.eval_every))]
 
 
@@ -87,8 +130,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", required=True, help="folder written by demos/world_data.py")
     ap.add_argument("--source", default=str(DEFAULT_BRIDGE), help="trained bridge whose Q-Former is re-bridged (default: the shipped one)")
     ap.add_argument("--llm", default="gemma3-270m", help="the new LLM (an adapters.load_llm spec)")
-    ap.add_argument("--steps", type=int, default=850,
-                    help="stage-2 steps of each run, both parts together (850: about an eighth of the default bridge's 6,650)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=850,
+        help="stage-2 steps of each run, both parts together (850: about an eighth of the default bridge's 6,650)",
+    )
     ap.add_argument("--projection-steps", type=int, default=50, help="of those, the first ones train the projection alone")
     ap.add_argument("--eval-every", type=int, default=100, help="score a checkpoint every this many steps after those")
     ap.add_argument("--world", type=int, default=100, help=f"world {SPLIT} clips scored per checkpoint")
@@ -102,8 +149,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="runs/rebridge")
     args = ap.parse_args(argv)
     if not 0 < args.projection_steps < args.steps or (args.steps - args.projection_steps) % args.eval_every:
-        ap.error(f"--steps {args.steps} must exceed --projection-steps {args.projection_steps} by a multiple of "
-                 f"--eval-every {args.eval_every}")
+        ap.error(
+            f"--steps {args.steps} must exceed --projection-steps {args.projection_steps} by a multiple of --eval-every {args.eval_every}"
+        )
     for name in ("world_captions.jsonl", "world_vqa.jsonl", "easy_vqa.jsonl", "easy_captions.jsonl"):
         if not (Path(args.data) / name).is_file():
             ap.error(f"--data {args.data}: no {name}; write the manifests with `python -m demos.world_data {args.data}`")
@@ -113,7 +161,12 @@ def main(argv=None) -> dict:
     vision = load_vision(c.vision, c.vision_layer, c.vision_resolution)
     modules = c.lora and (c.lora.target_modules if isinstance(c.lora.target_modules, str) else ",".join(c.lora.target_modules))
     fresh = [
-        "--qformer-init", "minilm", "--vision", c.vision, "--num-queries", str(c.qformer.num_queries),
+        "--qformer-init",
+        "minilm",
+        "--vision",
+        c.vision,
+        "--num-queries",
+        str(c.qformer.num_queries),
         *(["--vision-layer", str(c.vision_layer)] if c.vision_layer is not None else []),
         # The same architecture as the source's; the other arm gets these through --init-from.
         *(["--lora", str(c.lora.r), "--lora-modules", modules] if c.lora is not None else []),
@@ -131,13 +184,18 @@ def main(argv=None) -> dict:
     del source
     llm = load_llm(args.llm, lora=c.lora)  # one LLM for every checkpoint; each brings its own LoRA weights
     steps = list(range(args.projection_steps, args.steps + 1, args.eval_every))
-    curves = {name: [score(Bridge.from_pretrained(d, vision=vision, llm=llm)) for d in checkpoints]
-              for name, checkpoints in arms.items()}
+    curves = {name: [score(Bridge.from_pretrained(d, vision=vision, llm=llm)) for d in checkpoints] for name, checkpoints in arms.items()}
     # Cosine decay ends at --steps, so a point before the last is mid-schedule, not a shorter run's end.
     reached = next((s for s, a in zip(steps, curves["from-bridge"]) if a >= 0.95 * source_accuracy), None)
     results = {
-        "llm": args.llm, "source": repo_relative(args.source), "split": SPLIT, "clips": args.world,
-        "source_slot_accuracy": source_accuracy, "steps": steps, "slot_accuracy": curves, "step_at_95": reached,
+        "llm": args.llm,
+        "source": repo_relative(args.source),
+        "split": SPLIT,
+        "clips": args.world,
+        "source_slot_accuracy": source_accuracy,
+        "steps": steps,
+        "slot_accuracy": curves,
+        "step_at_95": reached,
         "command": "python -m bench.rebridge " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print(f"\nworld {SPLIT} caption slot accuracy ({args.world} clips); source bridge ({c.llm}): {source_accuracy:.3f}")
@@ -145,8 +203,9 @@ def main(argv=None) -> dict:
     for i, s in enumerate(steps):
         a, b = curves["from-bridge"][i], curves["from-minilm"][i]
         print(f"{s:>6}  {a:>16.3f}  {b:>12.3f}  {a / source_accuracy if source_accuracy else float('nan'):>16.3f}")
-    print(f"0.95 of the source: first at step {reached}" if reached is not None else
-          f"0.95 of the source: not reached in {args.steps} steps")
+    print(
+        f"0.95 of the source: first at step {reached}" if reached is not None else f"0.95 of the source: not reached in {args.steps} steps"
+    )
     out = Path(args.out)
     (out / "rebridge.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "rebridge.png")
@@ -174,8 +233,12 @@ def plot(results: dict, path: Path) -> None:
     src = results["source_slot_accuracy"]
     ax.axhline(src, color="gray", linestyle="--", label=f"source bridge ({src:.3f})")
     ax.axhline(0.95 * src, color="gray", linestyle=":", label="0.95 x source")
-    ax.set(xlabel=f"stage-2 steps into {results['llm']}", ylabel=f"world {results['split']} caption slot accuracy",
-           ylim=(0, 1), title=f"Re-bridging to {results['llm']}")
+    ax.set(
+        xlabel=f"stage-2 steps into {results['llm']}",
+        ylabel=f"world {results['split']} caption slot accuracy",
+        ylim=(0, 1),
+        title=f"Re-bridging to {results['llm']}",
+    )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

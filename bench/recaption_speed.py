@@ -20,6 +20,7 @@ over the offline backbones (EfficientNet-Lite0 + SmolLM2-135M-Instruct): caption
 matter for speed, only that every path computes the same tokens. The BLIP-2 models are small random
 ones (a ViT, a Q-Former and an OPT) built here, so the comparison measures the drivers, not the weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 
 import av
@@ -66,8 +68,18 @@ def write_clips(folder: Path, count: int, frames: int, size: int, fps: int = 8) 
 def run_engine(items, out: Path, bridge, prompt: str, num_frames: int, args) -> tuple[float, dict[str, str]]:
     """Seconds of one full recaption run (journal, workers, merge) and its captions by path."""
     start = time.perf_counter()
-    summary = rc.recaption(items, str(out), bridge, "bench", prompt=prompt, num_frames=num_frames, batch_size=args.batch_size,
-                           max_new_tokens=args.max_new_tokens, workers=args.workers, progress=False)
+    summary = rc.recaption(
+        items,
+        str(out),
+        bridge,
+        "bench",
+        prompt=prompt,
+        num_frames=num_frames,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        workers=args.workers,
+        progress=False,
+    )
     seconds = time.perf_counter() - start
     if summary.failed:
         raise RuntimeError(f"{summary.failed} clips failed in the benchmark run")
@@ -91,8 +103,9 @@ def frozen_floor(items, bridge, prompt: str, num_frames: int, args) -> tuple[flo
         seconds += time.perf_counter() - t0
         text = bridge._prompt_batch([prompt] * len(chunk), [[] for _ in chunk])
         # An instructed bridge's Q-Former reads the prompt too; without it the tokens would differ.
-        visual = bridge.visual_prompt(features=features, instruction_ids=text.get("instruction_ids"),
-                                      instruction_mask=text.get("instruction_mask"))
+        visual = bridge.visual_prompt(
+            features=features, instruction_ids=text.get("instruction_ids"), instruction_mask=text.get("instruction_mask")
+        )
         embeds, mask, _ = bridge._splice(visual, text["input_ids"], text["attention_mask"], text["visual_position"])
         t0 = time.perf_counter()
         ids = bridge.llm.generate(embeds, mask, max_new_tokens=args.max_new_tokens)  # the frozen LLM: prefill + decode
@@ -105,8 +118,16 @@ def frozen_floor(items, bridge, prompt: str, num_frames: int, args) -> tuple[flo
 def tiny_blip2(directory: Path):
     """A small random BLIP-2 (ViT 224 px, Q-Former with 32 queries, OPT) with its processor, saved to directory."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
-                              Blip2VisionConfig, BlipImageProcessor, OPTConfig, PreTrainedTokenizerFast)
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
+        PreTrainedTokenizerFast,
+    )
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(2000)])}
@@ -117,13 +138,24 @@ def tiny_blip2(directory: Path):
     image_token_index = len(vocab)  # the processor adds "<image>" next
     torch.manual_seed(0)
     config = Blip2Config(
-        vision_config=Blip2VisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
-                                        image_size=224, patch_size=16).to_dict(),
-        qformer_config=Blip2QFormerConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536,
-                                          encoder_hidden_size=384, vocab_size=1000).to_dict(),
-        text_config=OPTConfig(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, ffn_dim=2048, vocab_size=image_token_index + 1,
-                              word_embed_proj_dim=512, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
-                              eos_token_id=2).to_dict(),
+        vision_config=Blip2VisionConfig(
+            hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, image_size=224, patch_size=16
+        ).to_dict(),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536, encoder_hidden_size=384, vocab_size=1000
+        ).to_dict(),
+        text_config=OPTConfig(
+            hidden_size=512,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            ffn_dim=2048,
+            vocab_size=image_token_index + 1,
+            word_embed_proj_dim=512,
+            max_position_embeddings=256,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ).to_dict(),
         num_query_tokens=32,
         image_token_index=image_token_index,
     )
@@ -183,8 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2, help="rounds of each measurement; the fastest counts")
     p.add_argument("--bridge", help="bridge directory (default: demos/bridge if present, else untrained offline backbones)")
     p.add_argument("--skip-blip2", action="store_true", help="only the end-to-end / floor comparison")
-    p.add_argument("--threads", type=int, help="torch threads of the model process (default: torch's choice); 1 keeps "
-                   "figures steady when other processes share the cores, where threads spinning at barriers wait for each other")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads of the model process (default: torch's choice); 1 keeps "
+        "figures steady when other processes share the cores, where threads spinning at barriers wait for each other",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,22 +235,28 @@ def main(argv: list[str] | None = None) -> None:
         n = len(items)
         runs = iter(range(1_000_000))  # a fresh output file per engine run: each run does all the work
         engine = lambda bridge, prompt, frames, todo=items: run_engine(  # noqa: E731
-            todo, tmp / f"run{next(runs)}.jsonl", bridge, prompt, frames, args)
+            todo, tmp / f"run{next(runs)}.jsonl", bridge, prompt, frames, args
+        )
 
         bridge_dir = args.bridge or (str(DEFAULT_BRIDGE) if DEFAULT_BRIDGE.is_dir() else None)
         bridge = Bridge.from_pretrained(bridge_dir) if bridge_dir else Bridge(BridgeConfig())
         bridge.eval()
         num_frames = args.num_frames or bridge.config.num_frames
         prompt = bridge.config.caption_prompt
-        print(f"bridge: {bridge_dir or 'untrained, ' + bridge.config.vision + ' + ' + bridge.config.llm}; "
-              f"{n} clips of {args.clip_frames} frames {args.size}x{args.size}, {num_frames} sampled per clip, "
-              f"batch {args.batch_size}, {args.max_new_tokens} new tokens at most, {args.workers} decode workers")
+        print(
+            f"bridge: {bridge_dir or 'untrained, ' + bridge.config.vision + ' + ' + bridge.config.llm}; "
+            f"{n} clips of {args.clip_frames} frames {args.size}x{args.size}, {num_frames} sampled per clip, "
+            f"batch {args.batch_size}, {args.max_new_tokens} new tokens at most, {args.workers} decode workers"
+        )
         engine(bridge, prompt, num_frames, items[:2])  # first-call allocations
         (e2e_s, e2e_captions, e2e_all), (floor_s, floor_captions, floor_all) = best_of(
-            args.repeats, lambda: engine(bridge, prompt, num_frames), lambda: frozen_floor(items, bridge, prompt, num_frames, args))
+            args.repeats, partial(engine, bridge, prompt, num_frames), partial(frozen_floor, items, bridge, prompt, num_frames, args)
+        )
         print(f"end-to-end recaption:       {n / e2e_s:7.3f} clips/s (best {e2e_s:.2f} s of {_list(e2e_all)})")
-        print(f"frozen-model floor:         {n / floor_s:7.3f} clips/s (best {floor_s:.2f} s of {_list(floor_all)}: "
-              "vision encoder + LLM prefill/decode)")
+        print(
+            f"frozen-model floor:         {n / floor_s:7.3f} clips/s (best {floor_s:.2f} s of {_list(floor_all)}: "
+            "vision encoder + LLM prefill/decode)"
+        )
         print(f"end-to-end / floor:         {floor_s / e2e_s:7.3f}   (goal >= 0.85)")
         print(f"same greedy tokens:         {e2e_captions == floor_captions}")
         del bridge
@@ -230,12 +272,18 @@ def main(argv: list[str] | None = None) -> None:
                 lambda: transformers_usual_way(items, model, processor, args, 1),
                 lambda: transformers_usual_way(items, model, processor, args, args.batch_size),
             )
-            print(f"BLIP-2 (random ViT-S/16 224 px, Q-Former 6x384, OPT 6x512), 1 frame per clip, {args.max_new_tokens} new tokens at most:")
+            print(
+                f"BLIP-2 (random ViT-S/16 224 px, Q-Former 6x384, OPT 6x512), 1 frame per clip, {args.max_new_tokens} new tokens at most:"
+            )
             print(f"  recaption engine:                {n / ours_s:7.3f} clips/s (best of {_list(ours_all)})")
-            print(f"  transformers, one clip per call: {n / hf1_s:7.3f} clips/s (best of {_list(hf1_all)})   "
-                  f"engine/transformers {hf1_s / ours_s:5.2f}x (goal >= 1.5)   identical captions: {ours_captions == hf1_captions}")
-            print(f"  transformers, {args.batch_size} clips per call:  {n / hfb_s:7.3f} clips/s (best of {_list(hfb_all)})   "
-                  f"engine/transformers {hfb_s / ours_s:5.2f}x   identical captions: {ours_captions == hfb_captions}")
+            print(
+                f"  transformers, one clip per call: {n / hf1_s:7.3f} clips/s (best of {_list(hf1_all)})   "
+                f"engine/transformers {hf1_s / ours_s:5.2f}x (goal >= 1.5)   identical captions: {ours_captions == hf1_captions}"
+            )
+            print(
+                f"  transformers, {args.batch_size} clips per call:  {n / hfb_s:7.3f} clips/s (best of {_list(hfb_all)})   "
+                f"engine/transformers {hfb_s / ours_s:5.2f}x   identical captions: {ours_captions == hfb_captions}"
+            )
     print(f"load average at the end {os.getloadavg()[0]:.2f} (other processes on these cores make every figure noisier)")
 
 

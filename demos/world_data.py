@@ -17,6 +17,7 @@ past the end of the first holds only scenes the first lacks. Existing clips are 
 larger --clips) only writes what is missing. With --objects N only the scenes among them with N objects
 are written (two-object clips are where a bridge mixes up which object has which colour, shape or motion).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,8 +100,10 @@ def easy_vqa_rows():
         facts.setdefault(i, {}).update(easy_facts(q, a))
     caption = {i: f"a {f['colour']} {f['shape']}" for i, f in facts.items() if len(f) == 2}
     captions = [{"image": paths[i], "caption": c} for i, c in sorted(caption.items())]
-    vqa = [{"image": paths[i], "question": q, "answer": a} | ({"caption": caption[i]} if i in caption else {})
-           for q, a, i in zip(questions, answers, image_ids)]
+    vqa = [
+        {"image": paths[i], "question": q, "answer": a} | ({"caption": caption[i]} if i in caption else {})
+        for q, a, i in zip(questions, answers, image_ids)
+    ]
     return captions, vqa
 
 

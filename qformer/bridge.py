@@ -6,6 +6,7 @@
 Only the Q-Former (with its queries and temporal embedding), the projection and optional LoRA
 weights train; save_pretrained writes just those plus references to the backbones.
 """
+
 from __future__ import annotations
 
 import json
@@ -151,7 +152,7 @@ class Bridge(nn.Module):
     # ---- construction and persistence -------------------------------------------------------------
 
     @classmethod
-    def from_blip2(cls, path: str | os.PathLike) -> "Bridge":
+    def from_blip2(cls, path: str | os.PathLike) -> Bridge:
         """A bridge from a transformers `Blip2ForConditionalGeneration.save_pretrained` directory: its vision
         tower, Q-Former, projection and language model, all read from the checkpoint."""
         path = str(path)
@@ -182,7 +183,7 @@ class Bridge(nn.Module):
         (d / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, vision: nn.Module | None = None, llm: nn.Module | None = None) -> "Bridge":
+    def from_pretrained(cls, directory: str | os.PathLike, vision: nn.Module | None = None, llm: nn.Module | None = None) -> Bridge:
         """The bridge save_pretrained wrote to `directory` (or a hub id). Its files are checked before any
         backbone loads (read_bridge_dir): a damaged or crafted one is a CheckpointError naming the file."""
         d = Path(directory)
@@ -324,7 +325,15 @@ class Bridge(nn.Module):
 
     # ---- high level: captions and answers from paths, PIL images, arrays -------------------------
 
-    def caption(self, items, prompt: str | None = None, num_frames: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = CAPTION_BATCH_SIZE, num_beams: int = 1) -> list[str]:
+    def caption(
+        self,
+        items,
+        prompt: str | None = None,
+        num_frames: int | None = None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        batch_size: int = CAPTION_BATCH_SIZE,
+        num_beams: int = 1,
+    ) -> list[str]:
         """One caption per image or clip (paths, PIL images, uint8 arrays or adapters.video.Clip).
 
         num_beams > 1 decodes by beam search instead of greedily: slower, and on the world's two-object
@@ -337,11 +346,21 @@ class Bridge(nn.Module):
             out += self.ask(chunk, [prompt] * len(chunk), num_frames=num_frames, max_new_tokens=max_new_tokens, num_beams=num_beams)
         return out
 
-    def answer(self, item, question: str, history: list[tuple[str, str]] | None = None, num_frames: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS, **generate_kwargs) -> str:
+    def answer(
+        self,
+        item,
+        question: str,
+        history: list[tuple[str, str]] | None = None,
+        num_frames: int | None = None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        **generate_kwargs,
+    ) -> str:
         """Answer a question about one image or clip; `history` holds earlier (question, answer) turns."""
         return self.ask([item], [question], [history or []], num_frames, max_new_tokens, **generate_kwargs)[0]
 
-    def ask(self, items, questions, histories=None, num_frames=None, max_new_tokens: int = MAX_NEW_TOKENS, num_beams: int = 1, **generate_kwargs) -> list[str]:
+    def ask(
+        self, items, questions, histories=None, num_frames=None, max_new_tokens: int = MAX_NEW_TOKENS, num_beams: int = 1, **generate_kwargs
+    ) -> list[str]:
         """Batched: one question (and history) per item. Items with different frame counts run separately.
 
         num_beams as in caption(); a caption-first bridge's own caption before the answer is decoded the same way."""
@@ -356,13 +375,23 @@ class Bridge(nn.Module):
             groups.setdefault(tuple(px.shape), []).append(i)
         for idx in groups.values():
             px = torch.stack([pixels[i] for i in idx])
-            texts = self.answer_pixels(px, [questions[i] for i in idx], [histories[i] for i in idx], max_new_tokens, num_beams, **generate_kwargs)
+            texts = self.answer_pixels(
+                px, [questions[i] for i in idx], [histories[i] for i in idx], max_new_tokens, num_beams, **generate_kwargs
+            )
             for i, text in zip(idx, texts):
                 answers[i] = text
         return answers
 
     @torch.no_grad()
-    def answer_pixels(self, pixel_values: torch.Tensor, questions, histories=None, max_new_tokens: int = MAX_NEW_TOKENS, num_beams: int = 1, **generate_kwargs) -> list[str]:
+    def answer_pixels(
+        self,
+        pixel_values: torch.Tensor,
+        questions,
+        histories=None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        num_beams: int = 1,
+        **generate_kwargs,
+    ) -> list[str]:
         """One answer per row of already preprocessed pixels (B, T, 3, H, W) or (B, 3, H, W).
 
         For callers that decode and preprocess elsewhere (the recaptioner's worker processes). num_beams as in ask().
@@ -376,10 +405,17 @@ class Bridge(nn.Module):
             prompt = self.config.caption_prompt
             need = [i for i, (q, h) in enumerate(zip(questions, histories)) if self.captions_before(q, h)]
             if need:
-                ids = self.generate(px[need], **self._prompt_batch([prompt] * len(need), [[] for _ in need]), max_new_tokens=MAX_NEW_TOKENS, num_beams=num_beams)
+                ids = self.generate(
+                    px[need],
+                    **self._prompt_batch([prompt] * len(need), [[] for _ in need]),
+                    max_new_tokens=MAX_NEW_TOKENS,
+                    num_beams=num_beams,
+                )
                 for i, caption in zip(need, self.llm.tokenizer.batch_decode(ids, skip_special_tokens=True)):
                     histories[i].insert(0, (prompt, caption.strip()))
-        ids = self.generate(px, **self._prompt_batch(questions, histories), max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs)
+        ids = self.generate(
+            px, **self._prompt_batch(questions, histories), max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs
+        )
         return [text.strip() for text in self.llm.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def captions_before(self, question: str, history) -> bool:

@@ -9,6 +9,7 @@
 Every size a backbone decides is read from the backbone (the encoder's width, the LLM's width, the BERT's
 layers), so a caller states only choices; every choice defaults to the config dataclasses.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,8 +88,10 @@ def from_bridge(source: str | Path, qformer: dict | None = None, **changes) -> B
             raise ValueError(f"{name} {changes[name]!r}: the Q-Former in {d} was trained on {what} {getattr(base, name)!r}")
     for name, value in (qformer or {}).items():
         if name not in _CHANGEABLE and value != getattr(base.qformer, name):
-            raise ValueError(f"{name} {value!r}: the Q-Former in {d} has {getattr(base.qformer, name)!r}, and a trained "
-                             f"Q-Former keeps it (it can change {', '.join(sorted(_CHANGEABLE))}); start a new one")
+            raise ValueError(
+                f"{name} {value!r}: the Q-Former in {d} has {getattr(base.qformer, name)!r}, and a trained "
+                f"Q-Former keeps it (it can change {', '.join(sorted(_CHANGEABLE))}); start a new one"
+            )
     config = replace(base, **changes, qformer=replace(base.qformer, **(qformer or {})))
     vision = load_vision(config.vision, config.vision_layer, config.vision_resolution)
     llm = load_llm(config.llm, lora=config.lora)

@@ -10,6 +10,7 @@ does: slower, and each answer arrives whole, since beam search only knows its be
 In the terminal, answers go to stdout, one per line, and everything else (status, errors, help)
 to stderr, so `qformer chat --clip c.mp4 < questions.txt > answers.txt` works as a script.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,8 +108,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     first = parser.add_mutually_exclusive_group()
     first.add_argument("--image", metavar="PATH", help="start with this image")
     first.add_argument("--clip", metavar="PATH", help="start with this video clip")
-    parser.add_argument("--num-beams", type=int, default=1, metavar="NB",
-                        help="beam search over NB beams instead of greedy decoding: slower, answers arrive whole")
+    parser.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        metavar="NB",
+        help="beam search over NB beams instead of greedy decoding: slower, answers arrive whole",
+    )
     parser.add_argument("--web", action="store_true", help="serve the chat as a web page instead of the terminal")
     parser.add_argument("--host", default="127.0.0.1", help="web: address to listen on (default: %(default)s, this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="web: port (default: %(default)s)")
@@ -116,7 +122,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     for limit in fields(Limits):
         parser.add_argument(
-            "--" + limit.name.replace("_", "-"), type=type(limit.default), default=limit.default, metavar="N",
+            "--" + limit.name.replace("_", "-"),
+            type=type(limit.default),
+            default=limit.default,
+            metavar="N",
             help=f"web: {limit.metadata['help']} (default: %(default)s)",
         )
 

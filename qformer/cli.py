@@ -3,6 +3,7 @@
 Each subcommand is two functions: `add_<name>(subparsers)` declares its arguments and `run_<name>(args)`
 does the work (returning the exit status). `main` registers them; a new subcommand is one more pair.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,6 @@ from . import chat
 from . import recaption as rc
 from .bridge import DEFAULT_BRIDGE, bridge_or_default
 from .config import CAPTION_BATCH_SIZE, MAX_NEW_TOKENS
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,22 +44,37 @@ def add_recaption(subparsers) -> None:
             "last process to finish merges them into FILE."
         ),
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="folders (searched recursively), clip or image files, manifests (.jsonl/.csv/.parquet with a "
-                        "video or image column; relative paths are relative to the manifest), datasets save_to_disk folders")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="folders (searched recursively), clip or image files, manifests (.jsonl/.csv/.parquet with a "
+        "video or image column; relative paths are relative to the manifest), datasets save_to_disk folders",
+    )
     p.add_argument("--out", required=True, metavar="FILE", help="output records: JSONL, or Parquet when FILE ends in .parquet")
     p.add_argument("--bridge", metavar="DIR", help=f"bridge directory (Bridge.save_pretrained); default {DEFAULT_BRIDGE}")
     frames = p.add_mutually_exclusive_group()
     frames.add_argument("--num-frames", type=int, metavar="N", help="frames sampled per clip (default: the bridge's)")
-    frames.add_argument("--fps", type=float, metavar="F",
-                        help="sample F frames per second instead (capped at the frames the bridge's Q-Former takes)")
+    frames.add_argument(
+        "--fps", type=float, metavar="F", help="sample F frames per second instead (capped at the frames the bridge's Q-Former takes)"
+    )
     p.add_argument("--batch-size", type=int, default=CAPTION_BATCH_SIZE, metavar="B", help="clips per model call")
     p.add_argument("--prompt", metavar="TEXT", help="instruction given with each clip (default: the bridge's caption prompt)")
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, metavar="K", help="longest caption, in tokens")
-    p.add_argument("--num-beams", type=int, default=1, metavar="NB",
-                   help="beam search over NB beams instead of greedy decoding: slower, and more often right (README)")
-    p.add_argument("--workers", type=int, default=rc.DEFAULT_WORKERS, metavar="W",
-                   help="processes decoding clips while the model runs (0: decode in the main process)")
+    p.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        metavar="NB",
+        help="beam search over NB beams instead of greedy decoding: slower, and more often right (README)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=rc.DEFAULT_WORKERS,
+        metavar="W",
+        help="processes decoding clips while the model runs (0: decode in the main process)",
+    )
     p.add_argument("--shard", metavar="i/n", help="caption only every n-th input, starting at the i-th (0-based), of the sorted inputs")
     p.set_defaults(run=run_recaption)
 
@@ -98,9 +113,18 @@ def run_recaption(args) -> int:
     rc.check_output(args.out, args.inputs, items, shard, bridge_name, prompt, args.num_beams)
     bridge = Bridge.from_pretrained(bridge_dir).to(state.device)
     summary = rc.recaption(
-        items, args.out, bridge, bridge_name,
-        prompt=args.prompt, num_frames=args.num_frames, fps=args.fps, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, workers=args.workers, shard=shard,
+        items,
+        args.out,
+        bridge,
+        bridge_name,
+        prompt=args.prompt,
+        num_frames=args.num_frames,
+        fps=args.fps,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+        workers=args.workers,
+        shard=shard,
     )
     prefix = f"shard {shard[0]}/{shard[1]}: " if shard[1] > 1 else ""
     print(prefix + summary.line(), flush=True)

@@ -1,4 +1,5 @@
 """Typed configs of the trainable part. Each default is written once, here."""
+
 from __future__ import annotations
 
 import math
@@ -138,7 +139,7 @@ class BridgeConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BridgeConfig":
+    def from_dict(cls, d: dict) -> BridgeConfig:
         """The config a dict (parsed JSON) describes, validated."""
         d = dict(_known(cls, d, "bridge config"))
         d["qformer"] = QFormerConfig(**_known(QFormerConfig, d.get("qformer", {}), "qformer"))

@@ -2,6 +2,7 @@
 
 Each source is one key map from its names to ours (model.py), applied layer by layer.
 """
+
 from __future__ import annotations
 
 import re

@@ -14,6 +14,7 @@ holds one kind of sample.
 
 A sample that cannot be read comes back as an error naming it; the training loop reports and skips it.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -25,9 +26,9 @@ import math
 import os
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -259,7 +260,7 @@ class ClipDataset(Dataset):
     """All sources end to end. An item is a dict: the texts, and `pixels` (T, 3, H, W), or `features`
     (T, N, D) when a feature cache is given, or `error` (a message naming the sample)."""
 
-    def __init__(self, sources: list, num_frames: int, fps: float | None, preprocess: Callable, cache: "FeatureCache | None" = None):
+    def __init__(self, sources: list, num_frames: int, fps: float | None, preprocess: Callable, cache: FeatureCache | None = None):
         self.sources = sources
         self.starts = [0]
         for s in sources:

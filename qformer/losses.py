@@ -6,6 +6,7 @@ Each uses one of the Q-Former's three self-attention masks (model.MASK_MODES):
   ITG  "causal":        text sees all queries and earlier text; predict the next word.
 So the queries learn to extract what text can describe, before any LLM is involved.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ cross-attend to the vision features (every `cross_attention_every`-th layer) and
 feed-forward of their own. Weight names are chosen so that a BERT checkpoint and transformers'
 BLIP-2 / InstructBLIP Q-Former each load through one key map (see convert.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -266,6 +267,3 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in module.parameters())
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return trainable, total
-
-
-

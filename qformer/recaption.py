@@ -29,6 +29,7 @@ sorted order. So the last shard to finish writes the merged file, on one machine
 file system, with no barrier to hang on when a process dies; rerunning any shard's command after a
 crash redoes only the merge. Two shards finishing together write identical files, so either may win.
 """
+
 from __future__ import annotations
 
 import errno
@@ -40,9 +41,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -55,8 +56,16 @@ MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 # Columns of a manifest or datasets directory that may name the clips, in order of preference.
 MEDIA_COLUMNS = ("video", "video_path", "image", "image_path", "clip", "path", "file", "file_name", "filename")
 # The output record, field -> Parquet type; JSONL lines carry the same fields in the same order.
-RECORD_SCHEMA = {"path": "string", "caption": "string", "num_frames": "int32", "duration_s": "float64", "error": "string",
-                 "bridge": "string", "prompt": "string", "num_beams": "int32"}
+RECORD_SCHEMA = {
+    "path": "string",
+    "caption": "string",
+    "num_frames": "int32",
+    "duration_s": "float64",
+    "error": "string",
+    "bridge": "string",
+    "prompt": "string",
+    "num_beams": "int32",
+}
 # Decoding processes beside the model: enough to keep it fed, not so many that they fight it for the cores.
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
@@ -132,7 +141,9 @@ def _media_column(columns: Sequence[str], source: str) -> str:
     for name in MEDIA_COLUMNS:
         if name in columns:
             return name
-    raise ValueError(f"{source}: no column naming the clips; expected one of {', '.join(MEDIA_COLUMNS)}, found {', '.join(columns) or 'none'}")
+    raise ValueError(
+        f"{source}: no column naming the clips; expected one of {', '.join(MEDIA_COLUMNS)}, found {', '.join(columns) or 'none'}"
+    )
 
 
 def _manifest_items(manifest: str) -> Iterator[Item]:
@@ -353,8 +364,9 @@ RECORD_FIELD_SETS = (set(RECORD_SCHEMA), set(RECORD_SCHEMA) - {"num_beams"})
 FOREIGN_SUFFIXES = tuple(MEDIA_EXTENSIONS) + (".csv",)
 
 
-def check_output(out: str, inputs: Sequence[str], items: Sequence[Item], shard: tuple[int, int], bridge_name: str,
-                 prompt: str | None, num_beams: int) -> None:
+def check_output(
+    out: str, inputs: Sequence[str], items: Sequence[Item], shard: tuple[int, int], bridge_name: str, prompt: str | None, num_beams: int
+) -> None:
     """Refuse, by reading only, an --out this run would destroy: its journals are appended to and cut, and
     the merge replaces it, so each must be new, empty, or this tool's output of the same settings.
 
@@ -454,8 +466,10 @@ def _first_parquet_record(path: str) -> dict | None:
 
 def _check_fields(fields: set[str], what: str) -> None:
     if fields not in RECORD_FIELD_SETS:
-        raise ValueError(f"{what} (its fields are {', '.join(sorted(fields))}; a record's are {', '.join(RECORD_SCHEMA)}); "
-                         "refusing to write to it, choose another --out")
+        raise ValueError(
+            f"{what} (its fields are {', '.join(sorted(fields))}; a record's are {', '.join(RECORD_SCHEMA)}); "
+            "refusing to write to it, choose another --out"
+        )
 
 
 class Journal:
@@ -555,11 +569,11 @@ def merge(items: Sequence[Item], out: str) -> int:
 
 @dataclass
 class Summary:
-    done: int         # captioned in this run
-    failed: int       # error records written in this run
-    skipped: int      # already recorded by an earlier run
+    done: int  # captioned in this run
+    failed: int  # error records written in this run
+    skipped: int  # already recorded by an earlier run
     seconds: float
-    missing: int      # inputs of other shards not recorded yet (0: the merged output is written)
+    missing: int  # inputs of other shards not recorded yet (0: the merged output is written)
 
     @property
     def clips_per_s(self) -> float:

@@ -7,6 +7,7 @@ Accelerate reads its files only once the models are loaded, and skips an unreada
 so that the resumed run would quietly differ from the interrupted one: check_checkpoint reads them all
 first, and check_rng_restored makes sure the RNG states did come back.
 """
+
 from __future__ import annotations
 
 import codecs

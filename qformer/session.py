@@ -5,6 +5,7 @@ A `ChatSession` keeps the current image or clip (decoded once, at the size the b
 `TextIteratorStreamer`; the earlier turns go back in as `history`, which the LLM sees in its own chat
 template. Nothing here knows about models beyond that call.
 """
+
 from __future__ import annotations
 
 import queue
@@ -49,8 +50,11 @@ class ChatSession:
         refused (ClipError). On an error the session is unchanged.
         """
         clip = read_clip(
-            path, num_frames=self.bridge.config.num_frames, max_pixels=max_pixels,
-            max_side=decode_side(self.bridge.vision), max_duration_s=max_duration_s,
+            path,
+            num_frames=self.bridge.config.num_frames,
+            max_pixels=max_pixels,
+            max_side=decode_side(self.bridge.vision),
+            max_duration_s=max_duration_s,
         )
         # Earlier turns were about another picture; carrying them over would mislead the LLM.
         self.clip, self.history = clip, []
@@ -99,7 +103,11 @@ class ChatSession:
                     if self.opening[0] is not clip:  # keyed by the clip: another may have been loaded meanwhile
                         prompt = self.bridge.config.caption_prompt
                         caption = self.bridge.answer(
-                            clip, prompt, max_new_tokens=MAX_NEW_TOKENS, num_beams=self.num_beams, stopping_criteria=until_stopped,
+                            clip,
+                            prompt,
+                            max_new_tokens=MAX_NEW_TOKENS,
+                            num_beams=self.num_beams,
+                            stopping_criteria=until_stopped,
                         )
                         if stop.is_set():  # a caption cut short must not open later answers; nobody waits for this one
                             return
@@ -108,7 +116,12 @@ class ChatSession:
                 # generate() refuses a streamer with beams; then the finished answer goes through it whole.
                 decode = {"streamer": streamer} if self.num_beams == 1 else {"num_beams": self.num_beams}
                 outcome["answer"] = self.bridge.answer(
-                    clip, question, turns, max_new_tokens=self.max_new_tokens, stopping_criteria=until_stopped, **decode,
+                    clip,
+                    question,
+                    turns,
+                    max_new_tokens=self.max_new_tokens,
+                    stopping_criteria=until_stopped,
+                    **decode,
                 )
                 if self.num_beams > 1:
                     streamer.on_finalized_text(outcome["answer"], stream_end=True)

@@ -24,6 +24,7 @@ Gradio is imported when a page is built, so that `qformer chat` can list these l
 without loading it. No `from __future__ import annotations` here: Gradio reads the handlers'
 annotations (`gr.Request`) at run time, where `gr` is a name inside `build_app` only.
 """
+
 import threading
 from collections.abc import Iterator
 from contextlib import closing
@@ -34,8 +35,8 @@ from typing import TYPE_CHECKING
 from adapters.video import IMAGE_EXTENSIONS, MAX_PIXELS, VIDEO_EXTENSIONS, ClipError
 
 from .bridge import Bridge
-from .session import ChatSession, describe
 from .config import MAX_NEW_TOKENS
+from .session import ChatSession, describe
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -93,8 +94,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
-def build_app(bridge: Bridge, limits: Limits = Limits(), num_beams: int = 1) -> "gr.Blocks":
+def build_app(bridge: Bridge, limits: Limits | None = None, num_beams: int = 1) -> "gr.Blocks":
+    """The page over `bridge`, within `limits` (default: Limits())."""
     import gradio as gr
+
+    limits = limits or Limits()
 
     # Open conversations by Gradio session, to bound their number and free them when a page closes.
     sessions: dict[str, ChatSession] = {}
@@ -151,14 +155,20 @@ def build_app(bridge: Bridge, limits: Limits = Limits(), num_beams: int = 1) -> 
             yield gr.skip(), gr.skip(), UPLOAD_FIRST, gr.skip()
             return
         if len(question) > limits.max_question_chars:
-            yield gr.skip(), gr.skip(), (
-                f"The question has {len(question)} characters; the limit is {limits.max_question_chars}. Shorten it."
-            ), session
+            yield (
+                gr.skip(),
+                gr.skip(),
+                (f"The question has {len(question)} characters; the limit is {limits.max_question_chars}. Shorten it."),
+                session,
+            )
             return
         if len(session.history) >= limits.max_turns:
-            yield gr.skip(), gr.skip(), (
-                f"This conversation has reached its {limits.max_turns} questions; start a new conversation."
-            ), session
+            yield (
+                gr.skip(),
+                gr.skip(),
+                (f"This conversation has reached its {limits.max_turns} questions; start a new conversation."),
+                session,
+            )
             return
         partial = ""
         yield _messages(session.history + [(question, partial)]), "", "Answering.", session
@@ -188,18 +198,30 @@ def build_app(bridge: Bridge, limits: Limits = Limits(), num_beams: int = 1) -> 
         with gr.Row():
             upload = gr.File(
                 label=f"Image or clip (files up to {_size(limits.max_upload_bytes)}, clips up to {limits.max_clip_seconds:g} s)",
-                file_types=sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS), type="filepath", height=120, elem_id="upload",
+                file_types=sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS),
+                type="filepath",
+                height=120,
+                elem_id="upload",
             )
             status = gr.Textbox(label="Status", value="Upload an image or a clip.", interactive=False, lines=2, elem_id="status")
         # PNG: lossless, and no size limit (WebP, Gradio's default, refuses frames wider than 16383 px).
         frames = gr.Gallery(
-            label="Frames the bridge sees", columns=bridge.config.num_frames, rows=1, height=180,
-            object_fit="contain", allow_preview=False, format="png", elem_id="frames",
+            label="Frames the bridge sees",
+            columns=bridge.config.num_frames,
+            rows=1,
+            height=180,
+            object_fit="contain",
+            allow_preview=False,
+            format="png",
+            elem_id="frames",
         )
         # Plain text: an answer is shown exactly as generated, never rendered as Markdown or HTML.
         chat = gr.Chatbot(label="Chat", render_markdown=False, feedback_options=None, buttons=["copy", "copy_all"], elem_id="chat")
         question = gr.Textbox(
-            label="Question", placeholder="what color is the background?", max_length=limits.max_question_chars, elem_id="question",
+            label="Question",
+            placeholder="what color is the background?",
+            max_length=limits.max_question_chars,
+            elem_id="question",
         )
         with gr.Row():
             send = gr.Button("Ask", variant="primary", elem_id="ask")
@@ -328,18 +350,36 @@ def _replay(body: bytes, receive):
 
 
 def launch(
-    bridge: Bridge, host: str = "127.0.0.1", port: int = 7860, block: bool = True, limits: Limits = Limits(), num_beams: int = 1,
+    bridge: Bridge,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    block: bool = True,
+    limits: Limits | None = None,
+    num_beams: int = 1,
 ) -> "gr.Blocks":
     """Serve the page; with block=False return at once (close it with `.close()`)."""
     from starlette.middleware import Middleware
 
+    limits = limits or Limits()
+
     demo = build_app(bridge, limits, num_beams)
     guard = Middleware(
-        _RequestGuard, max_bytes=limits.max_upload_bytes + _FORM_OVERHEAD_BYTES, max_upload_bytes=limits.max_upload_bytes,
+        _RequestGuard,
+        max_bytes=limits.max_upload_bytes + _FORM_OVERHEAD_BYTES,
+        max_upload_bytes=limits.max_upload_bytes,
     )
     demo.launch(
-        server_name=host, server_port=port, prevent_thread_lock=not block, max_file_size=limits.max_upload_bytes,
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=not block,
+        max_file_size=limits.max_upload_bytes,
         app_kwargs={"middleware": [guard]},
-        share=False, ssr_mode=False, footer_links=[], run_history=False, enable_monitoring=False, mcp_server=False, pwa=False,
+        share=False,
+        ssr_mode=False,
+        footer_links=[],
+        run_history=False,
+        enable_monitoring=False,
+        mcp_server=False,
+        pwa=False,
     )
     return demo

@@ -1,4 +1,5 @@
 """The bridge on tiny backbones: frozen means frozen, round trips, video, prompts and errors."""
+
 from __future__ import annotations
 
 import json
@@ -7,14 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from qformer import Bridge, LoraConfig, QFormerConfig
 from qformer.model import QFormer, grid_positions
-
-from conftest import tiny_config
 
 
 def _snapshot(module):
@@ -164,8 +164,18 @@ def test_temporal_embedding_makes_frame_order_visible(tiny_bridge):
 
 def _tiny_qformer(**overrides) -> QFormer:
     torch.manual_seed(0)
-    cfg = QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_queries=4, vision_width=6,
-                        vocab_size=50, max_text_len=16, dropout=0.0, **overrides)
+    cfg = QFormerConfig(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        num_queries=4,
+        vision_width=6,
+        vocab_size=50,
+        max_text_len=16,
+        dropout=0.0,
+        **overrides,
+    )
     qf = QFormer(cfg).eval()
     with torch.no_grad():  # weights of a trained size rather than init's 0.02, so attention is not uniform
         for p in qf.parameters():
@@ -196,8 +206,9 @@ def test_a_tubelet_is_one_place_in_every_frame():
 def test_grid_positions_are_exact_and_let_attention_tell_places_apart():
     s, c = math.sin(1.0), math.cos(1.0)
     # A 2x2 grid, width 5: one frequency (1) per axis, [sin row, cos row, sin col, cos col], one zero channel.
-    assert torch.allclose(grid_positions(4, 5), torch.tensor([
-        [0, 1, 0, 1, 0], [0, 1, s, c, 0], [s, c, 0, 1, 0], [s, c, s, c, 0]], dtype=torch.float32))
+    assert torch.allclose(
+        grid_positions(4, 5), torch.tensor([[0, 1, 0, 1, 0], [0, 1, s, c, 0], [s, c, 0, 1, 0], [s, c, s, c, 0]], dtype=torch.float32)
+    )
     with pytest.raises(ValueError, match="square grid"):
         grid_positions(17, 8)  # e.g. a ViT's patches with its class token
     # Counted on an 8 x 8 grid, every other token of a 16 x 16 one sits exactly where the 8 x 8 tokens do.
@@ -240,7 +251,9 @@ def test_system_prompt_opens_every_chat_and_is_never_a_target(tiny_bridge):
     tiny_bridge.config.system_prompt = "describe the clip"
     told = tiny_bridge.answer_batch([question], [answer])
     tok = tiny_bridge.llm.tokenizer
-    assert tok.decode(told["input_ids"][0]).startswith("<bos> <unk> describe the clip <eos> <|user|>")  # <|system|> is not in the tiny vocabulary
+    assert tok.decode(told["input_ids"][0]).startswith(
+        "<bos> <unk> describe the clip <eos> <|user|>"
+    )  # <|system|> is not in the tiny vocabulary
     assert told["input_ids"].shape[1] == plain["input_ids"].shape[1] + 5
     assert told["visual_position"].item() == plain["visual_position"].item() + 5
     targets = lambda batch: batch["labels"][batch["labels"] != -100].tolist()  # noqa: E731
@@ -322,8 +335,12 @@ def test_a_caption_first_bridge_answers_after_its_own_caption(tiny_bridge):
     assert all(captions)
     earlier = [("how many objects are there ?", "one")]
     # What it must do, spelled out on the same weights: the caption as the chat's first turn.
-    expected = bridge.ask(images, ["what color is the background ?", prompt, "describe"],
-                          [[(prompt, captions[0])], [], [(prompt, captions[2]), *earlier]], max_new_tokens=6)
+    expected = bridge.ask(
+        images,
+        ["what color is the background ?", prompt, "describe"],
+        [[(prompt, captions[0])], [], [(prompt, captions[2]), *earlier]],
+        max_new_tokens=6,
+    )
     bridge.config.caption_first = True
     histories = [[], [], list(earlier)]
     got = bridge.ask(images, ["what color is the background ?", prompt, "describe"], histories, max_new_tokens=6)

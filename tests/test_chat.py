@@ -1,4 +1,5 @@
 """The chat session and the terminal chat: multi-turn answers equal Bridge.answer's, streamed; errors are messages."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 
 import qformer.bridge
@@ -18,8 +20,6 @@ from adapters import video
 from adapters.video import Clip, ClipError, decode_side, read_clip
 from qformer import Bridge, chat, world
 from qformer.session import ChatError, ChatSession
-
-from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 Q1, Q2, Q3 = "what color is the background?", "how many objects are there?", "what shape is the red object?"
@@ -246,7 +246,11 @@ def test_terminal_chat_through_stdin(bridge, bridge_dir, world_clips):
     lines = [Q1, Q2, "/image bad/path.png", f"/clip {broken}", "/nonsense", "", Q3, "/reset", Q1, f"/clip {other}", Q2, "/quit", Q3]
     run = subprocess.run(
         [sys.executable, "-m", "qformer.chat", "--bridge", str(bridge_dir), "--clip", str(clip)],
-        input="\n".join(lines) + "\n", capture_output=True, text=True, cwd=REPO, timeout=300,
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
         env=os.environ | {"HF_HUB_OFFLINE": "1"},
     )
     assert run.returncode == 0, run.stderr
@@ -276,7 +280,14 @@ def _args(**given) -> argparse.Namespace:
 def test_arguments_and_defaults():
     args = _args()
     assert (args.bridge, args.image, args.clip, args.web, args.host, args.port, args.num_beams) == (
-        None, None, None, False, "127.0.0.1", 7860, 1)
+        None,
+        None,
+        None,
+        False,
+        "127.0.0.1",
+        7860,
+        1,
+    )
     assert chat.DEFAULT_BRIDGE == REPO / "demos" / "bridge"
     with pytest.raises(SystemExit):
         _args(image="a.png", clip="b.mp4")

@@ -1,4 +1,5 @@
 """Parity with transformers: BLIP-2 checkpoints and BERT initialisation."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,12 +14,27 @@ def _tiny_blip2(path, cross_every=2, seed=0):
 
     torch.manual_seed(seed)
     config = Blip2Config(
-        vision_config=Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                        image_size=32, patch_size=8).to_dict(),
-        qformer_config=Blip2QFormerConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
-                                          encoder_hidden_size=32, vocab_size=100, cross_attention_frequency=cross_every).to_dict(),
-        text_config=OPTConfig(hidden_size=40, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, vocab_size=120,
-                              word_embed_proj_dim=40, max_position_embeddings=64).to_dict(),
+        vision_config=Blip2VisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+        ).to_dict(),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=48,
+            encoder_hidden_size=32,
+            vocab_size=100,
+            cross_attention_frequency=cross_every,
+        ).to_dict(),
+        text_config=OPTConfig(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=64,
+            vocab_size=120,
+            word_embed_proj_dim=40,
+            max_position_embeddings=64,
+        ).to_dict(),
         num_query_tokens=5,
         image_token_index=110,
     )
@@ -45,8 +61,9 @@ def test_from_blip2_matches_transformers_logits_and_greedy_tokens(tmp_path, cros
     Q = hf.config.num_query_tokens
     image_ids = torch.full((2, Q), hf.config.image_token_index)
     with torch.no_grad():
-        theirs = hf(pixel_values=px, input_ids=torch.cat([image_ids, ids], 1),
-                    attention_mask=torch.cat([torch.ones_like(image_ids), mask], 1)).logits[:, Q:]
+        theirs = hf(
+            pixel_values=px, input_ids=torch.cat([image_ids, ids], 1), attention_mask=torch.cat([torch.ones_like(image_ids), mask], 1)
+        ).logits[:, Q:]
         ours = bridge(pixel_values=px, input_ids=ids, attention_mask=mask).logits
     assert ours.shape == theirs.shape == (2, 7, 120)
     valid = mask.bool()
@@ -54,8 +71,9 @@ def test_from_blip2_matches_transformers_logits_and_greedy_tokens(tmp_path, cros
 
     prompt = ids[:, :4]
     with torch.no_grad():
-        theirs_gen = hf.generate(pixel_values=px, input_ids=torch.cat([image_ids, prompt], 1), max_new_tokens=6,
-                                 do_sample=False, min_new_tokens=6)
+        theirs_gen = hf.generate(
+            pixel_values=px, input_ids=torch.cat([image_ids, prompt], 1), max_new_tokens=6, do_sample=False, min_new_tokens=6
+        )
         ours_gen = bridge.generate(pixel_values=px, input_ids=prompt, max_new_tokens=6, min_new_tokens=6)
     assert torch.equal(ours_gen, theirs_gen[:, -6:])
 
@@ -69,8 +87,12 @@ def _tiny_bert(path):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=90, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                 intermediate_size=48, max_position_embeddings=40), add_pooling_layer=False).eval()
+    model = BertModel(
+        BertConfig(
+            vocab_size=90, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48, max_position_embeddings=40
+        ),
+        add_pooling_layer=False,
+    ).eval()
     with torch.no_grad():
         model.embeddings.token_type_embeddings.weight.normal_()  # so forgetting the token-type fold shows
     model.save_pretrained(path)
@@ -79,8 +101,11 @@ def _tiny_bert(path):
 
 def test_bert_init_matches_bert_on_text(tmp_path):
     bert = _tiny_bert(tmp_path / "bert")
-    qf = QFormer(QFormerConfig(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=48, vocab_size=90,
-                               max_text_len=40, vision_width=16, num_queries=3))
+    qf = QFormer(
+        QFormerConfig(
+            hidden_size=32, num_layers=3, num_heads=4, intermediate_size=48, vocab_size=90, max_text_len=40, vision_width=16, num_queries=3
+        )
+    )
     load_bert_into_qformer(qf, str(tmp_path / "bert"))
     qf.eval()
     ids = torch.randint(1, 90, (2, 11))
@@ -104,7 +129,7 @@ def test_bert_init_names_the_mismatch(tmp_path):
 
 @pytest.mark.backbones
 def test_minilm_init_matches_bertmodel():
-    from transformers import BertModel, AutoTokenizer
+    from transformers import AutoTokenizer, BertModel
 
     from adapters.offline import minilm_dir
 

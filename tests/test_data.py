@@ -1,4 +1,5 @@
 """Training data: manifest formats, save_to_disk datasets, webdataset shards, mixing, the feature cache."""
+
 from __future__ import annotations
 
 import io
@@ -91,21 +92,28 @@ def test_an_unreadable_sample_is_an_error_item_naming_it(images):
 
 
 def test_a_question_row_may_hold_its_clip_s_caption_but_not_half_a_question(images):
-    rows = [{"image": "img/a.png", "caption": "a red square", "question": "what color is it ?", "answer": "red"},
-            {"image": "img/b.png", "caption": "a blue circle", "question": "what color is it ?"},
-            {"image": "img/c.png", "caption": "a green square", "answer": "green"}]
+    rows = [
+        {"image": "img/a.png", "caption": "a red square", "question": "what color is it ?", "answer": "red"},
+        {"image": "img/b.png", "caption": "a blue circle", "question": "what color is it ?"},
+        {"image": "img/c.png", "caption": "a green square", "answer": "green"},
+    ]
     ds = ClipDataset([open_source(_write(images, "jsonl", rows))], 4, None, _preprocess)
     batch = collate([ds[i] for i in range(3)])
     assert (batch["captions"], batch["questions"], batch["answers"]) == (["a red square"], ["what color is it ?"], ["red"])
-    assert [m for _, m in batch["bad"]] == [f"{images / 'img' / n}: a question without its answer or an answer without its question"
-                                            for n in ("b.png", "c.png")]
+    assert [m for _, m in batch["bad"]] == [
+        f"{images / 'img' / n}: a question without its answer or an answer without its question" for n in ("b.png", "c.png")
+    ]
 
 
 def test_save_to_disk_datasets_with_image_features_and_questions(tmp_path):
     import datasets
 
     ds = datasets.Dataset.from_dict(
-        {"image": [Image.fromarray(np.full((6, 6, 3), v, np.uint8)) for v in (10, 200)], "question": ["what color ?"] * 2, "answer": ["black", "white"]},
+        {
+            "image": [Image.fromarray(np.full((6, 6, 3), v, np.uint8)) for v in (10, 200)],
+            "question": ["what color ?"] * 2,
+            "answer": ["black", "white"],
+        },
         features=datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"), "answer": datasets.Value("string")}),
     )
     ds.save_to_disk(tmp_path / "vqa")

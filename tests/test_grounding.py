@@ -1,15 +1,15 @@
 """bench/grounding.py: a bridge whose visual prompt is one constant shows no gap and no spread; a live one shows both."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from bench import grounding
 from qformer import Bridge
-
-from conftest import tiny_config
 
 
 def test_spread_is_the_std_across_clips_over_the_rms():
@@ -27,7 +27,9 @@ def test_a_collapsed_prompt_shows_no_gap_and_no_spread_and_a_live_one_shows_both
         collapsed.projection.bias.normal_()
     collapsed.save_pretrained(tmp_path / "collapsed")
 
-    dead = grounding.main(["--bridge", str(tmp_path / "collapsed"), "--clips", "4", "--batch-size", "3", "--json", str(tmp_path / "d.json")])
+    dead = grounding.main(
+        ["--bridge", str(tmp_path / "collapsed"), "--clips", "4", "--batch-size", "3", "--json", str(tmp_path / "d.json")]
+    )
     assert dead["prompt_spread"] == 0.0
     assert dead["caption_loss_right_clip"] == pytest.approx(dead["caption_loss_wrong_clip"], abs=1e-6)
     assert dead["query_spread"] > 0  # the Q-Former still sees the clips; the projection drops them

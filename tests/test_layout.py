@@ -1,5 +1,6 @@
 """The layout's rules, read from the source: imports go one way, scripts never import scripts, the
 training recipe builds nothing the library cannot build."""
+
 from __future__ import annotations
 
 import ast

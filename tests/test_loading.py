@@ -1,5 +1,6 @@
 """Bridge directories that are damaged or crafted: each is one CheckpointError naming the file, raised
 before any backbone loads or anything large is allocated."""
+
 from __future__ import annotations
 
 import json
@@ -8,14 +9,12 @@ import struct
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file, save_file
 
 import qformer.bridge
 from adapters.checkpoint import CheckpointError
-from qformer import Bridge
-from qformer import chat, cli
-
-from conftest import tiny_config
+from qformer import Bridge, chat, cli
 
 
 class Planted:
@@ -71,10 +70,13 @@ def test_a_header_describing_a_4_tib_tensor_is_refused(saved):
     )
 
 
-@pytest.mark.parametrize("vocab_size, problem", [
-    (10**11, "qformer.vocab_size is 100000000000, outside the sane range [1, 1000000]"),
-    (1e11, "qformer.vocab_size must be int, not 100000000000.0"),
-])
+@pytest.mark.parametrize(
+    "vocab_size, problem",
+    [
+        (10**11, "qformer.vocab_size is 100000000000, outside the sane range [1, 1000000]"),
+        (1e11, "qformer.vocab_size must be int, not 100000000000.0"),
+    ],
+)
 def test_a_vocabulary_of_1e11_tokens_is_refused_before_any_module_is_built(saved, vocab_size, problem):
     config = json.loads((saved / "bridge_config.json").read_text())
     config["qformer"]["vocab_size"] = vocab_size
@@ -82,13 +84,16 @@ def test_a_vocabulary_of_1e11_tokens_is_refused_before_any_module_is_built(saved
     assert _error(saved) == f"{saved}/bridge_config.json: not a valid bridge config: {problem}"
 
 
-@pytest.mark.parametrize("field, value, problem", [
-    ("llm_width", "576", "llm_width must be int, not '576'"),
-    ("num_frames", True, "num_frames must be int, not True"),
-    ("lora", {"r": 10**9}, "lora.r is 1000000000, outside the sane range [1, 4096]"),
-    ("qformer", {"dropout": -0.5}, "qformer.dropout is -0.5, outside the sane range [0.0, 1.0]"),
-    ("qformer", {"num_heads": 5}, "Q-Former hidden size 32 is not a multiple of 5 heads"),
-])
+@pytest.mark.parametrize(
+    "field, value, problem",
+    [
+        ("llm_width", "576", "llm_width must be int, not '576'"),
+        ("num_frames", True, "num_frames must be int, not True"),
+        ("lora", {"r": 10**9}, "lora.r is 1000000000, outside the sane range [1, 4096]"),
+        ("qformer", {"dropout": -0.5}, "qformer.dropout is -0.5, outside the sane range [0.0, 1.0]"),
+        ("qformer", {"num_heads": 5}, "Q-Former hidden size 32 is not a multiple of 5 heads"),
+    ],
+)
 def test_config_fields_of_wrong_types_or_sizes_are_named(saved, field, value, problem):
     config = json.loads((saved / "bridge_config.json").read_text())
     config[field] = config[field] | value if isinstance(value, dict) and config[field] else value
@@ -131,7 +136,10 @@ def test_a_truncated_weights_file_is_refused(saved):
         f"and a header may have at most 16777216)"
     )
     weights.write_bytes(data + bytes(4))
-    assert _error(saved) == f"{weights}: the tensors take {len(data) - 8 - n} bytes of data but the file holds {len(data) - 4 - n} (truncated or padded)"
+    assert (
+        _error(saved)
+        == f"{weights}: the tensors take {len(data) - 8 - n} bytes of data but the file holds {len(data) - 4 - n} (truncated or padded)"
+    )
 
 
 def test_a_header_that_is_not_json_is_refused(saved):
@@ -158,8 +166,10 @@ def test_data_ranges_that_overlap_are_refused(saved):
 
 def test_the_command_lines_say_a_crafted_bridge_in_one_line(saved, tmp_path, capsys):
     (saved / "bridge.safetensors").write_bytes(struct.pack("<Q", 2**40))
-    message = (f"{saved}/bridge.safetensors: not a safetensors file (its first 8 bytes give a 1099511627776-byte header; "
-               "the file has 8 bytes and a header may have at most 16777216)")
+    message = (
+        f"{saved}/bridge.safetensors: not a safetensors file (its first 8 bytes give a 1099511627776-byte header; "
+        "the file has 8 bytes and a header may have at most 16777216)"
+    )
     image = tmp_path / "x.png"
     from PIL import Image
 

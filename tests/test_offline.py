@@ -1,4 +1,5 @@
 """The offline pretrained backbones load and a bridge over them runs end to end on a real photo and a clip."""
+
 from __future__ import annotations
 
 import pytest

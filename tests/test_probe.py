@@ -1,12 +1,12 @@
 """bench/probe.py: the linear probe learns what is there, class means only what is large, and the bench reports every slot for features, queries and prompts."""
+
 from __future__ import annotations
 
 import torch
+from conftest import tiny_config
 
 from bench import probe
 from qformer import Bridge, world
-
-from conftest import tiny_config
 
 
 def test_the_probe_reads_a_separable_label_and_not_noise():
@@ -37,7 +37,19 @@ def test_probe_bench_reports_every_slot_once_per_feature_set_and_per_bridge(tiny
     Bridge(tiny_config(tiny_dirs)).save_pretrained(tmp_path / "a")
     Bridge(tiny_config(tiny_dirs, instruct=True, qformer_tokenizer=tiny_dirs["llm"])).save_pretrained(tmp_path / "b")
     results = probe.main(
-        ["--bridge", str(tmp_path / "a"), "--bridge", str(tmp_path / "b"), "--train", "6", "--test", "4", "--json", str(tmp_path / "p.json")])
+        [
+            "--bridge",
+            str(tmp_path / "a"),
+            "--bridge",
+            str(tmp_path / "b"),
+            "--train",
+            "6",
+            "--test",
+            "4",
+            "--json",
+            str(tmp_path / "p.json"),
+        ]
+    )
     assert len(results) == 7  # both bridges read the same frozen features: one row for them
     assert [k.split()[0] for k in results] == ["features"] + ["queries", "visual", "visual"] * 2
     assert sum(k.endswith("nearest class mean") for k in results) == 2
@@ -100,7 +112,9 @@ def test_text_feature_similarity_is_one_where_the_text_side_is_blind(tiny_dirs):
     assert list(scores) == ["colour", "motion", "size", "shape", "background"]
     assert all(-1.0 <= v < 1.0 - 1e-6 for v in scores.values())  # a random text side tells every slot apart a little
     # A text side that gives every caption the same feature cannot tell any slot apart.
-    bridge.heads.text_proj = torch.nn.Sequential(bridge.heads.text_proj, torch.nn.Linear(config.qformer.embed_dim, config.qformer.embed_dim))
+    bridge.heads.text_proj = torch.nn.Sequential(
+        bridge.heads.text_proj, torch.nn.Linear(config.qformer.embed_dim, config.qformer.embed_dim)
+    )
     torch.nn.init.zeros_(bridge.heads.text_proj[1].weight)
     torch.nn.init.ones_(bridge.heads.text_proj[1].bias)
     assert all(abs(v - 1.0) < 1e-6 for v in probe.text_feature_similarity(bridge).values())

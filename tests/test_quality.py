@@ -1,15 +1,15 @@
 """bench/quality.py end to end on a tiny bridge: every figure is computed and well-formed."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from bench import quality
 from qformer import Bridge, world
-
-from conftest import tiny_config
 
 pytestmark = pytest.mark.backbones  # reads the easy-VQA test split from its package
 
@@ -128,7 +128,12 @@ def test_the_training_split_can_be_scored_beside_a_held_out_one(tiny_dirs, tmp_p
     torch.manual_seed(0)
     Bridge(tiny_config(tiny_dirs)).save_pretrained(tmp_path / "b")
     results = quality.main(["--bridge", str(tmp_path / "b"), "--world", "1", "--easy-vqa", "1", "--splits", "train,test-iid"])
-    assert {k for k in results if k.startswith("world")} == {"world train captions", "world test-iid captions", "world train vqa", "world test-iid vqa"}
+    assert {k for k in results if k.startswith("world")} == {
+        "world train captions",
+        "world test-iid captions",
+        "world train vqa",
+        "world test-iid vqa",
+    }
     assert results["world train vqa"]["questions"] == len(world.questions(world.scene("train", 0)))
     with pytest.raises(SystemExit):
         quality.main(["--bridge", str(tmp_path / "b"), "--splits", "train,val"])
@@ -140,15 +145,32 @@ BLUE_SQUARE = world.WorldObject(shape="square", size="small", colour="blue", mot
 BLUE_DIAMOND = world.WorldObject(shape="diamond", size="large", colour="blue", motion="grows", x=14, y=101)
 
 
-@pytest.mark.parametrize("objects, expected", [
-    # Same size and motion: an answer naming the other object's would be right, so those are left out.
-    ((RED_DIAMOND, BLUE_SQUARE), {"what color is the diamond?": "blue", "what color is the square?": "red",
-                                  "what shape is the red object?": "square", "what shape is the blue object?": "diamond"}),
-    # Both blue: `what shape is the blue object?` is not asked, and the other's colour is no wrong answer.
-    ((BLUE_DIAMOND, BLUE_SQUARE), {"what does the blue diamond do?": "moves right", "what does the blue square do?": "grows",
-                                   "is the blue diamond small or large?": "small", "is the blue square small or large?": "large"}),
-    ((RED_DIAMOND,), {}),
-])
+@pytest.mark.parametrize(
+    "objects, expected",
+    [
+        # Same size and motion: an answer naming the other object's would be right, so those are left out.
+        (
+            (RED_DIAMOND, BLUE_SQUARE),
+            {
+                "what color is the diamond?": "blue",
+                "what color is the square?": "red",
+                "what shape is the red object?": "square",
+                "what shape is the blue object?": "diamond",
+            },
+        ),
+        # Both blue: `what shape is the blue object?` is not asked, and the other's colour is no wrong answer.
+        (
+            (BLUE_DIAMOND, BLUE_SQUARE),
+            {
+                "what does the blue diamond do?": "moves right",
+                "what does the blue square do?": "grows",
+                "is the blue diamond small or large?": "small",
+                "is the blue square small or large?": "large",
+            },
+        ),
+        ((RED_DIAMOND,), {}),
+    ],
+)
 def test_a_question_about_one_of_two_objects_knows_the_other_objects_answer(objects, expected):
     other_object_answers = quality.other_object_answers
     assert other_object_answers(world.Scene("black", objects)) == expected
@@ -157,11 +179,16 @@ def test_a_question_about_one_of_two_objects_knows_the_other_objects_answer(obje
 def test_a_caption_implies_the_answers_of_the_scene_it_describes():
     caption_answers = quality.caption_answers
     assert caption_answers("a small red circle moves left and a large blue square grows on a white background") == {
-        "what color is the background?": "white", "how many objects are there?": "two",
-        "what color is the circle?": "red", "what color is the square?": "blue",
-        "what shape is the red object?": "circle", "what shape is the blue object?": "square",
-        "what does the red circle do?": "moves left", "what does the blue square do?": "grows",
-        "is the red circle small or large?": "small", "is the blue square small or large?": "large",
+        "what color is the background?": "white",
+        "how many objects are there?": "two",
+        "what color is the circle?": "red",
+        "what color is the square?": "blue",
+        "what shape is the red object?": "circle",
+        "what shape is the blue object?": "square",
+        "what does the red circle do?": "moves left",
+        "what does the blue square do?": "grows",
+        "is the red circle small or large?": "small",
+        "is the blue square small or large?": "large",
     }
     # Two red objects: no question asks for the shape of the red one.
     both_red = caption_answers("a small red circle stays still and a small red square shrinks on a gray background")
@@ -186,7 +213,9 @@ def test_answers_are_scored_against_what_the_bridges_own_caption_implies():
     assert right["two_object_caption_implies_right"] == {"shape": 1.0, "motion": 1.0, "size": 1.0}
     assert right["two_object_right_when_caption_right"] == {"shape": 1.0, "motion": 0.0, "size": 0.0}
     # The objects' sizes swapped: its size questions now have a caption that says otherwise.
-    sizes = quality.world_vqa(ShapesOnly(), "test-novel", 1, 4, ["a large yellow square moves right and a small red square moves right on a black background"])
+    sizes = quality.world_vqa(
+        ShapesOnly(), "test-novel", 1, 4, ["a large yellow square moves right and a small red square moves right on a black background"]
+    )
     assert sizes["two_object_caption_implies_right"] == {"shape": 1.0, "motion": 1.0, "size": 0.0}
     assert sizes["two_object_right_when_caption_right"] == {"shape": 1.0, "motion": 0.0}
     wrong = quality.world_vqa(ShapesOnly(), "test-novel", 1, 4, ["a red thing"])

@@ -1,4 +1,5 @@
 """bench/rebridge.py end to end on tiny backbones: two arms trained, every checkpoint scored, table, JSON and PNG."""
+
 from __future__ import annotations
 
 import json
@@ -6,13 +7,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import make_tokenizer, tiny_config
 
 from bench import rebridge
 from demos import world_data
 from qformer import Bridge
 from qformer.config import LoraConfig
-
-from conftest import make_tokenizer, tiny_config
 
 pytestmark = pytest.mark.backbones  # the MiniLM arm and the easy-VQA training split come from their packages
 
@@ -22,9 +22,20 @@ def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_r
 
     # The new LLM is wider than the source's (48 against 32), so the projection must be new.
     tok = make_tokenizer()
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                 bos_token_id=1, eos_token_id=2, pad_token_id=0)).save_pretrained(tmp_path / "new-llm")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    ).save_pretrained(tmp_path / "new-llm")
     tok.save_pretrained(tmp_path / "new-llm")
     torch.manual_seed(0)
     # A source with LoRA adapters and tubelets: each arm gets both.
@@ -32,8 +43,26 @@ def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_r
     Bridge(replace(config, qformer=replace(config.qformer, tubelet_frames=config.num_frames))).save_pretrained(tmp_path / "source")
     world_data.main([str(tmp_path / "data"), "--clips", "4"])
 
-    argv = ["--data", str(tmp_path / "data"), "--source", str(tmp_path / "source"), "--llm", str(tmp_path / "new-llm"),
-            "--steps", "3", "--projection-steps", "1", "--eval-every", "1", "--world", "2", "--batch-size", "2", "--out", str(tmp_path / "out")]
+    argv = [
+        "--data",
+        str(tmp_path / "data"),
+        "--source",
+        str(tmp_path / "source"),
+        "--llm",
+        str(tmp_path / "new-llm"),
+        "--steps",
+        "3",
+        "--projection-steps",
+        "1",
+        "--eval-every",
+        "1",
+        "--world",
+        "2",
+        "--batch-size",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     results = rebridge.main(argv)
     printed = capfd.readouterr().out
     assert "new projection into" in printed and "(48 wide)" in printed

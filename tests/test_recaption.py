@@ -1,4 +1,5 @@
 """The recaptioner: input discovery, exactly-once resumable output, kills, sharding, merging, bad inputs."""
+
 from __future__ import annotations
 
 import json
@@ -16,19 +17,27 @@ import av
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 from adapters.video import decode_side
 from qformer import Bridge
 from qformer import recaption as rc
 from qformer.cli import main
 
-from conftest import tiny_config
-
 TIMEOUT_S = 300
 
 
-def write_video(path, frames: int = 8, size: int = 32, fps: int = 8, seed: int = 0, codec: str = "libx264",
-                container: str | None = None, solid: bool = False, width: int | None = None) -> Path:
+def write_video(
+    path,
+    frames: int = 8,
+    size: int = 32,
+    fps: int = 8,
+    seed: int = 0,
+    codec: str = "libx264",
+    container: str | None = None,
+    solid: bool = False,
+    width: int | None = None,
+) -> Path:
     """A small clip of random (or solid) frames; frames=0 writes a header and no frame."""
     rng = np.random.default_rng(seed)
     height, width = size, width or size
@@ -88,13 +97,21 @@ def test_discover_folders_manifests_datasets_and_symlink_loops(tmp_path):
     (manifest_dir / "list.csv").write_text("id,image\n1,../clips/sub/c.png\n")
     datasets.Dataset.from_dict({"path": [str(clips / "b.mp4")]}).save_to_disk(str(tmp_path / "ds"))
 
-    items = rc.discover([str(clips), str(manifest_dir / "list.jsonl"), str(manifest_dir / "list.csv"), str(tmp_path / "ds"),
-                         str(tmp_path / "nowhere.mp4")])
+    items = rc.discover(
+        [str(clips), str(manifest_dir / "list.jsonl"), str(manifest_dir / "list.csv"), str(tmp_path / "ds"), str(tmp_path / "nowhere.mp4")]
+    )
     paths = [it.path for it in items]
     assert paths == sorted(set(paths))  # sorted, each once (b.mp4 is named three times)
     by_name = {os.path.relpath(it.path, tmp_path): it for it in items}
-    assert set(by_name) == {"clips/b.mp4", "clips/sub/a.MOV", "clips/sub/c.png", "clips/sub/loop", "clips/self.mp4",
-                            "m/gone.mp4", "nowhere.mp4"}
+    assert set(by_name) == {
+        "clips/b.mp4",
+        "clips/sub/a.MOV",
+        "clips/sub/c.png",
+        "clips/sub/loop",
+        "clips/self.mp4",
+        "m/gone.mp4",
+        "nowhere.mp4",
+    }
     assert "symlink loop" in by_name["clips/sub/loop"].error
     assert "symlink loop" in by_name["clips/self.mp4"].error
     assert by_name["clips/b.mp4"].error is None and by_name["m/gone.mp4"].error is None  # the decoder will say "no such file"
@@ -113,8 +130,9 @@ def test_datasets_directory_with_embedded_bytes_and_parquet_output(tmp_path, bri
     ds = datasets.Dataset.from_dict({"video": [{"bytes": clip.read_bytes(), "path": "a.mp4"}, {"bytes": b"junk", "path": "b.mp4"}]})
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "ds"))
     out = tmp_path / "captions.parquet"
-    assert main(["recaption", str(tmp_path / "ds"), "--out", str(out), "--bridge", bridge_dir, "--workers", "1",
-                 "--max-new-tokens", "4"]) == 0
+    assert (
+        main(["recaption", str(tmp_path / "ds"), "--out", str(out), "--bridge", bridge_dir, "--workers", "1", "--max-new-tokens", "4"]) == 0
+    )
     rows = rc.read_records(str(out))
     assert [r["path"] for r in rows] == [f"{tmp_path}/ds/train#0", f"{tmp_path}/ds/train#1"]
     assert rows[0]["error"] is None and rows[0]["caption"] and rows[0]["num_frames"] == 4
@@ -134,8 +152,20 @@ def test_datasets_directory_with_embedded_bytes_and_parquet_output(tmp_path, bri
 def test_resume_skips_done_items_and_cuts_a_torn_line(tmp_path, bridge_dir, capsys):
     clips = write_clips(tmp_path / "clips", 6)
     out = tmp_path / "out.jsonl"
-    args = ["recaption", str(tmp_path / "clips"), "--out", str(out), "--bridge", bridge_dir, "--batch-size", "4",
-            "--workers", "2", "--max-new-tokens", "6"]
+    args = [
+        "recaption",
+        str(tmp_path / "clips"),
+        "--out",
+        str(out),
+        "--bridge",
+        bridge_dir,
+        "--batch-size",
+        "4",
+        "--workers",
+        "2",
+        "--max-new-tokens",
+        "6",
+    ]
     assert main(args) == 0
     assert capsys.readouterr().out.strip().startswith("done 6, failed 0, ")
     full = records(out)
@@ -187,8 +217,12 @@ def test_fps_sampling_batches_clips_of_different_lengths(tmp_path, bridge_dir, c
     for name, frames in (("short.mp4", 4), ("one-second.mp4", 8), ("long.mp4", 24)):
         write_video(tmp_path / name, frames=frames)
     out = tmp_path / "out.jsonl"
-    assert main(["recaption", str(tmp_path), "--out", str(out), "--bridge", bridge_dir, "--fps", "4", "--workers", "0",
-                 "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            ["recaption", str(tmp_path), "--out", str(out), "--bridge", bridge_dir, "--fps", "4", "--workers", "0", "--max-new-tokens", "3"]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("done 3, failed 0")
     frames = {Path(r["path"]).name: r["num_frames"] for r in records(out)}
     assert frames == {"short.mp4": 2, "one-second.mp4": 4, "long.mp4": 8}
@@ -224,8 +258,7 @@ def test_sigkill_then_rerun_records_every_input_exactly_once(tmp_path, bridge_di
     assert main(["recaption", str(tmp_path / "clips"), "--out", str(reference), *settings]) == 0
 
     out = tmp_path / "out.jsonl"
-    run = subprocess.Popen(cli(str(tmp_path / "clips"), "--out", str(out), *settings), stdout=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL)
+    run = subprocess.Popen(cli(str(tmp_path / "clips"), "--out", str(out), *settings), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + TIMEOUT_S
     while not (out.exists() and out.read_bytes().count(b"\n") >= 1):
         assert run.poll() is None and time.monotonic() < deadline, "the run ended before writing a record"
@@ -235,8 +268,9 @@ def test_sigkill_then_rerun_records_every_input_exactly_once(tmp_path, bridge_di
     written = out.read_bytes().count(b"\n")
     assert 1 <= written < len(clips), "the kill came too late to test anything"
 
-    resumed = subprocess.run(cli(str(tmp_path / "clips"), "--out", str(out), *settings), check=True, timeout=TIMEOUT_S,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        cli(str(tmp_path / "clips"), "--out", str(out), *settings), check=True, timeout=TIMEOUT_S, capture_output=True, text=True
+    )
     assert f"{written} already done" in resumed.stdout
     final = records(out)
     assert Counter(r["path"] for r in final) == Counter(clips)
@@ -250,6 +284,7 @@ def test_sigkill_then_rerun_records_every_input_exactly_once(tmp_path, bridge_di
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Loading a bridge fails the test: a refused --out must be refused before any model loads."""
+
     def load(*args, **kwargs):
         raise AssertionError("a model was loaded before --out was checked")
 
@@ -262,7 +297,7 @@ def refusal(capsys, *args: str) -> str:
     err = capsys.readouterr().err
     prefix = "qformer recaption: error: "
     assert err.startswith(prefix) and err.count("\n") == 1, err
-    return err[len(prefix):-1]
+    return err[len(prefix) : -1]
 
 
 NOT_OURS = "is not an output of qformer recaption"
@@ -296,10 +331,12 @@ def test_a_parquet_manifest_as_out_is_refused_and_keeps_its_columns(tmp_path, br
     before = manifest.read_bytes()
     # As an input and the output at once.
     assert refusal(capsys, str(manifest), "--out", str(manifest), "--bridge", bridge_dir) == (
-        f"{manifest}: is one of the inputs ({manifest}); recaption would overwrite it, choose another --out")
+        f"{manifest}: is one of the inputs ({manifest}); recaption would overwrite it, choose another --out"
+    )
     # As the output alone: a table of other columns.
     assert refusal(capsys, str(tmp_path / "clips"), "--out", str(manifest), "--bridge", bridge_dir) == (
-        f"{manifest}: {NOT_OURS} (its fields are label, score, video; {FIELDS}); refusing to write to it, choose another --out")
+        f"{manifest}: {NOT_OURS} (its fields are label, score, video; {FIELDS}); refusing to write to it, choose another --out"
+    )
     assert manifest.read_bytes() == before
     assert pq.read_table(manifest).to_pydict() == {"video": clips, "label": ["a cat", "a dog"], "score": [0.5, 0.25]}
 
@@ -310,22 +347,27 @@ def test_a_jsonl_manifest_as_out_is_a_clear_error(tmp_path, bridge_dir, capsys, 
     manifest.write_text(json.dumps({"video": "clips/clip 00 ü.mp4", "label": "a cat"}) + "\n")
     before = manifest.read_bytes()
     assert refusal(capsys, str(manifest), "--out", str(manifest), "--bridge", bridge_dir) == (
-        f"{manifest}: is one of the inputs ({manifest}); recaption would overwrite it, choose another --out")
+        f"{manifest}: is one of the inputs ({manifest}); recaption would overwrite it, choose another --out"
+    )
     assert manifest.read_bytes() == before
 
 
-@pytest.mark.parametrize("content, reason", [
-    ('{"id": 1, "text": "a cat"}\n{"id": 2, "te', f"(its fields are id, text; {FIELDS})"),
-    ("notes about the clips\nsecond line", "(its first line is not a JSON object)"),
-    ("[1, 2]\n", "(its first line is not a JSON object)"),
-    ("a note without a newline", "(no complete line, and it does not begin as a record)"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ('{"id": 1, "text": "a cat"}\n{"id": 2, "te', f"(its fields are id, text; {FIELDS})"),
+        ("notes about the clips\nsecond line", "(its first line is not a JSON object)"),
+        ("[1, 2]\n", "(its first line is not a JSON object)"),
+        ("a note without a newline", "(no complete line, and it does not begin as a record)"),
+    ],
+)
 def test_a_foreign_jsonl_as_out_is_left_whole(tmp_path, bridge_dir, capsys, no_model_loads, content, reason):
     write_clips(tmp_path / "clips", 1)
     out = tmp_path / "notes.jsonl"
     out.write_text(content)
     assert refusal(capsys, str(tmp_path / "clips"), "--out", str(out), "--bridge", bridge_dir) == (
-        f"{out}: {NOT_OURS} {reason}; refusing to write to it, choose another --out")
+        f"{out}: {NOT_OURS} {reason}; refusing to write to it, choose another --out"
+    )
     assert out.read_text() == content
 
 
@@ -335,7 +377,8 @@ def test_a_directory_as_out_is_refused(tmp_path, bridge_dir, capsys, no_model_lo
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert refusal(capsys, str(tmp_path / "clips"), "--out", str(out), "--bridge", bridge_dir) == (
-        f"{out}: is a directory; --out must name a file")
+        f"{out}: is a directory; --out must name a file"
+    )
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
 
@@ -343,12 +386,14 @@ def test_an_input_clip_as_out_is_refused(tmp_path, bridge_dir, capsys, no_model_
     [clip] = write_clips(tmp_path / "clips", 1)
     before = Path(clip).read_bytes()
     assert refusal(capsys, str(tmp_path / "clips"), "--out", clip, "--bridge", bridge_dir) == (
-        f"{clip}: is one of the inputs ({clip}); recaption would overwrite it, choose another --out")
+        f"{clip}: is one of the inputs ({clip}); recaption would overwrite it, choose another --out"
+    )
     # Under another name: a hard link is the same file.
     link = tmp_path / "captions.jsonl"
     os.link(clip, link)
     assert refusal(capsys, str(tmp_path / "clips"), "--out", str(link), "--bridge", bridge_dir) == (
-        f"{link}: is one of the inputs ({clip}); recaption would overwrite it, choose another --out")
+        f"{link}: is one of the inputs ({clip}); recaption would overwrite it, choose another --out"
+    )
     assert Path(clip).read_bytes() == before
 
 
@@ -356,11 +401,14 @@ def test_journals_of_out_are_checked_as_out_is(tmp_path, bridge_dir, capsys, no_
     write_clips(tmp_path / "clips", 2)
     foreign = '{"id": 1}\n{"id": 2'
     # Another shard's journal is read to skip done inputs and to merge; a Parquet output's journal is appended to.
-    for out, journal, shard in ((tmp_path / "a.jsonl", tmp_path / "a.jsonl.shard-1-of-2.jsonl", ["--shard", "0/2"]),
-                                (tmp_path / "b.parquet", tmp_path / "b.parquet.journal.jsonl", [])):
+    for out, journal, shard in (
+        (tmp_path / "a.jsonl", tmp_path / "a.jsonl.shard-1-of-2.jsonl", ["--shard", "0/2"]),
+        (tmp_path / "b.parquet", tmp_path / "b.parquet.journal.jsonl", []),
+    ):
         journal.write_text(foreign)
         assert refusal(capsys, str(tmp_path / "clips"), "--out", str(out), "--bridge", bridge_dir, *shard) == (
-            f"{journal}: {NOT_OURS} (its fields are id; {FIELDS}); refusing to write to it, choose another --out")
+            f"{journal}: {NOT_OURS} (its fields are id; {FIELDS}); refusing to write to it, choose another --out"
+        )
         assert journal.read_text() == foreign and not out.exists()
 
 
@@ -378,7 +426,8 @@ def test_another_prompt_leaves_a_torn_journal_whole_and_the_same_one_resumes(tmp
         m.setattr(Bridge, "from_pretrained", lambda *a: pytest.fail("a model was loaded before the settings were checked"))
         assert refusal(capsys, *base[1:], "--prompt", "What is there?") == (
             f"{out}: already holds captions made with bridge {bridge_dir!r}, prompt 'Describe the clip.' and --num-beams 1; "
-            f"this run uses bridge {bridge_dir!r}, prompt 'What is there?' and --num-beams 1. Rerun with those, or write to another --out")
+            f"this run uses bridge {bridge_dir!r}, prompt 'What is there?' and --num-beams 1. Rerun with those, or write to another --out"
+        )
     assert out.read_bytes() == torn  # not cut: the file was not yet known to be this run's journal
     assert main(base) == 0
     assert capsys.readouterr().out.startswith("done 2, failed 0")
@@ -420,8 +469,20 @@ def test_journal_and_recaption_refuse_a_foreign_file_from_python(tmp_path, tiny_
 def test_shards_write_their_parts_and_the_last_one_merges(tmp_path, bridge_dir, capsys):
     clips = write_clips(tmp_path / "clips", 5)
     out = tmp_path / "all.jsonl"
-    base = ["recaption", str(tmp_path / "clips"), "--out", str(out), "--bridge", bridge_dir, "--workers", "0",
-            "--max-new-tokens", "4", "--batch-size", "2"]
+    base = [
+        "recaption",
+        str(tmp_path / "clips"),
+        "--out",
+        str(out),
+        "--bridge",
+        bridge_dir,
+        "--workers",
+        "0",
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "2",
+    ]
     assert main(base + ["--shard", "1/2"]) == 0
     assert "3 inputs of other shards still to do" in capsys.readouterr().out
     assert not out.exists()
@@ -440,9 +501,29 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, bridge_dir):
     out = tmp_path / "two.jsonl"
     # `--cpu` alone makes Accelerate start one process (several need MPI); `--multi_gpu` starts them through
     # torchrun, and on a machine without CUDA they run on the CPU.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-              "-m", "qformer.cli", "recaption", str(tmp_path / "clips"), "--out", str(out), *settings]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "qformer.cli",
+        "recaption",
+        str(tmp_path / "clips"),
+        "--out",
+        str(out),
+        *settings,
+    ]
     result = subprocess.run(launch, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "shard 0/2: done 4, failed 0" in result.stdout and "shard 1/2: done 3, failed 0" in result.stdout
@@ -487,8 +568,24 @@ def test_bad_inputs_each_get_a_record_and_never_stop_the_run(tmp_path, bridge_di
     manifest.write_text(json.dumps({"video": "data/missing file.mp4"}) + "\n")
 
     start = time.monotonic()
-    assert main(["recaption", str(d), str(manifest), "--out", str(tmp_path / "out.jsonl"), "--bridge", bridge_dir,
-                 "--workers", "2", "--max-new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "recaption",
+                str(d),
+                str(manifest),
+                "--out",
+                str(tmp_path / "out.jsonl"),
+                "--bridge",
+                bridge_dir,
+                "--workers",
+                "2",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     seconds = time.monotonic() - start
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     got = {os.path.relpath(r["path"], tmp_path): r for r in records(tmp_path / "out.jsonl")}

@@ -1,4 +1,5 @@
 """train.py end to end on tiny backbones: each stage, resume, cache, re-bridging, bad data, two processes."""
+
 from __future__ import annotations
 
 import json
@@ -14,15 +15,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tokenizer
 from PIL import Image
 
-import train
 import qformer.build
+import train
 from qformer import Bridge
 from qformer.build import from_bridge
 from qformer.losses import Stage1Objective
-
-from conftest import make_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -72,9 +72,19 @@ def qformer_bert(tmp_path_factory):
     path = tmp_path_factory.mktemp("bert")
     tok = make_tokenizer()
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                         max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-              add_pooling_layer=False).save_pretrained(path)
+    BertModel(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        ),
+        add_pooling_layer=False,
+    ).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
@@ -109,13 +119,37 @@ def vqa(tmp_path_factory):
 
 
 def _args(tiny_dirs, bert, out, *extra, stage="1", data=None):
-    return ["--stage", stage, "--data", data, "--output", str(out), "--vision", tiny_dirs["vision"], "--llm", tiny_dirs["llm"],
-            "--qformer-init", bert, "--num-queries", "4", "--num-frames", "2", "--batch-size", "4", "--num-workers", "0",
-            "--log-with", "none", "--lr", "1e-3", *extra]
+    return [
+        "--stage",
+        stage,
+        "--data",
+        data,
+        "--output",
+        str(out),
+        "--vision",
+        tiny_dirs["vision"],
+        "--llm",
+        tiny_dirs["llm"],
+        "--qformer-init",
+        bert,
+        "--num-queries",
+        "4",
+        "--num-frames",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--log-with",
+        "none",
+        "--lr",
+        "1e-3",
+        *extra,
+    ]
 
 
 def _metrics(out):
-    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def _losses(out, key="loss"):
@@ -138,8 +172,9 @@ def test_stage1_smoke_logs_three_losses_and_saves_a_bridge(tiny_dirs, qformer_be
 def test_cross_attention_in_every_layer_is_built_saved_and_kept_by_later_stages(tiny_dirs, qformer_bert, captions, tmp_path):
     train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s1", "--max-steps", "1", "--cross-attention-every", "1", data=captions))
     # A later stage keeps the bridge's own Q-Former: its flag only shapes a new one.
-    bridge = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s2", "--max-steps", "1", "--init-from", str(tmp_path / "s1"),
-                              stage="2", data=captions))
+    bridge = train.main(
+        _args(tiny_dirs, qformer_bert, tmp_path / "s2", "--max-steps", "1", "--init-from", str(tmp_path / "s1"), stage="2", data=captions)
+    )
     loaded = Bridge.from_pretrained(tmp_path / "s2")
     for b in (bridge, loaded):
         assert b.config.qformer.cross_attention_every == 1
@@ -152,7 +187,9 @@ def test_init_from_with_cross_attention_every_grows_the_q_former_from_its_traine
     from safetensors.torch import load_file
 
     train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s1", "--max-steps", "1", data=captions))
-    trained = {k[len("qformer."):]: v for k, v in load_file(str(tmp_path / "s1" / "bridge.safetensors")).items() if k.startswith("qformer.")}
+    trained = {
+        k[len("qformer.") :]: v for k, v in load_file(str(tmp_path / "s1" / "bridge.safetensors")).items() if k.startswith("qformer.")
+    }
     assert "layers.1.cross_attn.query.weight" not in trained
     grow = lambda d, every: from_bridge(d, {"cross_attention_every": int(every)})  # noqa: E731
     grown = grow(tmp_path / "s1", "1")
@@ -175,11 +212,24 @@ def test_init_from_with_cross_attention_every_grows_the_q_former_from_its_traine
 
 def test_stage2_and_instructed_smoke(tiny_dirs, qformer_bert, captions, vqa, tmp_path):
     train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s1", "--max-steps", "1", data=captions))
-    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s2", "--max-steps", "2", "--init-from", str(tmp_path / "s1"),
-                     stage="2", data=captions))
+    train.main(
+        _args(tiny_dirs, qformer_bert, tmp_path / "s2", "--max-steps", "2", "--init-from", str(tmp_path / "s1"), stage="2", data=captions)
+    )
     assert sorted(_losses(tmp_path / "s2")) == [1, 2]
-    bridge = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "vqa", "--max-steps", "2", "--instruct", "--init-from",
-                              str(tmp_path / "s2"), stage="2", data=vqa))
+    bridge = train.main(
+        _args(
+            tiny_dirs,
+            qformer_bert,
+            tmp_path / "vqa",
+            "--max-steps",
+            "2",
+            "--instruct",
+            "--init-from",
+            str(tmp_path / "s2"),
+            stage="2",
+            data=vqa,
+        )
+    )
     assert bridge.config.instruct and bridge.qformer_tokenizer is not None
     loaded = Bridge.from_pretrained(tmp_path / "vqa")
     assert isinstance(loaded.answer(str(Path(vqa).parent / "clips" / "red.mp4"), "what color is the square ?", max_new_tokens=3), str)
@@ -189,8 +239,11 @@ def test_caption_first_puts_a_question_row_s_caption_before_the_question(tiny_br
     from types import SimpleNamespace
 
     prompt = tiny_bridge.config.caption_prompt
-    batch = {"captions": ["a red square", "a blue circle", None], "questions": [None, "what color is the circle ?", "what color is the square ?"],
-             "answers": [None, "blue", "red"]}
+    batch = {
+        "captions": ["a red square", "a blue circle", None],
+        "questions": [None, "what color is the circle ?", "what color is the square ?"],
+        "answers": [None, "blue", "red"],
+    }
     args = SimpleNamespace(max_answer_tokens=64)
     text = lambda: train.model_inputs(batch, tiny_bridge, 2, None, args, None, 0)["text"]  # noqa: E731
     questions = [prompt, "what color is the circle ?", "what color is the square ?"]
@@ -210,19 +263,49 @@ def test_caption_first_puts_a_question_row_s_caption_before_the_question(tiny_br
 
 def test_a_caption_first_bridge_trains_and_keeps_answering_that_way(tiny_dirs, qformer_bert, captions, tmp_path, capsys):
     rows = [json.loads(line) for line in Path(captions).read_text().splitlines()]
-    qa = [{"image": str(Path(captions).parent / r["image"]), "caption": r["caption"], "question": "what color is the shape ?",
-           "answer": r["caption"].split()[1]} for r in rows]
+    qa = [
+        {
+            "image": str(Path(captions).parent / r["image"]),
+            "caption": r["caption"],
+            "question": "what color is the shape ?",
+            "answer": r["caption"].split()[1],
+        }
+        for r in rows
+    ]
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
     with pytest.raises(SystemExit, match="--caption-first is for stage 2"):
         train.main(_args(tiny_dirs, qformer_bert, tmp_path / "x", "--caption-first", data=captions))
     train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s1", "--max-steps", "1", data=captions))
-    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "first", "--max-steps", "2", "--caption-first", "--init-from",
-                     str(tmp_path / "s1"), stage="2", data=str(tmp_path / "qa.jsonl")))
+    train.main(
+        _args(
+            tiny_dirs,
+            qformer_bert,
+            tmp_path / "first",
+            "--max-steps",
+            "2",
+            "--caption-first",
+            "--init-from",
+            str(tmp_path / "s1"),
+            stage="2",
+            data=str(tmp_path / "qa.jsonl"),
+        )
+    )
     assert sorted(_losses(tmp_path / "first")) == [1, 2]
     assert Bridge.from_pretrained(tmp_path / "first").config.caption_first
     # Later stages keep it without being told again.
-    bridge = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "more", "--max-steps", "1", "--init-from", str(tmp_path / "first"),
-                              stage="2", data=str(tmp_path / "qa.jsonl")))
+    bridge = train.main(
+        _args(
+            tiny_dirs,
+            qformer_bert,
+            tmp_path / "more",
+            "--max-steps",
+            "1",
+            "--init-from",
+            str(tmp_path / "first"),
+            stage="2",
+            data=str(tmp_path / "qa.jsonl"),
+        )
+    )
     assert bridge.config.caption_first
 
 
@@ -235,9 +318,21 @@ def steerable_llm(tmp_path_factory):
     path = tmp_path_factory.mktemp("steerable")
     tok = make_tokenizer()
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                 initializer_range=0.2)).save_pretrained(path)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            initializer_range=0.2,
+        )
+    ).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
@@ -345,8 +440,12 @@ def test_resuming_from_a_truncated_weights_file_names_it_before_any_model_loads(
 def test_resuming_from_a_corrupt_progress_file_names_it_before_any_model_loads(two_step_run, tmp_path, monkeypatch):
     error, d = _damaged_resume(two_step_run, tmp_path, monkeypatch, lambda d: (d / "progress.json").write_text('{"step": 2, "ep'))
     assert error.startswith(f"train.py: error: {d}/progress.json: cannot be read as JSON (Unterminated string")
-    error, d = _damaged_resume(two_step_run, tmp_path / "2", monkeypatch, lambda d: (d / "progress.json").write_text(
-        json.dumps({"step": -2, "epoch": 0, "batches_in_epoch": 2, "bad_samples": []})))
+    error, d = _damaged_resume(
+        two_step_run,
+        tmp_path / "2",
+        monkeypatch,
+        lambda d: (d / "progress.json").write_text(json.dumps({"step": -2, "epoch": 0, "batches_in_epoch": 2, "bad_samples": []})),
+    )
     assert error == f"train.py: error: {d}/progress.json: step is -2, not a count (an integer, 0 or more)"
 
 
@@ -359,7 +458,9 @@ def test_resuming_from_a_corrupt_rng_file_names_it_before_any_model_loads_and_ne
         def __reduce__(self):
             return (open, (str(planted), "w"))
 
-    error, d = _damaged_resume(two_step_run, tmp_path / "2", monkeypatch, lambda d: torch.save({"random_state": Planted()}, d / "random_states_0.pkl"))
+    error, d = _damaged_resume(
+        two_step_run, tmp_path / "2", monkeypatch, lambda d: torch.save({"random_state": Planted()}, d / "random_states_0.pkl")
+    )
     assert error.startswith(f"train.py: error: {d}/random_states_0.pkl: cannot be loaded (Weights only load failed")
     assert not planted.exists()
 
@@ -386,7 +487,9 @@ def test_rng_states_that_accelerate_fails_to_restore_stop_the_resumed_run(two_st
     )
 
 
-def test_backbones_are_bitwise_unchanged_and_only_trainable_parts_reach_the_optimizer(tiny_dirs, qformer_bert, captions, tmp_path, monkeypatch):
+def test_backbones_are_bitwise_unchanged_and_only_trainable_parts_reach_the_optimizer(
+    tiny_dirs, qformer_bert, captions, tmp_path, monkeypatch
+):
     seen = []
     real_adamw = torch.optim.AdamW
 
@@ -415,12 +518,16 @@ def test_cached_features_give_the_same_losses(tiny_dirs, qformer_bert, captions,
     data = captions if stage == "1" else vqa
     common = ("--max-steps", "3", "--batch-size", "2")
     train.main(_args(tiny_dirs, qformer_bert, tmp_path / "plain", *common, stage=stage, data=data))
-    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "cached", *common, "--cache-features", str(tmp_path / "cache"), stage=stage, data=data))
+    train.main(
+        _args(tiny_dirs, qformer_bert, tmp_path / "cached", *common, "--cache-features", str(tmp_path / "cache"), stage=stage, data=data)
+    )
     shards = list((tmp_path / "cache").glob("shard-*.safetensors"))
     assert shards and not list((tmp_path / "cache").glob(".tmp-*"))
     # A second run reads the cache and encodes nothing.
     mtimes = {p: p.stat().st_mtime_ns for p in shards}
-    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "again", *common, "--cache-features", str(tmp_path / "cache"), stage=stage, data=data))
+    train.main(
+        _args(tiny_dirs, qformer_bert, tmp_path / "again", *common, "--cache-features", str(tmp_path / "cache"), stage=stage, data=data)
+    )
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("shard-*.safetensors")} == mtimes
     plain, cached, again = _losses(tmp_path / "plain"), _losses(tmp_path / "cached"), _losses(tmp_path / "again")
     for step in plain:
@@ -446,14 +553,36 @@ def test_rebridging_to_an_llm_of_another_width_and_tokenizer(tiny_dirs, qformer_
     other_tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
     other_tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} <eos> {% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
     torch.manual_seed(1)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(shuffled), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-                     ).save_pretrained(tmp_path / "llm2")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(shuffled),
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    ).save_pretrained(tmp_path / "llm2")
     other_tok.save_pretrained(tmp_path / "llm2")
 
     first = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s2", "--max-steps", "2", stage="2", data=captions))
-    args = _args(tiny_dirs, qformer_bert, tmp_path / "proj", "--max-steps", "2", "--init-from", str(tmp_path / "s2"),
-                 "--train", "projection", stage="2", data=captions)
+    args = _args(
+        tiny_dirs,
+        qformer_bert,
+        tmp_path / "proj",
+        "--max-steps",
+        "2",
+        "--init-from",
+        str(tmp_path / "s2"),
+        "--train",
+        "projection",
+        stage="2",
+        data=captions,
+    )
     args[args.index("--llm") + 1] = str(tmp_path / "llm2")
     rebridged = train.main(args)
     assert rebridged.config.llm_width == 48 and rebridged.projection.weight.shape == (48, 32)
@@ -464,7 +593,9 @@ def test_rebridging_to_an_llm_of_another_width_and_tokenizer(tiny_dirs, qformer_
     assert loaded.config.llm == str(tmp_path / "llm2")
     assert isinstance(loaded.caption(np.zeros((32, 32, 3), np.uint8), max_new_tokens=3)[0], str)
     # Then everything, starting from the projection-only bridge (same LLM now: its projection is kept).
-    args = _args(tiny_dirs, qformer_bert, tmp_path / "both", "--max-steps", "1", "--init-from", str(tmp_path / "proj"), stage="2", data=captions)
+    args = _args(
+        tiny_dirs, qformer_bert, tmp_path / "both", "--max-steps", "1", "--init-from", str(tmp_path / "proj"), stage="2", data=captions
+    )
     args[args.index("--llm") + 1] = str(tmp_path / "llm2")
     both = train.main(args)
     assert not torch.equal(both.qformer.query_tokens, rebridged.qformer.query_tokens)
@@ -477,12 +608,27 @@ def test_tubelets_are_chosen_for_a_new_qformer_and_kept_by_init_from(tiny_dirs, 
     assert not plain.config.qformer.grid_positions
     tube = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "tube", "--max-steps", "1", "--tubelets", stage="1", data=captions))
     assert tube.config.qformer.tubelet_frames == 2 == tube.config.num_frames  # _args: --num-frames 2
-    kept = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "kept", "--max-steps", "1", "--init-from", str(tmp_path / "tube"),
-                            stage="2", data=captions))
+    kept = train.main(
+        _args(
+            tiny_dirs, qformer_bert, tmp_path / "kept", "--max-steps", "1", "--init-from", str(tmp_path / "tube"), stage="2", data=captions
+        )
+    )
     assert kept.config.qformer.tubelet_frames == 2 and Bridge.from_pretrained(tmp_path / "kept").config.qformer.tubelet_frames == 2
     with pytest.raises(SystemExit, match="tubelets change its input"):
-        train.main(_args(tiny_dirs, qformer_bert, tmp_path / "no", "--max-steps", "1", "--init-from", str(tmp_path / "plain"),
-                         "--tubelets", stage="2", data=captions))
+        train.main(
+            _args(
+                tiny_dirs,
+                qformer_bert,
+                tmp_path / "no",
+                "--max-steps",
+                "1",
+                "--init-from",
+                str(tmp_path / "plain"),
+                "--tubelets",
+                stage="2",
+                data=captions,
+            )
+        )
 
 
 def test_lora_adapters_learn_while_the_llm_stays_frozen_and_carry_over(tiny_dirs, qformer_bert, captions, tmp_path):
@@ -496,8 +642,21 @@ def test_lora_adapters_learn_while_the_llm_stays_frozen_and_carry_over(tiny_dirs
     assert all(torch.equal(v, fresh[k]) for k, v in base.items())
     assert all(torch.equal(v, untouched.trainable_state_dict()[k]) for k, v in lora.items())
     # Continuing with the projection alone keeps the adapters as they are, and frozen.
-    more = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "proj", "--max-steps", "1", "--init-from", str(tmp_path / "lora"),
-                            "--train", "projection", stage="2", data=captions))
+    more = train.main(
+        _args(
+            tiny_dirs,
+            qformer_bert,
+            tmp_path / "proj",
+            "--max-steps",
+            "1",
+            "--init-from",
+            str(tmp_path / "lora"),
+            "--train",
+            "projection",
+            stage="2",
+            data=captions,
+        )
+    )
     assert all(torch.equal(v, more.trainable_state_dict()[k]) for k, v in lora.items())
     assert not any(p.requires_grad for n, p in more.llm.named_parameters())
 
@@ -511,14 +670,40 @@ def test_lora_modules_choose_what_is_adapted_and_are_saved(tiny_dirs, qformer_be
     def adapted(bridge):  # e.g. "...layers.0.mlp.down_proj.lora_A.default.weight" -> "down_proj"
         return {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in bridge.trainable_state_dict() if "lora_" in k}
 
-    every = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "all", "--max-steps", "1", "--lora", "2",
-                             "--lora-modules", "all-linear", stage="2", data=captions))
+    every = train.main(
+        _args(
+            tiny_dirs,
+            qformer_bert,
+            tmp_path / "all",
+            "--max-steps",
+            "1",
+            "--lora",
+            "2",
+            "--lora-modules",
+            "all-linear",
+            stage="2",
+            data=captions,
+        )
+    )
     # The tiny Llama's seven linear layers of each block; never the output head.
     assert adapted(every) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     again = Bridge.from_pretrained(tmp_path / "all")
     assert again.config.lora.target_modules == "all-linear" and adapted(again) == adapted(every)
-    some = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "some", "--max-steps", "1", "--lora", "2",
-                            "--lora-modules", "o_proj, down_proj", stage="2", data=captions))
+    some = train.main(
+        _args(
+            tiny_dirs,
+            qformer_bert,
+            tmp_path / "some",
+            "--max-steps",
+            "1",
+            "--lora",
+            "2",
+            "--lora-modules",
+            "o_proj, down_proj",
+            stage="2",
+            data=captions,
+        )
+    )
     assert adapted(some) == {"o_proj", "down_proj"} and some.config.lora.target_modules == ["o_proj", "down_proj"]
     plain = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "plain", "--max-steps", "1", "--lora", "2", stage="2", data=captions))
     assert adapted(plain) == {"q_proj", "v_proj"}
@@ -543,14 +728,17 @@ def test_the_cheap_loss_path_gives_the_forward_loss(tiny_bridge):
 
 def test_unreadable_samples_are_reported_and_skipped_and_too_many_stop_the_run(tiny_dirs, qformer_bert, captions, tmp_path):
     root = Path(captions).parent
-    rows = [json.loads(l) for l in Path(captions).read_text().splitlines()]
+    rows = [json.loads(line) for line in Path(captions).read_text().splitlines()]
     (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text("".join(json.dumps(r | {"image": str(root / r["image"])}) + "\n" for r in rows)
-                        + json.dumps({"image": "broken.png", "caption": "a red square"}) + "\n")
+    manifest.write_text(
+        "".join(json.dumps(r | {"image": str(root / r["image"])}) + "\n" for r in rows)
+        + json.dumps({"image": "broken.png", "caption": "a red square"})
+        + "\n"
+    )
     # Two epochs: the broken file is met twice and reported once.
     train.main(_args(tiny_dirs, qformer_bert, tmp_path / "ok", "--epochs", "2", "--max-bad-fraction", "0.2", data=str(manifest)))
-    bad = [json.loads(l) for l in (tmp_path / "ok" / "bad_samples.jsonl").read_text().splitlines()]
+    bad = [json.loads(line) for line in (tmp_path / "ok" / "bad_samples.jsonl").read_text().splitlines()]
     assert [b["sample"] for b in bad] == [str(tmp_path / "broken.png")]
     assert [m["step"] for m in _metrics(tmp_path / "ok")] == list(range(1, 7))
     assert "broken.png" in bad[0]["error"]
@@ -588,8 +776,11 @@ def test_configuration_errors_fail_before_any_compute_saying_what_to_change(tiny
 
 
 def test_evaluation_logs_mean_losses(tiny_dirs, qformer_bert, captions, vqa, tmp_path):
-    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "e", "--max-steps", "2", "--eval-every", "1", "--eval-data", vqa,
-                     stage="2", data=captions))
+    train.main(
+        _args(
+            tiny_dirs, qformer_bert, tmp_path / "e", "--max-steps", "2", "--eval-every", "1", "--eval-data", vqa, stage="2", data=captions
+        )
+    )
     evals = [m for m in _metrics(tmp_path / "e") if "eval_loss" in m]
     assert [m["step"] for m in evals] == [1, 2]
     assert all(math.isfinite(m["eval_loss"]) for m in evals)
@@ -606,10 +797,37 @@ def test_two_processes_train_and_rank0_writes_one_checkpoint(tiny_dirs, qformer_
     out = tmp_path / "ddp"
     # `accelerate launch --cpu` starts a single process unless MPI is there; `--multi_gpu` starts two through torchrun,
     # and ACCELERATE_USE_CPU makes them a gloo process group on the CPU.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(ROOT / "train.py"),
-           *_args(tiny_dirs, qformer_bert, out, "--max-steps", "3", "--save-every", "3", "--batch-size", "2",
-                  "--cache-features", str(tmp_path / "cache"), data=captions)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(ROOT / "train.py"),
+        *_args(
+            tiny_dirs,
+            qformer_bert,
+            out,
+            "--max-steps",
+            "3",
+            "--save-every",
+            "3",
+            "--batch-size",
+            "2",
+            "--cache-features",
+            str(tmp_path / "cache"),
+            data=captions,
+        ),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="true")
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -626,8 +844,11 @@ def test_two_processes_train_and_rank0_writes_one_checkpoint(tiny_dirs, qformer_
 
 def test_gradient_accumulation_counts_optimizer_steps(tiny_dirs, qformer_bert, captions, tmp_path):
     # 8 samples, batches of 3: 3 batches an epoch, grouped 2 + 1, so 2 optimizer steps an epoch.
-    train.main(_args(tiny_dirs, qformer_bert, tmp_path / "acc", "--batch-size", "3", "--grad-accum", "2", "--epochs", "2",
-                     stage="2", data=captions))
+    train.main(
+        _args(
+            tiny_dirs, qformer_bert, tmp_path / "acc", "--batch-size", "3", "--grad-accum", "2", "--epochs", "2", stage="2", data=captions
+        )
+    )
     steps = [m for m in _metrics(tmp_path / "acc") if "loss" in m]
     assert [(m["step"], m["epoch"]) for m in steps] == [(1, 0), (2, 0), (3, 1), (4, 1)]
 
@@ -636,8 +857,22 @@ def test_gradient_accumulation_counts_optimizer_steps(tiny_dirs, qformer_bert, c
 @pytest.mark.slow
 def test_stage1_then_stage2_on_the_offline_backbones(captions, tmp_path):
     """MiniLM-initialised Q-Former, EfficientNet-Lite0 at 128 px, SmolLM2-135M: one step of each stage."""
-    common = ["--data", captions, "--vision-resolution", "128", "--num-frames", "1", "--batch-size", "2", "--max-steps", "1",
-              "--num-workers", "0", "--log-with", "none"]
+    common = [
+        "--data",
+        captions,
+        "--vision-resolution",
+        "128",
+        "--num-frames",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "1",
+        "--num-workers",
+        "0",
+        "--log-with",
+        "none",
+    ]
     train.main(["--stage", "1", "--output", str(tmp_path / "s1"), *common])
     bridge = train.main(["--stage", "2", "--init-from", str(tmp_path / "s1"), "--output", str(tmp_path / "s2"), *common])
     assert bridge.config.llm == "smollm2-135m-instruct" and bridge.config.qformer.hidden_size == 384
@@ -647,12 +882,17 @@ def test_stage1_then_stage2_on_the_offline_backbones(captions, tmp_path):
     assert bridge.config.qformer.grid_positions and bridge.config.qformer.grid_side == 0
     # At another resolution the grid changes (the final map, stride 32: 4 x 4 at 128 px, 8 x 8 at 256) and
     # positions go on counting on the 4 x 4 grid they were learnt on, through any later stage.
-    finer = train.main(["--stage", "2", "--init-from", str(tmp_path / "s2"), "--output", str(tmp_path / "s3"), *common,
-                        "--vision-resolution", "256"])
+    finer = train.main(
+        ["--stage", "2", "--init-from", str(tmp_path / "s2"), "--output", str(tmp_path / "s3"), *common, "--vision-resolution", "256"]
+    )
     assert finer.config.vision_resolution == 256 and finer.config.qformer.grid_side == 4
     assert Bridge.from_pretrained(tmp_path / "s3").config.qformer.grid_side == 4
-    assert train.main(["--stage", "2", "--init-from", str(tmp_path / "s3"), "--output", str(tmp_path / "s4"), *common,
-                       "--vision-resolution", "192"]).config.qformer.grid_side == 4
+    assert (
+        train.main(
+            ["--stage", "2", "--init-from", str(tmp_path / "s3"), "--output", str(tmp_path / "s4"), *common, "--vision-resolution", "192"]
+        ).config.qformer.grid_side
+        == 4
+    )
 
 
 def test_identical_captions_are_never_each_other_s_negatives():
@@ -661,8 +901,18 @@ def test_identical_captions_are_never_each_other_s_negatives():
     from qformer.model import QFormer, QFormerHeads
 
     torch.manual_seed(0)
-    cfg = QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_queries=4, vision_width=24,
-                        vocab_size=50, max_text_len=16, dropout=0.0, embed_dim=16)
+    cfg = QFormerConfig(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        num_queries=4,
+        vision_width=24,
+        vocab_size=50,
+        max_text_len=16,
+        dropout=0.0,
+        embed_dim=16,
+    )
     objective = Stage1Objective(QFormer(cfg), QFormerHeads(cfg), label_smoothing=0.0)
     seen = {}
     objective.heads.itm.register_forward_hook(lambda m, args, out: seen.update(itm=out.mean(1)))
@@ -686,8 +936,18 @@ def test_stage_1_trains_on_the_chosen_losses_only(tiny_dirs, qformer_bert, capti
     from qformer.model import QFormer, QFormerHeads
 
     torch.manual_seed(0)
-    cfg = QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_queries=4, vision_width=24,
-                        vocab_size=50, max_text_len=16, dropout=0.0, embed_dim=16)
+    cfg = QFormerConfig(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        num_queries=4,
+        vision_width=24,
+        vocab_size=50,
+        max_text_len=16,
+        dropout=0.0,
+        embed_dim=16,
+    )
     objective = Stage1Objective(QFormer(cfg), QFormerHeads(cfg), losses=("itm", "itg"))
     features, text = torch.randn(3, 1, 5, 24), torch.tensor([[1, 7, 8, 2], [1, 9, 10, 2], [1, 11, 12, 2]])
     losses = objective(features, text, torch.ones_like(text), generator=torch.Generator().manual_seed(0))

@@ -40,9 +40,7 @@ def indices(clip: Clip) -> list[int]:
     return [frame_index(f) for f in clip.frames]
 
 
-def write_video(
-    path, codec, n=N_FRAMES, fps=FPS, width=WIDTH, height=HEIGHT, pix_fmt="yuv420p", options=None, container_options=None
-):
+def write_video(path, codec, n=N_FRAMES, fps=FPS, width=WIDTH, height=HEIGHT, pix_fmt="yuv420p", options=None, container_options=None):
     with av.open(str(path), "w", options=container_options or {}) as out:
         stream = out.add_stream(codec, rate=fps, options=options or {})
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
@@ -61,8 +59,10 @@ def write_gif(path, n=N_FRAMES, fps=FPS, width=WIDTH, height=HEIGHT):
 
 def png_header_only(path, width, height):
     """A PNG whose header claims width x height with no pixel data: costs nothing to write."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
@@ -371,8 +371,20 @@ def _noise_png() -> bytes:
 
 
 BAD_NAMES = [
-    "empty.mp4", "truncated.mp4", "cut_faststart.mp4", "notes.mp4", "missing.mp4", "folder.mp4", "dot.png", "huge.png", "bomb.png",
-    "headeronly.y4m", "unknown_codec.mp4", "corrupt.png", "pipe.mp4", "sound.mp4",
+    "empty.mp4",
+    "truncated.mp4",
+    "cut_faststart.mp4",
+    "notes.mp4",
+    "missing.mp4",
+    "folder.mp4",
+    "dot.png",
+    "huge.png",
+    "bomb.png",
+    "headeronly.y4m",
+    "unknown_codec.mp4",
+    "corrupt.png",
+    "pipe.mp4",
+    "sound.mp4",
 ]
 
 

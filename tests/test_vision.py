@@ -1,4 +1,5 @@
 """Any transformers vision model with patch features loads as a frozen encoder, with its own preprocessing."""
+
 from __future__ import annotations
 
 import numpy as np

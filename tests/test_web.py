@@ -3,6 +3,7 @@
 The tiny bridge's answers are gibberish but deterministic, so the page must show exactly the text
 Bridge.answer returns through the library for the same clip, question and history.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,18 +21,22 @@ import pytest
 pytest.importorskip("gradio", reason="the web page needs gradio (pip install gradio)")
 
 import httpx  # noqa: E402  (comes with gradio)
+from test_chat import Q1, Q2, REPO, as_read, bridge, bridge_dir, world_clips  # noqa: E402, F401  (fixtures)
 
 from qformer import chat, world  # noqa: E402
 from qformer.session import ChatSession  # noqa: E402
 from qformer.web import Limits, build_app, launch  # noqa: E402
 
-from test_chat import Q1, Q2, REPO, as_read, bridge, bridge_dir, world_clips  # noqa: E402, F401  (fixtures)
-
 CHROMIUM = Path("/usr/bin/chromium")
 # Quiet: no sandbox (root in a container), no GPU, nothing fetched in the background.
 CHROMIUM_FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 MAX_UPLOAD_BYTES = 256 << 10
 MAX_CLIP_SECONDS = 2.5
@@ -255,7 +260,10 @@ def test_cli_serves_the_page_on_loopback(bridge_dir):
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "qformer.chat", "--web", "--bridge", str(bridge_dir), "--port", str(port)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env=os.environ | {"HF_HUB_OFFLINE": "1"},
     )
     try:
@@ -460,7 +468,7 @@ def test_the_queue_is_bounded_and_an_abandoned_answer_stops(bridge, world_clips)
 
         assert join(visitor.session_hash).status_code == 200
         with httpx.stream("GET", f"{server}/gradio_api/queue/data", params={"session_hash": visitor.session_hash}, timeout=60) as events:
-            messages = (json.loads(line[len("data: "):])["msg"] for line in events.iter_lines() if line.startswith("data: "))
+            messages = (json.loads(line[len("data: ") :])["msg"] for line in events.iter_lines() if line.startswith("data: "))
             generating = (m for m in messages if m == "process_generating")
             next(generating), next(generating)  # "Answering.", then the answer's first idle tick: it is being generated
             assert any(t.name == "chat-generate" for t in threading.enumerate())

@@ -1,4 +1,5 @@
 """Tests of the generated-clips world (qformer/world/ against qformer/world/WORLD.md)."""
+
 from __future__ import annotations
 
 import collections
@@ -106,8 +107,7 @@ def test_grows_and_shrinks_sizes(size, side):
         clip = w.render(Scene("black", (obj("square", size, "yellow", motion, x=64, y=64),)))
         widths = [int(painted(clip[t], "yellow").any(axis=0).sum()) for t in range(16)]
         assert widths[0] == first and widths[15] == last
-        assert widths == [round((0.6 + 0.8 * t / 15) * side if motion == "grows" else (1.4 - 0.8 * t / 15) * side)
-                          for t in range(16)]
+        assert widths == [round((0.6 + 0.8 * t / 15) * side if motion == "grows" else (1.4 - 0.8 * t / 15) * side) for t in range(16)]
         # the centre stays put
         assert extent(painted(clip[15], "yellow"))[2] == 64 - last // 2
 
@@ -146,10 +146,11 @@ def test_start_range_is_exactly_the_in_frame_positions():
         for motion in w.MOTIONS:
             x_min, x_max, y_min, y_max = w.start_range(size, motion)
 
-            def inside(x: int, y: int) -> bool:
+            def inside(x: int, y: int, size=size, motion=motion) -> bool:
                 o = obj("square", size, "red", motion, x=x, y=y)
-                return all(l >= 0 and t >= 0 and l + s <= 128 and t + s <= 128
-                           for l, t, s in (o.box_at(f) for f in range(16)))
+                return all(
+                    left >= 0 and top >= 0 and left + s <= 128 and top + s <= 128 for left, top, s in (o.box_at(f) for f in range(16))
+                )
 
             assert inside(x_min, y_min) and inside(x_max, y_max)
             assert not inside(x_min - 1, y_min) and not inside(x_max + 1, y_max)
@@ -221,8 +222,7 @@ def test_attributes_are_uniform(world_sample):
     close(collections.Counter(o.size for o in singles), tuple(w.SIZES), len(singles))
     close(collections.Counter(o.motion for o in singles), w.MOTIONS, len(singles))
     # start positions: uniform over the allowed range
-    xs = [(o.x - w.start_range(o.size, o.motion)[0]) / (np.subtract(*w.start_range(o.size, o.motion)[1::-1]) + 1)
-          for o in singles]
+    xs = [(o.x - w.start_range(o.size, o.motion)[0]) / (np.subtract(*w.start_range(o.size, o.motion)[1::-1]) + 1) for o in singles]
     assert abs(np.mean(xs) - 0.5) < 0.03
 
 
@@ -270,8 +270,7 @@ def test_splits_never_share_a_clip(splits):
 
 
 def test_caption_matches_the_spec_example():
-    s = Scene("white", (obj("circle", "small", "red", "left", x=60, y=30),
-                        obj("square", "large", "blue", "grows", x=90, y=90)))
+    s = Scene("white", (obj("circle", "small", "red", "left", x=60, y=30), obj("square", "large", "blue", "grows", x=90, y=90)))
     assert w.caption(s) == "a small red circle moves left and a large blue square grows on a white background"
     one = Scene("gray", (obj("diamond", "large", "orange", "still"),))
     assert w.caption(one) == "a large orange diamond stays still on a gray background"
@@ -287,10 +286,16 @@ def test_parse_round_trips(world_sample, splits):
 
 
 def test_parse_rejects_non_grammar():
-    for bad in ("", "a small red circle moves left", "a small red circle on a white background",
-                "a small red circle moves left on a white background..", "a tiny red circle grows on a white background",
-                "a small red circle  grows on a white background", "small red circle grows on a white background",
-                "a small red circle grows and a small red circle grows and a small red circle grows on a white background"):
+    for bad in (
+        "",
+        "a small red circle moves left",
+        "a small red circle on a white background",
+        "a small red circle moves left on a white background..",
+        "a tiny red circle grows on a white background",
+        "a small red circle  grows on a white background",
+        "small red circle grows on a white background",
+        "a small red circle grows and a small red circle grows and a small red circle grows on a white background",
+    ):
         assert w.parse_caption(bad) is None, bad
 
 
@@ -298,12 +303,15 @@ def test_score_caption():
     ref = "a small red circle moves left and a large blue square grows on a white background"
     full = w.score_caption(ref, ref)
     assert full["exact"] and full["correct"] == full["total"] == 10 and full["accuracy"] == 1.0
-    assert full["slots"] == {"background": (1, 1), "count": (1, 1), "size": (2, 2), "colour": (2, 2),
-                             "shape": (2, 2), "motion": (2, 2)}
+    assert full["slots"] == {"background": (1, 1), "count": (1, 1), "size": (2, 2), "colour": (2, 2), "shape": (2, 2), "motion": (2, 2)}
     # one wrong slot of each kind: (n - 1) / n
-    for old, new, slot in (("white", "black", "background"), ("blue", "green", "colour"),
-                           ("small red", "large red", "size"), ("square", "diamond", "shape"),
-                           ("moves left", "stays still", "motion")):
+    for old, new, slot in (
+        ("white", "black", "background"),
+        ("blue", "green", "colour"),
+        ("small red", "large red", "size"),
+        ("square", "diamond", "shape"),
+        ("moves left", "stays still", "motion"),
+    ):
         r = w.score_caption(ref.replace(old, new), ref)
         assert not r["exact"] and r["correct"] == 9 and r["total"] == 10 and r["accuracy"] == 0.9
         assert r["slots"][slot][0] == r["slots"][slot][1] - 1
@@ -378,8 +386,7 @@ def test_questions_follow_the_templates(world_sample):
 def test_write_mp4_round_trip(tmp_path):
     import av
 
-    s = Scene("gray", (obj("triangle", "small", "purple", "right", x=30, y=40),
-                       obj("diamond", "large", "yellow", "shrinks", x=80, y=80)))
+    s = Scene("gray", (obj("triangle", "small", "purple", "right", x=30, y=40), obj("diamond", "large", "yellow", "shrinks", x=80, y=80)))
     clip = w.render(s)
     path = tmp_path / "clip.mp4"
     w.write_mp4(clip, path)

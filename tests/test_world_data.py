@@ -1,4 +1,5 @@
 """demos/world_data.py: the demo bridge's training manifests."""
+
 from __future__ import annotations
 
 import json
@@ -9,18 +10,21 @@ from demos import world_data
 from qformer import world
 
 
-@pytest.mark.parametrize("question, answer, facts", [
-    ("what is the blue shape?", "rectangle", {"colour": "blue", "shape": "rectangle"}),
-    ("what color is the triangle?", "red", {"colour": "red", "shape": "triangle"}),
-    ("what is the color of the circle?", "teal", {"colour": "teal", "shape": "circle"}),
-    ("what color is the shape?", "gray", {"colour": "gray"}),
-    ("what shape does the image contain?", "circle", {"shape": "circle"}),
-    ("is there a red shape in the image?", "yes", {"colour": "red"}),
-    ("is there a red shape in the image?", "no", {}),
-    ("does the image not contain a rectangle?", "no", {"shape": "rectangle"}),
-    ("is no yellow shape present?", "yes", {}),
-    ("is there not a blue shape?", "no", {"colour": "blue"}),
-])
+@pytest.mark.parametrize(
+    "question, answer, facts",
+    [
+        ("what is the blue shape?", "rectangle", {"colour": "blue", "shape": "rectangle"}),
+        ("what color is the triangle?", "red", {"colour": "red", "shape": "triangle"}),
+        ("what is the color of the circle?", "teal", {"colour": "teal", "shape": "circle"}),
+        ("what color is the shape?", "gray", {"colour": "gray"}),
+        ("what shape does the image contain?", "circle", {"shape": "circle"}),
+        ("is there a red shape in the image?", "yes", {"colour": "red"}),
+        ("is there a red shape in the image?", "no", {}),
+        ("does the image not contain a rectangle?", "no", {"shape": "rectangle"}),
+        ("is no yellow shape present?", "yes", {}),
+        ("is there not a blue shape?", "no", {"colour": "blue"}),
+    ],
+)
 def test_easy_vqa_questions_say_what_they_say_about_the_shape(question, answer, facts):
     assert world_data.easy_facts(question, answer) == facts
 

@@ -8,7 +8,7 @@ antialiasing. Each shape fills the pixel box `WorldObject.box_at` gives for the 
 from __future__ import annotations
 
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 from os import PathLike
 
 import numpy as np
@@ -19,7 +19,7 @@ from .scenes import BACKGROUNDS, COLOURS, FPS, FRAMES, HEIGHT, SHAPES, WIDTH, Sc
 # Rendering.
 
 
-@lru_cache(maxsize=None)
+@cache
 def shape_mask(shape: str, side: int) -> np.ndarray:
     """Boolean (side, side) mask of a shape filling a side x side box.
 

@@ -39,11 +39,7 @@ def questions(scene: Scene) -> list[tuple[str, str]]:
     shapes = [o.shape for o in objs]
     colours = [o.colour for o in objs]
     qa += [(f"what color is the {o.shape}?", o.colour) for o in objs if shapes.count(o.shape) == 1]
-    qa += [
-        (f"what shape is the {o.colour} object?", o.shape)
-        for o in objs
-        if colours.count(o.colour) == 1
-    ]
+    qa += [(f"what shape is the {o.colour} object?", o.shape) for o in objs if colours.count(o.colour) == 1]
     # (colour, shape) is unique within a legal scene, so these always apply.
     qa += [(f"what does the {o.colour} {o.shape} do?", MOTION_PHRASES[o.motion]) for o in objs]
     qa += [(f"is the {o.colour} {o.shape} small or large?", o.size) for o in objs]

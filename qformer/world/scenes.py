@@ -29,9 +29,9 @@ Every choice WORLD.md leaves open here is written down next to the code that mak
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
+from functools import cache
 
 import numpy as np
 
@@ -101,7 +101,7 @@ def _offset_at(motion: str, t: int) -> tuple[int, int]:
     }.get(motion, (0, 0))
 
 
-@lru_cache(maxsize=None)  # 14 possible arguments; the sampler calls it constantly
+@cache  # 14 possible arguments; the sampler calls it constantly
 def start_range(size: str, motion: str) -> tuple[int, int, int, int]:
     """Inclusive (x_min, x_max, y_min, y_max) of frame-0 centres that keep the
     object's box inside the frame in all 16 frames (same for every shape)."""
@@ -249,9 +249,7 @@ def _sample_object(rng: np.random.Generator) -> WorldObject:
     return WorldObject(shape, size, colour, motion, x, y)
 
 
-def sample_scene(
-    rng: np.random.Generator, accept: Callable[[Scene], bool] | None = None
-) -> Scene:
+def sample_scene(rng: np.random.Generator, accept: Callable[[Scene], bool] | None = None) -> Scene:
     """Draw one world scene by rejection sampling.
 
     The background and the object count (one or two, equally likely) are
@@ -290,9 +288,7 @@ def _reserved_for_test(scene: Scene) -> bool:
     is a pseudo-random 1/8 of the space, so test-iid still follows the train
     distribution.
     """
-    key = scene.background + "|" + ";".join(
-        f"{o.shape},{o.size},{o.colour},{o.motion},{o.x},{o.y}" for o in scene.objects
-    )
+    key = scene.background + "|" + ";".join(f"{o.shape},{o.size},{o.colour},{o.motion},{o.x},{o.y}" for o in scene.objects)
     digest = hashlib.sha256(key.encode("ascii")).digest()
     return int.from_bytes(digest[:8], "big") % _TEST_IID_SHARE == 0
 

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from .language import MOTION_PHRASES
 from .scenes import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene
@@ -29,7 +29,7 @@ class ParsedCaption:
     objects: tuple[ParsedObject, ...]
 
     @classmethod
-    def from_scene(cls, scene: Scene) -> "ParsedCaption":
+    def from_scene(cls, scene: Scene) -> ParsedCaption:
         return cls(
             scene.background,
             tuple(ParsedObject(o.size, o.colour, o.shape, o.motion) for o in scene.objects),
@@ -41,13 +41,8 @@ def _alternatives(words: Iterable[str]) -> str:
 
 
 _PHRASE_TO_MOTION = {phrase: motion for motion, phrase in MOTION_PHRASES.items()}
-_OBJECT_RE = (
-    f"a ({_alternatives(SIZES)}) ({_alternatives(COLOURS)}) "
-    f"({_alternatives(SHAPES)}) ({_alternatives(_PHRASE_TO_MOTION)})"
-)
-_CAPTION_RE = re.compile(
-    f"{_OBJECT_RE}(?: and {_OBJECT_RE})? on a ({_alternatives(BACKGROUNDS)}) background"
-)
+_OBJECT_RE = f"a ({_alternatives(SIZES)}) ({_alternatives(COLOURS)}) ({_alternatives(SHAPES)}) ({_alternatives(_PHRASE_TO_MOTION)})"
+_CAPTION_RE = re.compile(f"{_OBJECT_RE}(?: and {_OBJECT_RE})? on a ({_alternatives(BACKGROUNDS)}) background")
 
 
 def normalise(text: str) -> str:
