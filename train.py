@@ -39,6 +39,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from adapters.video import SAMPLINGS
 from qformer import Bridge, BridgeConfig, QFormerConfig
 from qformer.bridge import read_bridge_config, read_bridge_dir
 from qformer.build import MINILM, from_bridge, new_bridge
@@ -103,6 +104,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "carry motion (an --init-from bridge keeps its own choice)",
     )
     p.add_argument("--fps", type=float, default=None, help="sample clips at this rate, at most --num-frames frames")
+    p.add_argument(
+        "--frame-sampling",
+        choices=SAMPLINGS,
+        default=None,
+        help=f"how --num-frames frames spread over a clip: segment centres, or from the first frame to the last "
+        f"(default {BridgeConfig.frame_sampling}, or the --init-from bridge's); the bridge keeps it for captioning",
+    )
     p.add_argument("--instruct", action="store_true", help="InstructBLIP: the question also enters the Q-Former (stage 2)")
     p.add_argument(
         "--caption-first",
@@ -229,6 +237,7 @@ def setup_bridge(args, stage: int) -> Bridge:
         vision_resolution=args.vision_resolution,
         llm=args.llm,
         num_frames=args.num_frames,
+        frame_sampling=args.frame_sampling,
         qformer_tokenizer=args.qformer_tokenizer,
         system_prompt=args.system_prompt,
     )
@@ -421,14 +430,16 @@ def setup_data(args, bridge: Bridge, plan: Plan):
     if args.cache_features:
         # Everything that changes the features is in the key: encoder, layer, resolution, frames, fps.
         spec = f"{cfg.vision}|layer={cfg.vision_layer}|res={cfg.vision_resolution}|frames={cfg.num_frames}|fps={args.fps}"
+        # (Written only when not the default, so caches filled before frame sampling was a choice stay valid.)
+        spec += "" if cfg.frame_sampling == BridgeConfig.frame_sampling else f"|sampling={cfg.frame_sampling}"
         cache = FeatureCache(args.cache_features, spec)
-    train_set = ClipDataset(plan.sources, cfg.num_frames, args.fps, bridge.vision.preprocess, cache)
+    train_set = ClipDataset(plan.sources, cfg.num_frames, args.fps, bridge.vision.preprocess, cache, cfg.frame_sampling)
     sampler = MixedBatchSampler([len(s) for s in plan.sources], [w for _, w in plan.data], args.batch_size, args.seed)
     loader_kwargs = dict(collate_fn=collate, num_workers=args.num_workers)
     train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs)
     eval_loader = None
     if plan.eval_sources:
-        eval_set = ClipDataset(plan.eval_sources, cfg.num_frames, args.fps, bridge.vision.preprocess, cache)
+        eval_set = ClipDataset(plan.eval_sources, cfg.num_frames, args.fps, bridge.vision.preprocess, cache, cfg.frame_sampling)
         eval_loader = DataLoader(eval_set, batch_sampler=BatchSampler(SequentialSampler(eval_set), args.batch_size, False), **loader_kwargs)
     return train_set, sampler, train_loader, eval_loader, cache
 

@@ -4,12 +4,18 @@ This is the first step of the data flow: a file (or an image or array already
 in memory) becomes a `Clip` of frames `(T, H, W, 3)` for the vision encoder.
 
 Sampling, for a video stream that starts at time 0 and lasts D seconds:
-- `num_frames=T`: the centres of T equal segments, t_i = (i + 0.5) * D / T.
-  Centres rather than segment starts so that neither the first nor the last
-  frame of a clip (often a fade or black) is favoured, and T=1 is the middle.
+- `num_frames=T` with `sampling="centres"` (the default): the centres of T
+  equal segments, t_i = (i + 0.5) * D / T. Centres rather than segment starts
+  so that neither the first nor the last frame of a clip (often a fade or
+  black) is favoured, and T=1 is the middle.
+- `num_frames=T` with `sampling="ends"`: T times evenly spaced from the first
+  frame to the last, t_i = i * (D - d) / (T - 1) for a frame duration d (the
+  stream's rate); T=1 is the first frame. For clips whose first frame matters
+  (the generated world orders its objects by where they are in frame 0) and
+  whose motion should be seen end to end.
 - `fps=f`: t_i = i / f for every t_i < D. If `num_frames` is also given and
   that is more than `num_frames` frames, the capped count is spread over the
-  whole clip (uniform centres as above) rather than keeping only its start,
+  whole clip (by `sampling`, as above) rather than keeping only its start,
   so a caption still sees the whole clip.
 - the frame chosen for time t is the one on screen at t: the last frame whose
   timestamp is <= t (with 1 ms of slack for containers that round timestamps
@@ -55,6 +61,9 @@ from pathlib import Path
 import av
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+# How num_frames frames are spread over a clip (see the module docstring).
+SAMPLINGS = ("centres", "ends")
 
 VIDEO_EXTENSIONS = frozenset(
     {
@@ -145,8 +154,11 @@ def read_clip(
     max_pixels: int = MAX_PIXELS,
     max_side: int | None = None,
     max_duration_s: float | None = None,
+    sampling: str = "centres",
 ) -> Clip:
     """Decode `num_frames` frames (or one every 1/fps s) of a video, or an image as one frame.
+
+    `sampling` spreads the frames at segment centres or from the first frame to the last (module docstring).
 
     Frames larger than `max_pixels` (width * height, read from the header
     before any pixel is decoded) are refused. `max_side` shrinks frames while
@@ -167,11 +179,13 @@ def read_clip(
         raise ValueError(f"max_side must be at least 2, got {max_side!r}")
     if max_duration_s is not None and not (isinstance(max_duration_s, numbers.Real) and max_duration_s > 0):
         raise ValueError(f"max_duration_s must be a positive number, got {max_duration_s!r}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
 
     path = os.fspath(path)
     _check_file(path)
     decoders = [
-        partial(_read_video, path, num_frames, fps, max_pixels, max_side, max_duration_s),
+        partial(_read_video, path, num_frames, fps, max_pixels, max_side, max_duration_s, sampling),
         partial(_read_image, path, max_pixels, max_side),
     ]
     # The extension only decides which decoder tries first; the content decides.
@@ -196,20 +210,23 @@ def decode_side(vision) -> int | None:
     return 2 * int(side) if side else None
 
 
-def as_clip(item, num_frames: int | None = 8, fps: float | None = None) -> Clip:
+def as_clip(item, num_frames: int | None = 8, fps: float | None = None, sampling: str = "centres") -> Clip:
     """Turn a path, a PIL image, a uint8 array (H, W, 3) or (T, H, W, 3), or a Clip into a Clip.
 
-    Paths are sampled (num_frames, fps). A (T, H, W, 3) array is sampled with the
-    same rule as a constant-rate file of T frames, frame floor((i + 0.5) * T / n)
-    for n = num_frames, so a clip rendered in memory and its video file give the
-    same frames; with num_frames None it is kept whole. An array carries no
+    Paths are sampled (num_frames, fps, sampling). A (T, H, W, 3) array is sampled
+    with the same rule as a constant-rate file of T frames, frame floor((i + 0.5) * T / n)
+    for n = num_frames (sampling "ends": floor(i * (T - 1) / (n - 1))), so a clip
+    rendered in memory and its video file give the same frames; with num_frames
+    None it is kept whole. An array carries no
     timing, so its timestamps are frame indices divided by `fps` (by 1 when
     fps is None). PIL images are one-frame clips; a Clip is returned as it is.
     """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
     if isinstance(item, Clip):
         return item
     if isinstance(item, (str, os.PathLike)):
-        return read_clip(item, num_frames=num_frames, fps=fps)
+        return read_clip(item, num_frames=num_frames, fps=fps, sampling=sampling)
     if isinstance(item, Image.Image):
         name = getattr(item, "filename", "") or None
         _check_size(name or "<PIL image>", *item.size, max_pixels=MAX_PIXELS)
@@ -227,7 +244,10 @@ def as_clip(item, num_frames: int | None = 8, fps: float | None = None) -> Clip:
         _check_size("<array>", frames.shape[2], frames.shape[1], max_pixels=MAX_PIXELS)
         index = np.arange(len(frames))
         if num_frames is not None and frames.shape[0] > 1:
-            index = ((np.arange(num_frames) + 0.5) * len(frames) / num_frames).astype(np.int64)
+            if sampling == "ends":
+                index = np.arange(num_frames) * (len(frames) - 1) // max(num_frames - 1, 1)
+            else:
+                index = ((np.arange(num_frames) + 0.5) * len(frames) / num_frames).astype(np.int64)
             frames = frames[index]
         step = 1.0 / fps if fps else 1.0
         return Clip(frames=frames, timestamps=[float(i) * step for i in index], duration_s=0.0, path=None)
@@ -316,12 +336,12 @@ def _pil_to_rgb(image: Image.Image, max_side: int | None) -> np.ndarray:
 # ---------------------------------------------------------------- videos
 
 
-def _read_video(path: str, num_frames, fps, max_pixels, max_side, max_duration_s) -> Clip:
+def _read_video(path: str, num_frames, fps, max_pixels, max_side, max_duration_s, sampling) -> Clip:
     try:
         try:
-            return _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, seek=True)
+            return _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, sampling, seek=True)
         except _SeekUnreliable:
-            return _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, seek=False)
+            return _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, sampling, seek=False)
     except av.error.FFmpegError as e:
         raise ClipError(f"{path}: cannot decode video (corrupt or truncated?): {e}") from None
 
@@ -335,7 +355,7 @@ def _open(path: str):
         raise _NotAVideo(str(e)) from None
 
 
-def _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, seek: bool) -> Clip:
+def _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, sampling, seek: bool) -> Clip:
     with _open(path) as container:
         if not container.streams.video:
             raise _NotAVideo("no video stream")
@@ -355,7 +375,7 @@ def _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, s
         duration = _duration(path, container, stream, max_duration_s)
         if max_duration_s is not None and duration > max_duration_s:
             raise ClipError(f"{path}: the clip lasts {float(duration):.1f} s, longer than the limit of {max_duration_s:g} s")
-        times = _sample_times(duration, num_frames, fps)
+        times = _sample_times(duration, num_frames, fps, sampling, _frame_step(stream) * time_base)
         if len(times) * out_width * out_height * 3 > _MAX_OUTPUT_BYTES:
             raise ClipError(
                 f"{path}: {len(times)} frames of {out_width}x{out_height} would need more than "
@@ -405,13 +425,16 @@ def _frame_step(stream) -> Fraction:
     return 1 / (Fraction(rate) * stream.time_base)
 
 
-def _sample_times(duration: Fraction, num_frames: int | None, fps: float | None) -> list[Fraction]:
-    """Seconds from the start of the stream to sample at; see the module docstring."""
+def _sample_times(duration: Fraction, num_frames: int | None, fps: float | None, sampling: str, frame: Fraction) -> list[Fraction]:
+    """Seconds from the start of the stream to sample at; see the module docstring. `frame`: one frame's duration."""
     if fps is not None:
         step = 1 / Fraction(fps).limit_denominator(1_000_000)
         count = max(1, math.ceil(duration / step))
         if num_frames is None or count <= num_frames:
             return [i * step for i in range(count)]
+    if sampling == "ends":
+        last = max(duration - frame, Fraction(0))  # the last frame's start
+        return [i * last / max(num_frames - 1, 1) for i in range(num_frames)]
     return [(2 * i + 1) * duration / (2 * num_frames) for i in range(num_frames)]
 
 

@@ -40,7 +40,9 @@ def frame_features(bridge: Bridge, scenes, batch_size: int = 32) -> torch.Tensor
     for i in range(0, len(scenes), batch_size):
         px = torch.stack(
             [
-                bridge.vision.preprocess(as_clip(world.render(s), num_frames=bridge.config.num_frames).frames)
+                bridge.vision.preprocess(
+                    as_clip(world.render(s), num_frames=bridge.config.num_frames, sampling=bridge.config.frame_sampling).frames
+                )
                 for s in scenes[i : i + batch_size]
             ]
         )

@@ -368,7 +368,9 @@ class Bridge(nn.Module):
 
         num_frames = num_frames or self.config.num_frames
         histories = histories or [[] for _ in items]
-        pixels = [self.vision.preprocess(as_clip(it, num_frames=num_frames).frames) for it in items]  # (T, 3, H, W) each
+        pixels = [
+            self.vision.preprocess(as_clip(it, num_frames=num_frames, sampling=self.config.frame_sampling).frames) for it in items
+        ]  # (T, 3, H, W) each
         answers: list[str | None] = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
         for i, px in enumerate(pixels):

@@ -130,10 +130,17 @@ class BridgeConfig:
     # built-in one (SmolLM2's costs 20 tokens of every training step).
     system_prompt: str | None = None
     num_frames: int = 4
+    # How those frames spread over a clip: "centres" of equal segments (the shipped bridge's), or "ends", from the
+    # first frame to the last (adapters/video.py), for clips whose first frame decides something.
+    frame_sampling: str = "centres"
 
     def validate(self) -> None:
         """A ValueError naming the first field of a wrong type or beyond its BOUNDS, here or in the nested configs."""
         _validate(self)
+        from adapters.video import SAMPLINGS  # the clip reader knows its samplings; PyAV loads with it
+
+        if self.frame_sampling not in SAMPLINGS:
+            raise ValueError(f"frame_sampling must be one of {', '.join(SAMPLINGS)}, not {self.frame_sampling!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -235,9 +235,20 @@ class Sample:
 class DecodedItems(torch.utils.data.Dataset):
     """Decode, sample and preprocess one item per call; every failure becomes a Sample with its error."""
 
-    def __init__(self, items: Sequence[Item], preprocess: Callable, num_frames: int | None, fps: float | None, max_side: int | None):
+    def __init__(
+        self,
+        items: Sequence[Item],
+        preprocess: Callable,
+        num_frames: int | None,
+        fps: float | None,
+        max_side: int | None,
+        sampling: str = "centres",
+    ):
         self.items, self.preprocess = items, preprocess
-        self.num_frames, self.fps, self.max_side = num_frames, fps, max_side
+        self.num_frames, self.fps, self.max_side, self.sampling = num_frames, fps, max_side, sampling
+
+    def _read_file(self, path: str):
+        return read_clip(path, num_frames=self.num_frames, fps=self.fps, max_side=self.max_side, sampling=self.sampling)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -257,7 +268,7 @@ class DecodedItems(torch.utils.data.Dataset):
 
     def _read(self, item: Item):
         if item.blob is None:
-            return read_clip(item.path, num_frames=self.num_frames, fps=self.fps, max_side=self.max_side)
+            return self._read_file(item.path)
         where, column, row = item.blob
         cell = _dataset_table(where).column(column)[row].as_py()
         suffix = os.path.splitext(cell.get("path") or "")[1] or ".bin"
@@ -266,7 +277,7 @@ class DecodedItems(torch.utils.data.Dataset):
             f.write(cell["bytes"])
             f.flush()
             try:
-                return read_clip(f.name, num_frames=self.num_frames, fps=self.fps, max_side=self.max_side)
+                return self._read_file(f.name)
             except ClipError as e:
                 raise ClipError(str(e).replace(f.name, item.path)) from None
 
@@ -654,7 +665,8 @@ def recaption(
         failures: list[dict] = []
         waiting = 0
         bridge.eval()
-        dataset = DecodedItems(pending, bridge.vision.preprocess, num_frames, fps, decode_side(bridge.vision))
+        sampling = bridge.config.frame_sampling
+        dataset = DecodedItems(pending, bridge.vision.preprocess, num_frames, fps, decode_side(bridge.vision), sampling)
         with torch.inference_mode():
             for sample in _loader(dataset, min(workers, len(pending)), batch_size, journal):
                 if sample.error is not None:

@@ -52,6 +52,7 @@ class ChatSession:
         clip = read_clip(
             path,
             num_frames=self.bridge.config.num_frames,
+            sampling=self.bridge.config.frame_sampling,
             max_pixels=max_pixels,
             max_side=decode_side(self.bridge.vision),
             max_duration_s=max_duration_s,

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import qformer.bridge
 from adapters.checkpoint import CheckpointError
-from qformer import Bridge, chat, cli
+from qformer import Bridge, BridgeConfig, chat, cli
 
 
 class Planted:
@@ -189,3 +189,10 @@ def test_a_config_that_is_not_json_or_too_large_to_be_one_is_refused(saved):
     )
     config.write_text(" " * (2**20 + 1))
     assert _error(saved) == f"{config}: 1048577 bytes, too large for a bridge config (at most 1048576)"
+
+
+def test_a_frame_sampling_the_clip_reader_does_not_know_is_refused():
+    config = BridgeConfig(frame_sampling="middle")
+    with pytest.raises(ValueError, match="frame_sampling must be one of centres, ends, not 'middle'"):
+        config.validate()
+    BridgeConfig(frame_sampling="ends").validate()

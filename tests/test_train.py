@@ -966,3 +966,20 @@ def test_stage_1_trains_on_the_chosen_losses_only(tiny_dirs, qformer_bert, capti
         train.main(_args(tiny_dirs, qformer_bert, tmp_path / "bad", "--stage1-losses", "itc,contrast", data=captions))
     with pytest.raises(SystemExit, match="--stage1-losses is for stage 1"):
         train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s2", "--stage1-losses", "itg", stage="2", data=captions))
+
+
+def test_frame_sampling_is_kept_by_the_bridge_and_keys_the_feature_cache(tiny_dirs, qformer_bert, vqa, tmp_path, capsys):
+    """--frame-sampling ends: the bridge records it, reads clips from their first frame to their last, and the
+    feature cache keeps those features apart from the segment centres' of the same clips."""
+    from qformer.session import ChatSession
+
+    cache = ["--cache-features", str(tmp_path / "cache"), "--max-steps", "1"]
+    centres = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "centres", *cache, stage="2", data=vqa))
+    assert centres.config.frame_sampling == "centres"
+    assert "4 samples encoded" in capsys.readouterr().out
+    ends = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "ends", *cache, "--frame-sampling", "ends", stage="2", data=vqa))
+    assert "4 samples encoded" in capsys.readouterr().out  # not the centres' features again
+    assert ends.config.frame_sampling == Bridge.from_pretrained(tmp_path / "ends").config.frame_sampling == "ends"
+    clip = str(Path(vqa).parent / "clips" / "red.mp4")  # 6 frames at 6 fps, 2 read
+    assert ChatSession(ends).load(clip).timestamps == pytest.approx([0.0, 5 / 6], abs=2e-3)
+    assert ChatSession(centres).load(clip).timestamps == pytest.approx([1 / 6, 4 / 6], abs=2e-3)

@@ -120,6 +120,19 @@ def test_uniform_sampling_takes_segment_centres(clips, name):
     assert indices(read_clip(path, num_frames=5)) == [3, 9, 16, 22, 28]
 
 
+@pytest.mark.parametrize("name", [*CONTAINERS, "anim.gif"])
+def test_sampling_from_the_first_frame_to_the_last(clips, name):
+    path = clip_path(clips, name)
+    # 0 .. 3.1 s (the last frame's start) in 3 and 4 steps
+    assert indices(read_clip(path, num_frames=4, sampling="ends")) == [0, 10, 20, 31]
+    assert indices(read_clip(path, num_frames=5, sampling="ends")) == [0, 7, 15, 23, 31]
+    assert indices(read_clip(path, num_frames=1, sampling="ends")) == [0]
+    # capped fps sampling spreads its frames the same way
+    assert indices(read_clip(path, num_frames=4, fps=2.5, sampling="ends")) == [0, 10, 20, 31]
+    with pytest.raises(ValueError, match="sampling must be one of centres, ends, got 'middle'"):
+        read_clip(path, num_frames=4, sampling="middle")
+
+
 def test_fps_sampling(clips):
     path = clips["h264.mp4"]
     clip = read_clip(path, num_frames=None, fps=2.5)  # one frame every 0.4 s of 3.2 s
@@ -305,6 +318,8 @@ def test_arrays_are_sampled_like_their_video_files(clips):
     for T in (1, 5, 8, 2 * N_FRAMES):
         from_array = [int(f[0, 0, 0]) for f in as_clip(frames, num_frames=T).frames]
         assert from_array == indices(read_clip(clips["h264.mp4"], num_frames=T))
+        from_array = [int(f[0, 0, 0]) for f in as_clip(frames, num_frames=T, sampling="ends").frames]
+        assert from_array == indices(read_clip(clips["h264.mp4"], num_frames=T, sampling="ends"))
 
 
 @pytest.mark.parametrize(
