@@ -38,12 +38,13 @@ demo: setup
 	@$(PY) -c "import json; [print(r['path'], '|', r['caption'] if r['error'] is None else 'ERROR ' + r['error']) for r in map(json.loads, open('demos/captions.jsonl'))]"
 
 # Retrain the default bridge from nothing, in the background (about 4 hours on 2 CPU cores with AMX,
-# twice that without); rerun to continue after a kill. Progress: runs/demo-bridge/train.log;
-# result: runs/demo-bridge/{bridge,scores.json}.
+# twice that without); rerun to continue after a kill. The run lives outside the repository, in
+# $(RUNS)/demo-bridge: progress in train.log, the result in bridge/ and scores.json.
+RUNS ?= $(or $(QFORMER_RUNS),$(HOME)/qformer-runs)
 bridge: setup
-	mkdir -p runs/demo-bridge
-	nohup env PYTHON=$(abspath $(PY)) demos/train_bridge.sh runs/demo-bridge >> runs/demo-bridge/train.log 2>&1 &
-	@echo "training in the background; follow it with: tail -f runs/demo-bridge/train.log"
+	mkdir -p $(RUNS)/demo-bridge
+	nohup env PYTHON=$(abspath $(PY)) demos/train_bridge.sh $(RUNS)/demo-bridge >> $(RUNS)/demo-bridge/train.log 2>&1 &
+	@echo "training in the background; follow it with: tail -f $(RUNS)/demo-bridge/train.log"
 
 # Lint and format check (ruff, configured in pyproject.toml); `$(PY) -m ruff format .` applies the format.
 lint: setup

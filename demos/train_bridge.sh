@@ -3,16 +3,17 @@
 # world data -> stage 1 -> stage 2a (projection) -> stage 2b (instructed VQA) -> stage 2c (caption-first VQA)
 # -> stage 2d (three times the clips, mostly captions) -> a half-precision copy to ship -> scores.
 #
-#   demos/train_bridge.sh [OUT]        OUT defaults to runs/demo-bridge
-#   make bridge                        the same, in the background, logging to runs/demo-bridge/train.log
+#   demos/train_bridge.sh [OUT]        OUT defaults to $QFORMER_RUNS/demo-bridge ($QFORMER_RUNS: ~/qformer-runs)
+#   make bridge                        the same, in the background, logging to OUT/train.log
 #
-# Resumable: rerun the same command after a kill; each stage continues from its last checkpoint and a
-# finished stage is not run again. Afterwards OUT/bridge is the bridge to copy to demos/bridge, and
+# The run lives outside the repository, so a clone, a checkout or a clean never touches it, and hours of CPU
+# outlive the shell that started them. Resumable: rerun the same command after a kill; each stage continues
+# from its last checkpoint (mid-stage, every --save-every steps) and a finished stage is not run again. Afterwards OUT/bridge is the bridge to copy to demos/bridge, and
 # OUT/scores.json holds what bench/quality.py measured on it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-OUT=${1:-runs/demo-bridge}
+OUT=${1:-${QFORMER_RUNS:-$HOME/qformer-runs}/demo-bridge}
 PY=${PYTHON:-python}
 STAGE1_STEPS=${STAGE1_STEPS:-800}
 STAGE2A_STEPS=${STAGE2A_STEPS:-150}
@@ -21,19 +22,23 @@ STAGE2C_STEPS=${STAGE2C_STEPS:-1500}
 STAGE2D_STEPS=${STAGE2D_STEPS:-2000}
 CLIPS=${CLIPS:-4000}
 CLIPS2D=${CLIPS2D:-12000}
-# The new Q-Former's cross-attention: every 2nd layer (BLIP-2's, and the shipped bridge's); 1 is every layer,
-# which bench/reading.py finds reads a second object much better (README), for a retrain not yet run to the end.
-CROSS_ATTENTION_EVERY=${CROSS_ATTENTION_EVERY:-2}
-# The new Q-Former's queries: 16, the shipped bridge's. With cross-attention in every layer, 32 read the second
-# object's colour far better in bench/reading.py (README), for a retrain not yet run to the end.
-NUM_QUERIES=${NUM_QUERIES:-16}
+# The new Q-Former's reading room: cross-attention in every layer and the library's 32 queries, which read a
+# clip's second object far better than the first default bridge's every-2nd-layer and 16 queries
+# (python -m bench.reading: its colour 0.924 against 0.688; bench/README.md). CROSS_ATTENTION_EVERY=2
+# NUM_QUERIES=16 FRAME_SAMPLING=centres is the first default bridge's recipe.
+CROSS_ATTENTION_EVERY=${CROSS_ATTENTION_EVERY:-1}
+NUM_QUERIES=${NUM_QUERIES:-32}
+# Frames from the first to the last: the world names the leftmost object in frame 0 first, and segment centres
+# (frames 2, 6, 10, 14 of 16) never show frame 0; captioning the first bridge's clips with frames 0, 5, 10, 15
+# halved its two-object order errors (0.070 to 0.035) even untrained for them (demos/bridge/HISTORY.md).
+FRAME_SAMPLING=${FRAME_SAMPLING:-ends}
 export HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 
 # Frozen features shared by both stages: EfficientNet-Lite0 block 7, 8x8 tokens of 80 at 128 px, 4 frames
 # per clip. The final 4x4 map is too coarse for 20 px objects and their motion; block 10 (same grid, 112
 # wide) has shape as plainly but colour faintly (see the model card).
-VISION=(--vision-resolution 128 --vision-layer 7 --num-frames 4 --cache-features "$OUT/features")
+VISION=(--vision-resolution 128 --vision-layer 7 --num-frames 4 --frame-sampling "$FRAME_SAMPLING" --cache-features "$OUT/features")
 # bf16 autocast over all of stage 2's forward (Q-Former and LLM) where the CPU multiplies bf16 natively
 # (AMX or AVX512-BF16: a step of stage 2b took 1.5 s, see the model card); fp32 elsewhere, since without
 # them torch emulates bf16: on an AVX2-only CPU the first bf16 step of stage 2 took 117 s, an fp32 step
