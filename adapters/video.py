@@ -17,6 +17,11 @@ Sampling, for a video stream that starts at time 0 and lasts D seconds:
   that is more than `num_frames` frames, the capped count is spread over the
   whole clip (by `sampling`, as above) rather than keeping only its start,
   so a caption still sees the whole clip.
+- a span `start_s`/`end_s` (seconds from the start of the stream; a shot, or a manifest row's
+  `start`/`end`) samples inside it by the same rules, as if the clip were [start_s, end_s): its
+  duration is end_s - start_s and every t_i above is offset by start_s. Frames outside the span are
+  neither sampled nor decoded (the reader seeks to start_s). An end_s past the clip's end stops at the
+  end; a span that starts at or after the end is a ClipError. Still images ignore the span.
 - the frame chosen for time t is the one on screen at t: the last frame whose
   timestamp is <= t (with 1 ms of slack for containers that round timestamps
   to milliseconds). Not "the first frame at or after t": with centre times
@@ -155,10 +160,13 @@ def read_clip(
     max_side: int | None = None,
     max_duration_s: float | None = None,
     sampling: str = "centres",
+    start_s: float = 0.0,
+    end_s: float | None = None,
 ) -> Clip:
     """Decode `num_frames` frames (or one every 1/fps s) of a video, or an image as one frame.
 
-    `sampling` spreads the frames at segment centres or from the first frame to the last (module docstring).
+    `sampling` spreads the frames at segment centres or from the first frame to the last (module docstring),
+    within the span [start_s, end_s) (end_s None: the clip's end).
 
     Frames larger than `max_pixels` (width * height, read from the header
     before any pixel is decoded) are refused. `max_side` shrinks frames while
@@ -181,11 +189,15 @@ def read_clip(
         raise ValueError(f"max_duration_s must be a positive number, got {max_duration_s!r}")
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
+    if not (isinstance(start_s, numbers.Real) and math.isfinite(start_s) and start_s >= 0):
+        raise ValueError(f"start_s must be a finite number >= 0, got {start_s!r}")
+    if end_s is not None and not (isinstance(end_s, numbers.Real) and math.isfinite(end_s) and end_s > start_s):
+        raise ValueError(f"end_s must be a finite number after start_s={start_s!r}, got {end_s!r}")
 
     path = os.fspath(path)
     _check_file(path)
     decoders = [
-        partial(_read_video, path, num_frames, fps, max_pixels, max_side, max_duration_s, sampling),
+        partial(_read_video, path, num_frames, fps, max_pixels, max_side, max_duration_s, sampling, (start_s, end_s)),
         partial(_read_image, path, max_pixels, max_side),
     ]
     # The extension only decides which decoder tries first; the content decides.
@@ -336,12 +348,12 @@ def _pil_to_rgb(image: Image.Image, max_side: int | None) -> np.ndarray:
 # ---------------------------------------------------------------- videos
 
 
-def _read_video(path: str, num_frames, fps, max_pixels, max_side, max_duration_s, sampling) -> Clip:
+def _read_video(path: str, num_frames, fps, max_pixels, max_side, max_duration_s, sampling, span) -> Clip:
     try:
         try:
-            return _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, sampling, seek=True)
+            return _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, sampling, span, seek=True)
         except _SeekUnreliable:
-            return _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, sampling, seek=False)
+            return _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, sampling, span, seek=False)
     except av.error.FFmpegError as e:
         raise ClipError(f"{path}: cannot decode video (corrupt or truncated?): {e}") from None
 
@@ -355,7 +367,7 @@ def _open(path: str):
         raise _NotAVideo(str(e)) from None
 
 
-def _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, sampling, seek: bool) -> Clip:
+def _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, sampling, span, seek: bool) -> Clip:
     with _open(path) as container:
         if not container.streams.video:
             raise _NotAVideo("no video stream")
@@ -375,7 +387,12 @@ def _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, s
         duration = _duration(path, container, stream, max_duration_s)
         if max_duration_s is not None and duration > max_duration_s:
             raise ClipError(f"{path}: the clip lasts {float(duration):.1f} s, longer than the limit of {max_duration_s:g} s")
-        times = _sample_times(duration, num_frames, fps, sampling, _frame_step(stream) * time_base)
+        # Seconds as written (2.6, not the binary float just above it), as fps is read.
+        first, last = (None if s is None else Fraction(s).limit_denominator(1_000_000) for s in span)
+        last = duration if last is None else min(last, duration)
+        if first >= last:
+            raise ClipError(f"{path}: the span from {span[0]:g} s starts at or after the clip's end ({float(duration):.3f} s)")
+        times = [first + t for t in _sample_times(last - first, num_frames, fps, sampling, _frame_step(stream) * time_base)]
         if len(times) * out_width * out_height * 3 > _MAX_OUTPUT_BYTES:
             raise ClipError(
                 f"{path}: {len(times)} frames of {out_width}x{out_height} would need more than "

@@ -7,6 +7,7 @@ frames were sampled.
 
 import io
 import os
+import re
 import struct
 import zlib
 from fractions import Fraction
@@ -150,6 +151,25 @@ def test_fps_sampling(clips):
     fast = read_clip(path, num_frames=None, fps=20)
     assert len(fast.frames) == 64
     assert indices(fast) == [i // 2 for i in range(64)]
+
+
+@pytest.mark.parametrize("name", [*CONTAINERS, "anim.gif"])
+def test_a_span_is_sampled_inside_it_by_the_same_rules(clips, name):
+    path = clip_path(clips, name)
+    # [1.0, 2.6) s: centres of 4 segments of 0.4 s at 1.2, 1.6, 2.0, 2.4 s
+    clip = read_clip(path, num_frames=4, start_s=1.0, end_s=2.6)
+    assert indices(clip) == [12, 16, 20, 24]
+    assert clip.duration_s == pytest.approx(N_FRAMES / FPS, abs=0.05)  # the whole clip's, as without a span
+    # from the span's first frame (1.0 s) to its last (2.5 s)
+    assert indices(read_clip(path, num_frames=4, sampling="ends", start_s=1.0, end_s=2.6)) == [10, 15, 20, 25]
+    assert indices(read_clip(path, num_frames=None, fps=2.5, start_s=1.0, end_s=2.6)) == [10, 14, 18, 22]
+    # an end past the clip's stops at its end (3.2 s): centres of [1.0, 3.2) at 1.275, 1.825, 2.375, 2.925 s
+    assert indices(read_clip(path, num_frames=4, start_s=1.0, end_s=10.0)) == [12, 18, 23, 29]
+    assert indices(read_clip(path, num_frames=4, start_s=1.0)) == [12, 18, 23, 29]
+    with pytest.raises(ClipError, match=re.escape(f"{path}: the span from 3.5 s starts at or after the clip's end (3.200 s)")):
+        read_clip(path, num_frames=4, start_s=3.5, end_s=4.0)
+    with pytest.raises(ValueError, match="end_s must be a finite number after start_s=2.0, got 1.0"):
+        read_clip(path, num_frames=4, start_s=2.0, end_s=1.0)
 
 
 def test_short_clip_repeats_frames(tmp_path):
