@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+# transformers' vision-language checkpoints (model_type in their config.json) whose vision tower, Q-Former,
+# projection and language model the adapters and qformer.convert read: BLIP-2, InstructBLIP, InstructBLIP-Video.
+CHECKPOINT_TYPES = ("blip-2", "instructblip", "instructblipvideo")
 # A header is a few hundred bytes a tensor; 16 MiB describes some 100k tensors, more than any checkpoint
 # has, and bounds what a crafted length field can make the reader allocate and parse.
 MAX_HEADER_BYTES = 16 * 2**20

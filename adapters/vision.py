@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import CHECKPOINT_TYPES, load_prefixed
 from .offline import efficientnet_lite0_weights
 
 OFFLINE_VISION = ("efficientnet-lite0",)
@@ -152,6 +153,8 @@ class HFVision(FrozenModule):
         return h.float()  # (B, N, D); the Q-Former runs in fp32
 
 
+# The vision tower class of each checkpoint type in CHECKPOINT_TYPES.
+TOWERS = {"blip-2": "Blip2VisionModel", "instructblip": "InstructBlipVisionModel", "instructblipvideo": "InstructBlipVideoVisionModel"}
 # CLIP's statistics; BLIP-2 uses them too.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -166,7 +169,7 @@ def load_vision(
 ) -> nn.Module:
     """A frozen vision encoder from a built-in offline name, a local directory or a hub id.
 
-    A BLIP-2 checkpoint directory gives its vision tower (weights read from the checkpoint, nothing else).
+    A BLIP-2 or InstructBLIP (-Video) checkpoint directory gives its vision tower (weights read from the checkpoint, nothing else).
     """
     if spec == "efficientnet-lite0":
         return EfficientNetLite0(resolution or 224, layer)
@@ -174,13 +177,10 @@ def load_vision(
 
     local = os.path.isdir(spec)
     config = transformers.AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
-    if config.model_type in ("blip-2", "instructblip"):
+    if config.model_type in CHECKPOINT_TYPES:
         if not local:
             raise ValueError(f"{spec}: load BLIP-2 checkpoints from a local directory (save_pretrained or a download)")
-        tower_cls = getattr(transformers, "Blip2VisionModel" if config.model_type == "blip-2" else "InstructBlipVisionModel")
-        tower = tower_cls(config.vision_config)
-        from .checkpoint import load_prefixed
-
+        tower = getattr(transformers, TOWERS[config.model_type])(config.vision_config)
         missing, unexpected = tower.load_state_dict(load_prefixed(spec, "vision_model."), strict=False)
         if missing:
             raise ValueError(f"{spec}: vision tower weights missing from the checkpoint: {missing[:5]}")
@@ -202,7 +202,8 @@ def load_vision(
 
 def _image_processor(spec: str):
     """The model's own image processor when its files are there, else None (resize + CLIP statistics)."""
-    if os.path.isdir(spec) and not (Path(spec) / "preprocessor_config.json").exists():
+    # transformers 5 saves a processor's image processor in processor_config.json, earlier ones apart.
+    if os.path.isdir(spec) and not any((Path(spec) / name).exists() for name in ("preprocessor_config.json", "processor_config.json")):
         return None
     import transformers
 

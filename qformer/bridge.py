@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -25,7 +24,7 @@ from adapters.offline import minilm_dir
 from adapters.vision import load_vision
 
 from .config import CAPTION_BATCH_SIZE, MAX_NEW_TOKENS, BridgeConfig
-from .convert import blip2_bridge_config, blip2_weights
+from .convert import checkpoint_bridge_config, checkpoint_weights
 from .model import QFormer, QFormerHeads, count_parameters
 
 # The trained demo bridge shipped in the repository, used when no bridge is named.
@@ -113,6 +112,51 @@ def read_bridge_dir(directory: str | os.PathLike) -> tuple[BridgeConfig, dict[st
     return config, state
 
 
+def local_source(spec: str | os.PathLike) -> Path:
+    """The directory `spec` names: itself, or a hub id's snapshot (downloaded when the hub is reachable)."""
+    d = Path(spec)
+    if d.is_dir():
+        return d
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(str(spec)))
+    except HFValidationError:
+        raise FileNotFoundError(f"{spec}: no such bridge directory (nor a hub id)") from None
+
+
+def read_config(directory: str | os.PathLike) -> BridgeConfig:
+    """The validated config of a bridge directory or of a transformers BLIP-2 / InstructBLIP (-Video)
+    checkpoint directory, read without loading any weights."""
+    d = Path(directory)
+    if (d / CONFIG_NAME).exists():
+        return read_bridge_config(d)
+    if (d / "config.json").exists():
+        return checkpoint_bridge_config(d)
+    raise FileNotFoundError(
+        f"{d}: not a bridge directory (no {CONFIG_NAME}) nor a transformers BLIP-2 or InstructBLIP checkpoint (no config.json)"
+    )
+
+
+def read_source(directory: str | os.PathLike) -> tuple[BridgeConfig, dict[str, torch.Tensor]]:
+    """The config and trainable weights of either kind of directory read_config reads, checked before any
+    backbone loads: a bridge directory as read_bridge_dir checks it; a checkpoint's config against the
+    bounds, its weights files' headers (adapters.checkpoint), then the weights' shapes against those the
+    config implies and their values (finite). Anything wrong is one CheckpointError naming the file."""
+    d = Path(directory)
+    if (d / CONFIG_NAME).exists():
+        return read_bridge_dir(d)
+    config = read_config(d)
+    state = checkpoint_weights(d, config)
+    for name, shape in trainable_shapes(config).items():
+        if tuple(state[name].shape) != shape:
+            raise CheckpointError(f"{d}: {name} has shape {tuple(state[name].shape)}, {d / 'config.json'} implies {shape}")
+        if not torch.isfinite(state[name]).all():
+            raise CheckpointError(f"{d}: {name} holds NaN or infinite values")
+    return config, state
+
+
 @dataclass
 class BridgeOutput:
     logits: torch.Tensor | None  # (B, L, V) at the text positions; None when only the loss was asked for
@@ -151,17 +195,6 @@ class Bridge(nn.Module):
 
     # ---- construction and persistence -------------------------------------------------------------
 
-    @classmethod
-    def from_blip2(cls, path: str | os.PathLike) -> Bridge:
-        """A bridge from a transformers `Blip2ForConditionalGeneration.save_pretrained` directory: its vision
-        tower, Q-Former, projection and language model, all read from the checkpoint."""
-        path = str(path)
-        bridge = cls(blip2_bridge_config(path))
-        qformer, projection = blip2_weights(path, bridge.qformer)
-        bridge.qformer.load_state_dict(qformer, strict=False)
-        bridge.projection.load_state_dict(projection)
-        return bridge
-
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Q-Former, projection and LoRA weights: all a bridge adds to its frozen backbones."""
         state = {f"qformer.{k}": v for k, v in self.qformer.state_dict().items()}
@@ -184,25 +217,21 @@ class Bridge(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, vision: nn.Module | None = None, llm: nn.Module | None = None) -> Bridge:
-        """The bridge save_pretrained wrote to `directory` (or a hub id). Its files are checked before any
-        backbone loads (read_bridge_dir): a damaged or crafted one is a CheckpointError naming the file."""
-        d = Path(directory)
-        if not d.is_dir():
-            from huggingface_hub import snapshot_download
-            from huggingface_hub.errors import HFValidationError
-
-            try:
-                d = Path(snapshot_download(str(directory)))
-            except HFValidationError:
-                raise FileNotFoundError(f"{directory}: no such bridge directory (nor a hub id)") from None
-        if not (d / CONFIG_NAME).exists():
-            raise FileNotFoundError(f"{d}: not a bridge directory (no {CONFIG_NAME})")
-        config, state = read_bridge_dir(d)
+        """The bridge in `directory` (or a hub id): one save_pretrained (or train.py) wrote, or a transformers
+        checkpoint of Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration or
+        InstructBlipVideoForConditionalGeneration saved with its processor, whose every part it takes (its
+        LLM decoder-only or encoder-decoder, reading prompts verbatim). Its files are checked before any
+        backbone loads (read_source): a damaged or crafted one is a CheckpointError naming the file."""
+        d = local_source(directory)
+        config, state = read_source(d)
         bridge = cls(config, vision, llm)
-        bridge.load_trainable(state, source=str(d / WEIGHTS_NAME))
+        bridge.load_trainable(state, source=str(d / WEIGHTS_NAME if (d / CONFIG_NAME).exists() else d))
         # Ready to answer, as transformers' from_pretrained is: in train mode the Q-Former's dropout would
         # make every answer a draw. Training calls train() itself.
         return bridge.eval()
+
+    # A transformers BLIP-2 / InstructBLIP checkpoint is one of the directories from_pretrained reads.
+    from_blip2 = from_pretrained
 
     def load_trainable(self, state: dict[str, torch.Tensor], source: str = "state") -> None:
         own = self.trainable_state_dict()
@@ -240,11 +269,19 @@ class Bridge(nn.Module):
         instruction_ids: torch.Tensor | None = None,
         instruction_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The soft prompt (B, Q, Dl). `features` (B, T, N, Dv) skips the vision encoder (feature cache)."""
+        """The soft prompt (B, Q, Dl), or (B, T*Q, Dl) when the queries read each frame alone (frame_queries).
+        `features` (B, T, N, Dv) skips the vision encoder (feature cache)."""
         if features is None:
             features = self.frame_features(pixel_values)
-        hidden = self.qformer(features, instruction_ids, instruction_mask, mode="bidirectional")  # (B, Q+L, Dq)
-        return self.projection(hidden[:, : self.config.qformer.num_queries])
+        B, T = features.shape[:2]
+        if self.config.qformer.frame_queries:
+            # Each frame a clip of its own, with the clip's instruction (InstructBLIP-Video).
+            features = features.flatten(0, 1)[:, None]  # (B*T, 1, N, Dv)
+            if instruction_ids is not None:
+                instruction_ids, instruction_mask = instruction_ids.repeat_interleave(T, 0), instruction_mask.repeat_interleave(T, 0)
+        hidden = self.qformer(features, instruction_ids, instruction_mask, mode="bidirectional")  # (B or B*T, Q+L, Dq)
+        visual = self.projection(hidden[:, : self.config.qformer.num_queries])
+        return visual.reshape(B, -1, visual.shape[-1])
 
     def _splice(self, visual, input_ids, attention_mask, visual_position):
         """Insert the visual prompt into each row's text embeddings at `visual_position` (default 0)."""
@@ -278,32 +315,23 @@ class Bridge(nn.Module):
     ) -> BridgeOutput:
         """Logits at the text positions (B, L, V); with labels (B, L; -100 = ignore), the LM loss.
 
+        An encoder-decoder LLM reads the unlabelled text (BLIP-2's prefix-LM) and its logits are its
+        decoder's over the labelled tokens (B, K, V) (LanguageModel.lm_loss).
         return_logits=False (with labels) returns only the loss and computes the LLM's vocabulary
         projection just from the first labelled position on: on a CPU that projection is the largest
         single cost of a training step. Left-padded answer batches (answer_batch) keep that tail short.
         """
         visual = self.visual_prompt(pixel_values, features, instruction_ids, instruction_mask)
         embeds, mask, text_pos = self._splice(visual, input_ids, attention_mask, visual_position)
-        if labels is not None and not return_logits:
-            return BridgeOutput(logits=None, loss=self._tail_loss(embeds, mask, text_pos, labels))
-        logits = self.llm(embeds, mask)  # (B, L+Q, V)
-        logits = logits.gather(1, text_pos[..., None].expand(-1, -1, logits.shape[-1]))  # (B, L, V)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        if labels is None:
+            logits, loss = self.llm(embeds, mask), None
+        else:
+            # The labels at the sequence's positions; the visual prompt's are never targets.
+            spliced = labels.new_full(mask.shape, -100).scatter(1, text_pos, labels)
+            logits, loss = self.llm.lm_loss(embeds, mask, spliced, return_logits)
+        if logits is not None and not self.llm.is_encoder_decoder:
+            logits = logits.gather(1, text_pos[..., None].expand(-1, -1, logits.shape[-1]))  # (B, L, V)
         return BridgeOutput(logits=logits, loss=loss)
-
-    def _tail_loss(self, embeds, mask, text_pos, labels) -> torch.Tensor:
-        """The same loss as forward's, from logits at the spliced positions [S - keep, S) only."""
-        S = embeds.shape[1]
-        source = text_pos[:, :-1]  # (B, L-1) spliced position of each text token that predicts the next
-        target = labels[:, 1:]
-        rows, cols = (target != -100).nonzero(as_tuple=True)
-        at = source[rows, cols]  # (n,) spliced positions whose logits the loss reads
-        keep = S - int(at.min()) if len(at) else 1
-        logits = self.llm(embeds, mask, logits_to_keep=keep)  # (B, keep, V)
-        picked = logits[rows, at - (S - keep)]  # (n, V)
-        return F.cross_entropy(picked.float(), target[rows, cols])
 
     @torch.no_grad()
     def generate(
@@ -316,10 +344,13 @@ class Bridge(nn.Module):
         features: torch.Tensor | None = None,
         instruction_ids: torch.Tensor | None = None,
         instruction_mask: torch.Tensor | None = None,
+        visual: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
-        """Greedy unless told otherwise; returns only the new tokens (B, K). Left-pad batched prompts."""
-        visual = self.visual_prompt(pixel_values, features, instruction_ids, instruction_mask)
+        """Greedy unless told otherwise; returns only the new tokens (B, K), never an encoder-decoder's start
+        token. Left-pad batched prompts."""
+        if visual is None:  # else the soft prompt (B, Q, Dl) was computed once for several questions (answer_pixels)
+            visual = self.visual_prompt(pixel_values, features, instruction_ids, instruction_mask)
         embeds, mask, _ = self._splice(visual, input_ids, attention_mask, visual_position)
         return self.llm.generate(embeds, mask, max_new_tokens=max_new_tokens, **generate_kwargs)
 
@@ -469,7 +500,7 @@ class Bridge(nn.Module):
     def _answer_ids(self, question: str, history, answer: str) -> list[int]:
         """Token ids of the assistant's turn as the LLM's own chat template writes it (answer + end of turn)."""
         tok = self.llm.tokenizer
-        if getattr(tok, "chat_template", None):
+        if getattr(tok, "chat_template", None) and not self.llm.verbatim:
             system = self.config.system_prompt
             messages = [] if system is None else [{"role": "system", "content": system}]
             for q, a in history or []:
@@ -480,6 +511,7 @@ class Bridge(nn.Module):
             # Templates that rewrite earlier turns (e.g. dropping reasoning) break the prefix; then answer + eos.
             turn = full[len(prompt) :].rstrip() if full.startswith(prompt) else answer + (tok.eos_token or "")
             return tok(turn, add_special_tokens=False)["input_ids"]
-        # No chat template (BLIP-2's OPT): "Question: ... Answer:" continues with the answer, then eos.
+        # No chat template (BLIP-2's OPT), or prompts taken verbatim: "Question: ... Answer:" continues with the
+        # answer, then eos.
         ids = tok(" " + answer, add_special_tokens=False)["input_ids"]
         return ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])

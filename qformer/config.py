@@ -78,6 +78,9 @@ class QFormerConfig:
     # LayerNorm over the frozen features (BLIP-2's ln_vision). Off when the encoder already ends in one,
     # as transformers' BLIP-2 vision tower does.
     vision_norm: bool = True
+    # InstructBLIP-Video: the queries read each frame alone and the LLM gets every frame's query outputs
+    # in turn (frames x num_queries tokens), with no temporal modelling. Off: the queries read the whole clip.
+    frame_queries: bool = False
     pad_token_id: int = 0
     # BLIP-2's stage-1 heads (ITC projections, ITM classifier, ITG language-model head); a stage-1
     # bridge carries them, a generative bridge needs none. embed_dim is ITC's shared space.

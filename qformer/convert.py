@@ -1,16 +1,19 @@
-"""Import weights into a Q-Former / bridge: transformers' BLIP-2 and InstructBLIP, and BERT checkpoints.
+"""Import weights into a Q-Former / bridge: transformers' BLIP-2, InstructBLIP and InstructBLIP-Video, and BERT checkpoints.
 
-Each source is one key map from its names to ours (model.py), applied layer by layer.
+Each source is one key map from its names to ours (model.py), applied layer by layer, and a transformers
+checkpoint's config one mapping to a BridgeConfig whose backbones are the checkpoint's own.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 
+import torch
 from transformers import AutoConfig
 
-from adapters.checkpoint import load_prefixed
+from adapters.checkpoint import CHECKPOINT_TYPES, CheckpointError, load_prefixed
 
 from .config import BridgeConfig, QFormerConfig
 from .model import QFormer
@@ -86,43 +89,82 @@ def qformer_config_from_bert(bert, base: QFormerConfig | None = None) -> QFormer
     )
 
 
-def blip2_bridge_config(path: str) -> BridgeConfig:
-    """The BridgeConfig of a transformers BLIP-2 checkpoint directory: its backbones are the checkpoint's own."""
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type != "blip-2":
-        raise ValueError(f"{path}: expected a BLIP-2 checkpoint (model_type 'blip-2'), found {config.model_type!r}")
+# Where transformers' InstructBLIP processors save the Q-Former's tokenizer, inside the checkpoint directory.
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
+
+
+def checkpoint_bridge_config(path: str | Path) -> BridgeConfig:
+    """The BridgeConfig of a transformers BLIP-2, InstructBLIP or InstructBLIP-Video checkpoint directory
+    (save_pretrained of the model and its processor), validated: its backbones are the checkpoint's own.
+
+    Prompts reach such a bridge's LLM verbatim (adapters.llm), so its caption prompt is empty: no text, as
+    transformers captions. InstructBLIP's Q-Former reads the prompt too, in the tokenizer its processor
+    saved beside the model. InstructBLIP-Video reads each of its 4 frames alone (QFormerConfig.frame_queries).
+    A config that is not such a checkpoint's, or holds sizes beyond the bounds, is a CheckpointError.
+    """
+    d = Path(path).absolute()
+    try:
+        config = AutoConfig.from_pretrained(str(d))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{d / 'config.json'}: not a readable transformers config ({e})") from None
+    if config.model_type not in CHECKPOINT_TYPES:
+        raise CheckpointError(
+            f"{d / 'config.json'}: expected a BLIP-2, InstructBLIP or InstructBLIP-Video checkpoint "
+            f"(model_type {', '.join(map(repr, CHECKPOINT_TYPES))}), found {config.model_type!r}"
+        )
+    instruct = config.model_type != "blip-2"
+    video = config.model_type == "instructblipvideo"
+    if instruct and not (d / QFORMER_TOKENIZER_DIR / "tokenizer_config.json").exists():
+        raise CheckpointError(
+            f"{d / QFORMER_TOKENIZER_DIR}: missing; an InstructBLIP checkpoint needs its Q-Former tokenizer, which "
+            "its processor saves there (processor.save_pretrained(directory))"
+        )
     q = config.qformer_config
-    choices = QFormerConfig(
-        num_queries=config.num_query_tokens,
-        cross_attention_every=q.cross_attention_frequency,
-        vision_width=q.encoder_hidden_size,
-        vision_norm=False,  # transformers' BLIP-2 vision tower already ends in a LayerNorm
-    )
-    return BridgeConfig(
-        qformer=qformer_config_from_bert(q, choices),
-        vision=str(path),
-        llm=str(path),
-        llm_width=config.text_config.hidden_size,
-        caption_prompt="",
-        num_frames=1,
-    )
+    try:
+        choices = QFormerConfig(
+            num_queries=config.num_query_tokens,
+            cross_attention_every=q.cross_attention_frequency,
+            vision_width=q.encoder_hidden_size,
+            vision_norm=False,  # transformers' BLIP-2 vision tower already ends in a LayerNorm
+            frame_queries=video,
+        )
+        bridge = BridgeConfig(
+            qformer=qformer_config_from_bert(q, choices),
+            vision=str(d),
+            llm=str(d),
+            llm_width=config.text_config.hidden_size,
+            instruct=instruct,
+            qformer_tokenizer=str(d / QFORMER_TOKENIZER_DIR) if instruct else None,
+            caption_prompt="",
+            num_frames=4 if video else 1,  # InstructBLIP-Video's processor and generate take 4 frames
+        )
+        bridge.validate()
+    except (TypeError, ValueError) as e:  # sizes beyond the bounds, values of the wrong type
+        raise CheckpointError(f"{d / 'config.json'}: not a valid checkpoint config for a bridge: {e}") from None
+    return bridge
 
 
-def blip2_weights(path: str, qformer: QFormer) -> tuple[dict, dict]:
-    """(Q-Former state, projection state) of a BLIP-2 checkpoint, in our names, checked against `qformer`."""
+def checkpoint_weights(path: str | Path, config: BridgeConfig) -> dict[str, torch.Tensor]:
+    """The trainable weights ("qformer.*", "projection.*") of a transformers checkpoint in our names, for
+    `config` (checkpoint_bridge_config's). Each weights file's header is checked before it is read.
+
+    BLIP-2's Q-Former has no text side for generation (no word or position embeddings, no text
+    feed-forward): those weights, never read without an instruction, and the temporal embedding (zero,
+    which leaves frames as the checkpoint saw them) keep a fresh Q-Former's values."""
     source = load_prefixed(path, "qformer.")
     state = {}
     for key, value in source.items():
         for target in _rename(key, BLIP2_LAYER_MAP, BLIP2_TOP_MAP):
             state[target] = value
     state["query_tokens"] = load_prefixed(path, "query_tokens")[""]
-    # BLIP-2 for generation has no text branch: those weights keep their initialisation, unused.
-    unused = ("embeddings.word", "embeddings.position", "temporal_embed")
-    needed = [k for k in qformer.state_dict() if not k.startswith(unused) and ".mlp_text." not in k]
-    missing = [k for k in needed if k not in state]
+    fresh = QFormer(config.qformer).state_dict()
+    unused = ("temporal_embed",) if config.instruct else ("temporal_embed", "embeddings.word", "embeddings.position")
+    missing = [k for k in fresh if k not in state and not k.startswith(unused) and (config.instruct or ".mlp_text." not in k)]
     if missing:
-        raise ValueError(f"{path}: Q-Former weights missing from the checkpoint: {missing[:5]}")
-    return state, load_prefixed(path, "language_projection.")
+        raise CheckpointError(f"{path}: Q-Former weights missing from the checkpoint: {missing[:5]}")
+    weights = {f"qformer.{k}": state.get(k, v) for k, v in fresh.items()}
+    weights.update({f"projection.{k}": v for k, v in load_prefixed(path, "language_projection.").items()})
+    return weights
 
 
 def load_bert_into_qformer(qformer: QFormer, path: str) -> None:

@@ -110,3 +110,96 @@ def tiny_bridge(tiny_dirs):
 
     torch.manual_seed(0)
     return Bridge(tiny_config(tiny_dirs))
+
+
+def blip_tokenizer(template: str):
+    """The tests' vocabulary without a chat template, adding special tokens as `template` says (tokenizers'
+    TemplateProcessing): "<bos> $A" as OPT's and Llama's tokenizers do, "$A <eos>" as T5's, "<bos> $A <eos>"
+    as a BERT's [CLS] ... [SEP]."""
+    from tokenizers import processors
+
+    tok = make_tokenizer()
+    tok.chat_template = None
+    specials = [(t, tok.convert_tokens_to_ids(t)) for t in ("<bos>", "<eos>") if t in template]
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials)
+    return tok
+
+
+def tiny_checkpoint(path, model_type: str = "blip-2", llm: str = "opt", seed: int = 0):
+    """A tiny random transformers BLIP-2 ("blip-2") or InstructBLIP ("instructblip") with an OPT ("opt") or
+    Flan-T5-style ("t5") language model, saved with its processor as users have them; returns the model
+    and the processor read back from `path`."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    tok = blip_tokenizer("$A <eos>" if llm == "t5" else "<bos> $A")
+    qtok = blip_tokenizer("<bos> $A <eos>")
+    vocab = len(tok) + 1  # the processor adds "<image>"
+    if llm == "t5":
+        text = tf.T5Config(
+            vocab_size=vocab, d_model=40, d_kv=10, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=2,
+        )  # fmt: skip
+    else:
+        text = tf.OPTConfig(
+            vocab_size=vocab, hidden_size=40, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=40,
+            max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )  # fmt: skip
+    kinds = {
+        "blip-2": (tf.Blip2Config, tf.Blip2VisionConfig, tf.Blip2QFormerConfig, tf.Blip2ForConditionalGeneration),
+        "instructblip": (
+            tf.InstructBlipConfig,
+            tf.InstructBlipVisionConfig,
+            tf.InstructBlipQFormerConfig,
+            tf.InstructBlipForConditionalGeneration,
+        ),
+    }
+    config_cls, vision_cls, qformer_cls, model_cls = kinds[model_type]
+    config = config_cls(
+        vision_config=vision_cls(  # its default initializer_range (1e-10) makes every image look alike
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            initializer_range=0.02,
+        ).to_dict(),  # fmt: skip
+        qformer_config=qformer_cls(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            encoder_hidden_size=32,
+            vocab_size=len(qtok),
+            max_position_embeddings=64,
+        ).to_dict(),  # fmt: skip
+        text_config=text.to_dict(),
+        num_query_tokens=3,
+        image_token_index=len(tok),
+        tie_word_embeddings=llm != "t5",  # Flan-T5's output head is its own
+    )
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        # transformers starts the queries at zero and random logits are nearly flat: spread both (and the
+        # path from the image), so that a wrong mapping shows and greedy choices are clear-cut.
+        model.query_tokens.normal_()
+        for p in model.qformer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for layer in model.qformer.encoder.layer:
+            if layer.has_cross_attention:
+                layer.crossattention.attention.value.weight.mul_(5)
+                layer.crossattention.output.dense.weight.mul_(5)
+        model.language_projection.weight.mul_(5)
+        if llm == "opt":  # T5 scales its own (its output head shares them, so its start token would always win)
+            model.language_model.get_input_embeddings().weight.mul_(10)
+    model.generation_config.pad_token_id = 0
+    images = tf.BlipImageProcessor(size={"height": 32, "width": 32})
+    if model_type == "blip-2":
+        processor = tf.Blip2Processor(images, tok, num_query_tokens=3)
+    else:
+        processor = tf.InstructBlipProcessor(images, tok, qtok, num_query_tokens=3)
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == config.image_token_index
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, tf.AutoProcessor.from_pretrained(path)

@@ -1,10 +1,13 @@
-"""Parity with transformers: BLIP-2 checkpoints and BERT initialisation."""
+"""Parity with transformers: BLIP-2 and InstructBLIP checkpoints (OPT and T5 language models), BERT initialisation."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from conftest import tiny_checkpoint
 
+from adapters.checkpoint import CheckpointError
 from qformer import Bridge, QFormer, QFormerConfig
 from qformer.convert import load_bert_into_qformer
 
@@ -79,8 +82,53 @@ def test_from_blip2_matches_transformers_logits_and_greedy_tokens(tmp_path, cros
 
 
 def test_from_blip2_rejects_other_checkpoints(tmp_path, tiny_dirs):
-    with pytest.raises(ValueError, match="expected a BLIP-2 checkpoint"):
+    with pytest.raises(
+        CheckpointError, match=r"config.json: expected a BLIP-2, InstructBLIP or InstructBLIP-Video checkpoint .* found 'llama'"
+    ):
         Bridge.from_blip2(tiny_dirs["llm"])
+
+
+IMAGES = [np.full((40, 48, 3), colour, np.uint8) for colour in ((200, 30, 30), (30, 30, 220))]
+PROMPT = "what color is the background ?"
+
+
+@pytest.mark.parametrize("kind, llm", [("blip-2", "t5"), ("instructblip", "opt"), ("instructblip", "t5")])
+def test_checkpoint_directories_match_transformers(tmp_path, kind, llm):
+    hf, processor = tiny_checkpoint(tmp_path / "ckpt", kind, llm)
+    bridge = Bridge.from_pretrained(tmp_path / "ckpt")
+    assert bridge.config.instruct == (kind == "instructblip") and bridge.llm.is_encoder_decoder == (llm == "t5")
+    inputs = processor(images=IMAGES, text=[PROMPT] * 2, return_tensors="pt")
+    px = torch.stack([bridge.vision.preprocess(image) for image in IMAGES])  # (B, 1, 3, H, W)
+    assert torch.equal(px[:, 0], inputs.pixel_values)
+    # The prompt reaches the LLM (and an InstructBLIP Q-Former) verbatim, as the processor tokenises it.
+    batch = bridge._prompt_batch([PROMPT] * 2, [[], []])
+    Q = hf.config.num_query_tokens
+    assert torch.equal(batch["input_ids"], inputs.input_ids[:, Q:])
+    if kind == "instructblip":
+        assert torch.equal(batch["instruction_ids"], inputs.qformer_input_ids)
+
+    start = 1 if llm == "t5" else inputs.input_ids.shape[1]  # a decoder's start token, or the prompt
+    with torch.no_grad():
+        theirs = hf.generate(**inputs, max_new_tokens=6, min_new_tokens=6)[:, start:]
+        ours = bridge.generate(px, **batch, max_new_tokens=6, min_new_tokens=6)
+        assert torch.equal(ours, theirs), (ours, theirs)
+        captions = processor.batch_decode(hf.generate(**inputs, max_new_tokens=6)[:, start:], skip_special_tokens=True)
+        assert bridge.ask(IMAGES, [PROMPT] * 2, max_new_tokens=6) == [c.strip() for c in captions]
+
+        if llm == "t5":
+            # BLIP-2's prefix-LM: the prompt into the encoder, the answer as the decoder's labels.
+            answer = processor.tokenizer(["green image"] * 2, return_tensors="pt").input_ids
+            theirs = hf(**inputs, labels=answer)
+            ids = torch.cat([batch["input_ids"], answer], 1)
+            labels = torch.cat([torch.full_like(batch["input_ids"], -100), answer], 1)
+            ours = bridge(px, ids, torch.ones_like(ids), labels, **{k: v for k, v in batch.items() if "instruction" in k})
+            assert torch.allclose(ours.loss, theirs.loss, atol=1e-5)
+        else:
+            theirs = hf(**inputs)
+            theirs.logits = theirs.logits[:, Q:]
+            ours = bridge(px, **batch)
+    assert ours.logits.shape == theirs.logits.shape
+    assert (ours.logits - theirs.logits).abs().max() < 1e-4
 
 
 def _tiny_bert(path):
