@@ -26,6 +26,7 @@ from adapters.vision import load_vision
 from .config import CAPTION_BATCH_SIZE, MAX_NEW_TOKENS, BridgeConfig
 from .convert import checkpoint_bridge_config, checkpoint_weights
 from .model import QFormer, QFormerHeads, count_parameters
+from .scorer import SCORER_DIR, Scorer, scorer_weights
 
 # The trained demo bridge shipped in the repository, used when no bridge is named.
 DEFAULT_BRIDGE = Path(__file__).resolve().parent.parent / "demos" / "bridge"
@@ -83,10 +84,15 @@ def read_bridge_config(directory: str | os.PathLike) -> BridgeConfig:
         raise CheckpointError(f"{path}: not a valid bridge config: {e}") from None
 
 
-def read_bridge_dir(directory: str | os.PathLike) -> tuple[BridgeConfig, dict[str, torch.Tensor]]:
+def read_bridge_dir(
+    directory: str | os.PathLike, base: dict[str, torch.Tensor] | None = None
+) -> tuple[BridgeConfig, dict[str, torch.Tensor]]:
     """The config and trainable weights of a bridge directory, each checked before anything is allocated:
     the config's types and sizes, then the weights file's header against the shapes that config implies,
-    then the weights' values (finite). Anything wrong is one CheckpointError naming the file."""
+    then the weights' values (finite). Anything wrong is one CheckpointError naming the file.
+
+    base: weights to take those the file does not hold from (a scorer stores only what differs from its
+    bridge's: read_scorer_dir)."""
     d = Path(directory)
     config = read_bridge_config(d)
     path = d / WEIGHTS_NAME
@@ -97,7 +103,7 @@ def read_bridge_dir(directory: str | os.PathLike) -> tuple[BridgeConfig, dict[st
         raise CheckpointError(f"{d / CONFIG_NAME}: not a valid bridge config: {e}") from None
     # LoRA adapters' shapes depend on the LLM: load_trainable checks them once it is loaded.
     lora = {k for k in header if config.lora is not None and k.startswith("llm.") and "lora_" in k}
-    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected) - lora)
+    missing, unexpected = sorted(set(expected) - set(header) - set(base or {})), sorted(set(header) - set(expected) - lora)
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit {d / CONFIG_NAME}; missing {missing[:5]}, unexpected {unexpected[:5]}")
     for name, (dtype, shape) in header.items():
@@ -109,7 +115,41 @@ def read_bridge_dir(directory: str | os.PathLike) -> tuple[BridgeConfig, dict[st
     for name, v in state.items():
         if not torch.isfinite(v).all():
             raise CheckpointError(f"{path}: {name} holds NaN or infinite values")
+    for name in set(expected) - set(state):
+        if tuple(base[name].shape) != expected[name]:
+            raise CheckpointError(f"{path}: {name} is not held and its bridge's has shape {tuple(base[name].shape)}, not {expected[name]}")
+        state[name] = base[name]
     return config, state
+
+
+def read_scorer_dir(directory: str | os.PathLike) -> tuple[BridgeConfig, dict[str, torch.Tensor]]:
+    """The config and weights of the scorer in `directory`/scorer, checked as read_bridge_dir checks a bridge;
+    the weights it does not hold are its bridge's, in `directory`."""
+    d = Path(directory)
+    return read_bridge_dir(d / SCORER_DIR, base=read_bridge_dir(d)[1])
+
+
+def load_scorer(directory: str | os.PathLike) -> Scorer | None:
+    """The scorer of the bridge in `directory` (its scorer/, else the bridge itself when it carries stage-1
+    heads; None without either), built without the bridge's LLM and vision encoder (the scorer loads the
+    encoder itself if it is given clips): text-to-clip search over stored features needs neither."""
+    d = Path(directory)
+    if (d / SCORER_DIR / CONFIG_NAME).exists():
+        return Scorer.from_state(*read_scorer_dir(d))
+    config, state = read_bridge_dir(d)
+    return Scorer.from_state(config, state) if config.qformer.stage1_heads else None
+
+
+def save_scorer(scorer: Bridge, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Write the stage-1 bridge `scorer` into `directory`/scorer as the scorer of the bridge there: its config
+    and the Q-Former and head weights in which it differs from that bridge (dtype as save_pretrained's)."""
+    if scorer.heads is None:
+        raise ValueError("a scorer is a bridge with stage-1 heads (train.py --stage 1); this one has none")
+    d = Path(directory) / SCORER_DIR
+    state = scorer_weights(scorer.trainable_state_dict(), read_bridge_dir(directory)[1], dtype)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(d / WEIGHTS_NAME))
+    (d / CONFIG_NAME).write_text(json.dumps(scorer.config.to_dict(), indent=2) + "\n")
 
 
 def local_source(spec: str | os.PathLike) -> Path:
@@ -164,6 +204,9 @@ class BridgeOutput:
 
 
 class Bridge(nn.Module):
+    # Where from_pretrained read this bridge; its own scorer, if it has one, is in directory/scorer.
+    directory: Path | None = None
+
     def __init__(self, config: BridgeConfig, vision: nn.Module | None = None, llm: nn.Module | None = None):
         super().__init__()
         config.validate()  # sizes beyond sane bounds would be allocated below
@@ -228,6 +271,7 @@ class Bridge(nn.Module):
         bridge.load_trainable(state, source=str(d / WEIGHTS_NAME if (d / CONFIG_NAME).exists() else d))
         # Ready to answer, as transformers' from_pretrained is: in train mode the Q-Former's dropout would
         # make every answer a draw. Training calls train() itself.
+        bridge.directory = d
         return bridge.eval()
 
     # A transformers BLIP-2 / InstructBLIP checkpoint is one of the directories from_pretrained reads.
@@ -249,6 +293,54 @@ class Bridge(nn.Module):
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters, backbones included in the total."""
         return count_parameters(self)
+
+    # ---- scores: how well a text fits a clip, clips and texts in one space (qformer/scorer.py) ------
+
+    @property
+    def scorer(self) -> Scorer | None:
+        """This bridge's scorer: the one in `scorer/` beside its weights, else the bridge itself when it carries
+        stage-1 heads (a stage-1 bridge; stage 2 leaves them behind), else None. Loaded on first use, so
+        captioning never pays for it; it reads clips with this bridge's vision encoder."""
+        if "_scorer" not in self.__dict__:  # in __dict__: a cache, no submodule of the bridge (not saved, not counted)
+            self.__dict__["_scorer"] = self._load_scorer()
+        return self.__dict__["_scorer"]
+
+    def _load_scorer(self) -> Scorer | None:
+        if self.directory is not None and (self.directory / SCORER_DIR / CONFIG_NAME).exists():
+            config, state = read_scorer_dir(self.directory)
+            mine, its = (self.config.vision, self.config.vision_layer), (config.vision, config.vision_layer)
+            if mine != its or config.vision_resolution != self.config.vision_resolution:
+                raise CheckpointError(f"{self.directory / SCORER_DIR}: its scorer reads {its} features, this bridge's encoder is {mine}")
+            return Scorer.from_state(config, state, self.vision).to(self.projection.weight.device)
+        if self.heads is None:
+            return None
+        if self.qformer_tokenizer is None:
+            raise ValueError(
+                "its stage-1 heads read text with a Q-Former tokenizer and this bridge's config names none (qformer_tokenizer)"
+            )
+        return Scorer(self.config, self.qformer, self.heads, self.qformer_tokenizer, self.vision)
+
+    def _require_scorer(self, what: str) -> Scorer:
+        if self.scorer is None:
+            raise ValueError(
+                f"{what} needs a scorer: this bridge has no stage-1 heads and no {SCORER_DIR}/ directory beside its weights "
+                "(train one: train.py --stage 1 --init-from BRIDGE --stage1-losses itc,itm; qformer.bridge.save_scorer)"
+            )
+        return self.scorer
+
+    def match(self, clips, texts) -> list[float]:
+        """The probability that texts[i] describes clips[i] (clips as caption() takes them), by the ITM head of
+        this bridge's scorer (`scorer`)."""
+        return self._require_scorer("match").match(clips, texts)
+
+    def embed_clips(self, clips) -> torch.Tensor:
+        """(N, Q, E): each clip's Q query features in the scorer's ITC space, L2-normalised; a clip is as similar
+        to a text as its best query (qformer.scorer.similarity, BLIP-2's rule)."""
+        return self._require_scorer("embed_clips").embed_clips(clips)
+
+    def embed_texts(self, texts) -> torch.Tensor:
+        """(M, E): each text's feature in the scorer's ITC space (the space of embed_clips), L2-normalised."""
+        return self._require_scorer("embed_texts").embed_texts(list(texts))
 
     # ---- the forward path ------------------------------------------------------------------------
 

@@ -1,0 +1,161 @@
+"""A bridge's scorer: BLIP-2's stage-1 heads, to say how well a text fits a clip and to search clips by text.
+
+    match    ITM: queries and text attend to each other over the clip; a classifier says match / no match
+             (the probability of "match" is a caption's score; BLIP's CapFilt keeps the captions that fit).
+    embed    ITC: each of a clip's Q queries and a text's [CLS] feature projected into one space and
+             L2-normalised; a clip and a text are as similar as their best-matching query (BLIP-2).
+
+A scorer is a stage-1 Q-Former with its heads, trained for matching. A stage-1 bridge is its own scorer.
+Stage 2 changes the Q-Former under the heads, so a generative bridge keeps a scorer of its own in
+`scorer/` beside its weights: a bridge directory of the same vision encoder whose LLM is never loaded.
+Trained from its bridge with the bulk of the Q-Former frozen (train.py --train attention), a scorer stores
+only the weights that differ from its bridge's (scorer_weights); the rest are read from the bridge.
+
+Nothing here loads an LLM, and the vision encoder loads only when clips (not features) are scored, so a
+text-to-clip search over stored features needs only the Q-Former and its tokenizer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.offline import minilm_dir
+from adapters.vision import load_vision
+
+from .config import CAPTION_BATCH_SIZE, BridgeConfig
+from .model import QFormer, QFormerHeads
+
+# The subdirectory of a bridge directory that holds its scorer.
+SCORER_DIR = "scorer"
+# Texts scored or embedded in one pass of the Q-Former.
+TEXT_BATCH = 64
+
+
+class Scorer(nn.Module):
+    """A Q-Former with its ITC and ITM heads, its tokenizer and (loaded when first needed) its vision encoder."""
+
+    def __init__(self, config: BridgeConfig, qformer: QFormer, heads: QFormerHeads, tokenizer, vision: nn.Module | None = None):
+        super().__init__()
+        if heads is None:
+            raise ValueError("a scorer needs the stage-1 heads (ITC projections, ITM classifier); this Q-Former has none")
+        self.config = config
+        self.qformer, self.heads, self.tokenizer = qformer, heads, tokenizer
+        self._vision = [vision]  # in a list: a shared encoder is no submodule of the scorer (not moved, not saved)
+
+    @classmethod
+    def from_state(cls, config: BridgeConfig, state: dict[str, torch.Tensor], vision: nn.Module | None = None) -> Scorer:
+        """A scorer from a bridge config and its weights (`qformer.*`, `heads.*`; others are ignored)."""
+        if not config.qformer.stage1_heads:
+            raise ValueError("this bridge config has no stage-1 heads (qformer.stage1_heads is false): it cannot score")
+        if not config.qformer_tokenizer:
+            raise ValueError("a scorer reads text with its Q-Former's tokenizer: the config names none (qformer_tokenizer)")
+        qformer, heads = QFormer(config.qformer), QFormerHeads(config.qformer)
+        for name, module in (("qformer", qformer), ("heads", heads)):
+            module.load_state_dict({k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")})
+        from transformers import AutoTokenizer
+
+        spec = minilm_dir() if config.qformer_tokenizer == "minilm" else config.qformer_tokenizer
+        return cls(config, qformer, heads, AutoTokenizer.from_pretrained(spec), vision).eval()
+
+    # ---- inputs ------------------------------------------------------------------------------------
+
+    @property
+    def vision(self) -> nn.Module:
+        """The frozen vision encoder, loaded on first use (a search over stored features never needs it)."""
+        if self._vision[0] is None:
+            c = self.config
+            self._vision[0] = load_vision(c.vision, c.vision_layer, c.vision_resolution)
+        return self._vision[0]
+
+    @torch.no_grad()
+    def clip_features(self, clips) -> torch.Tensor:
+        """Frozen features (B, T, N, Dv) of clips as Bridge.caption takes them (paths, PIL images, arrays,
+        adapters.video.Clip), sampled as the scorer's bridge samples them."""
+        from adapters.video import as_clip  # PyAV loads only when clips need decoding
+
+        c = self.config
+        pixels = [self.vision.preprocess(as_clip(it, num_frames=c.num_frames, sampling=c.frame_sampling).frames) for it in clips]
+        T = max(len(p) for p in pixels)
+        # An image is a one-frame clip: its frame repeats, as training batches pad clips (qformer.data.collate).
+        pixels = torch.stack([p[torch.arange(T).clamp(max=len(p) - 1)] for p in pixels])  # (B, T, 3, H, W)
+        feats = self.vision.encode(pixels.flatten(0, 1))  # (B*T, N, Dv)
+        return feats.float().view(len(clips), T, *feats.shape[1:])
+
+    def match(self, clips, texts, batch_size: int = CAPTION_BATCH_SIZE) -> list[float]:
+        """The probability that texts[i] describes clips[i], `batch_size` clips through the encoder at a time."""
+        clips, texts = list(clips), list(texts)
+        if len(clips) != len(texts):
+            raise ValueError(f"match: {len(clips)} clips and {len(texts)} texts; give one text per clip")
+        out = []
+        for i in range(0, len(clips), batch_size):
+            out += self.match_features(self.clip_features(clips[i : i + batch_size]), texts[i : i + batch_size]).tolist()
+        return out
+
+    def embed_clips(self, clips, batch_size: int = CAPTION_BATCH_SIZE) -> torch.Tensor:
+        """(N, Q, E) ITC features of clips, `batch_size` through the encoder at a time (embed_features)."""
+        clips = list(clips)
+        parts = [self.embed_features(self.clip_features(clips[i : i + batch_size])) for i in range(0, len(clips), batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0, self.config.qformer.num_queries, self.config.qformer.embed_dim)
+
+    def _tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.config.qformer.max_text_len, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    # ---- ITC: one space --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, T, N, Dv) frozen features -> (B, Q, E): each query's ITC feature, L2-normalised."""
+        Q = self.config.qformer.num_queries
+        hidden = self.qformer(features.to(self.heads.itm.weight).float())[:, :Q]  # queries alone: as ITC's unimodal mask sees them
+        return F.normalize(self.heads.vision_proj(hidden), dim=-1)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """(M, E): each text's ITC feature (its [CLS] token, text alone), L2-normalised."""
+        out = []
+        for i in range(0, len(texts), TEXT_BATCH):
+            t = self._tokens(texts[i : i + TEXT_BATCH])
+            t = {k: v.to(self.heads.itm.weight.device) for k, v in t.items()}
+            hidden = self.qformer(None, t["input_ids"], t["attention_mask"], mode="unimodal")[:, 0]  # (m, D)
+            out.append(F.normalize(self.heads.text_proj(hidden), dim=-1))
+        return torch.cat(out) if out else torch.zeros(0, self.config.qformer.embed_dim)
+
+    # ---- ITM: does this text fit this clip ---------------------------------------------------------
+
+    @torch.no_grad()
+    def match_features(self, features: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """(B,) probability that texts[i] describes the clip of features[i] (B, T, N, Dv)."""
+        if len(features) != len(texts):
+            raise ValueError(f"match: {len(features)} clips and {len(texts)} texts; give one text per clip")
+        Q = self.config.qformer.num_queries
+        out = []
+        for i in range(0, len(texts), TEXT_BATCH):
+            t = self._tokens(texts[i : i + TEXT_BATCH])
+            f = features[i : i + TEXT_BATCH].to(self.heads.itm.weight)
+            t = {k: v.to(f.device) for k, v in t.items()}
+            hidden = self.qformer(f, t["input_ids"], t["attention_mask"], mode="bidirectional")
+            out.append(self.heads.itm(hidden[:, :Q]).mean(1).softmax(-1)[:, 1])  # (m,) as Stage1Objective's ITM
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+def similarity(clips: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """(N, M) ITC similarity of N clips (N, Q, E) and M texts (M, E): the best-matching query's cosine."""
+    return torch.einsum("nqe,me->nmq", clips, texts).amax(-1)
+
+
+def scorer_weights(state: dict[str, torch.Tensor], bridge_state: dict[str, torch.Tensor], dtype: torch.dtype | None = None):
+    """The weights a scorer saved beside its bridge keeps: its Q-Former and heads where they differ from the
+    bridge's (compared in the saving dtype), all of them where the bridge has none. The rest (projection,
+    LoRA) are never used to score."""
+    cast = (lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v) if dtype else (lambda v: v)
+    kept = {}
+    for k, v in state.items():
+        if not k.startswith(("qformer.", "heads.")):
+            continue
+        own = bridge_state.get(k)
+        if own is None or own.shape != v.shape or not torch.equal(cast(own.detach().cpu()), cast(v.detach().cpu())):
+            kept[k] = cast(v.detach().cpu().contiguous())
+    return kept

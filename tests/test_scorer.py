@@ -1,0 +1,96 @@
+"""Bridge.match / embed_clips / embed_texts and a bridge's scorer, saved in and loaded from scorer/."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors import safe_open
+
+from qformer import Bridge
+from qformer.bridge import SCORER_DIR, WEIGHTS_NAME, load_scorer, save_scorer
+from qformer.scorer import similarity
+
+
+def clips(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def stage1_config(tiny_dirs, heads: bool = True):
+    cfg = tiny_config(tiny_dirs, qformer_tokenizer=tiny_dirs["llm"])
+    return replace(cfg, qformer=replace(cfg.qformer, stage1_heads=heads))
+
+
+@pytest.fixture
+def stage1_bridge(tiny_dirs):
+    torch.manual_seed(0)
+    return Bridge(stage1_config(tiny_dirs)).eval()
+
+
+def test_match_and_embeddings_have_their_shapes_and_unit_norms(stage1_bridge):
+    texts = ["a red circle moves left", "a blue square grows", "a green diamond stays still"]
+    scores = stage1_bridge.match(clips(3), texts)
+    assert len(scores) == 3 and all(isinstance(s, float) and 0.0 < s < 1.0 for s in scores)
+    q = stage1_bridge.config.qformer
+    clip_emb, text_emb = stage1_bridge.embed_clips(clips(3)), stage1_bridge.embed_texts(texts)
+    assert clip_emb.shape == (3, q.num_queries, q.embed_dim) and text_emb.shape == (3, q.embed_dim)
+    torch.testing.assert_close(clip_emb.norm(dim=-1), torch.ones(3, q.num_queries))
+    torch.testing.assert_close(text_emb.norm(dim=-1), torch.ones(3))
+    sim = similarity(clip_emb, text_emb)
+    assert sim.shape == (3, 3)
+    torch.testing.assert_close(sim[1, 2], (clip_emb[1] @ text_emb[2]).max())
+    # One clip scored alone gets the same score as in the batch.
+    assert stage1_bridge.match(clips(3)[1:2], texts[1:2])[0] == pytest.approx(scores[1], abs=1e-6)
+    with pytest.raises(ValueError, match="3 clips and 2 texts"):
+        stage1_bridge.match(clips(3), texts[:2])
+
+
+def test_a_bridge_without_heads_or_scorer_says_so(tiny_dirs, tmp_path):
+    torch.manual_seed(0)
+    bridge = Bridge(stage1_config(tiny_dirs, heads=False))
+    assert bridge.scorer is None
+    with pytest.raises(ValueError, match="match needs a scorer: this bridge has no stage-1 heads and no scorer/"):
+        bridge.match(clips(1), ["a red circle"])
+    bridge.save_pretrained(tmp_path / "b")
+    assert load_scorer(tmp_path / "b") is None
+
+
+def test_a_scorer_saved_in_scorer_keeps_only_what_differs_and_loads_back(tiny_dirs, tmp_path):
+    """A generative bridge (no heads) with a scorer trained from its Q-Former, one attention weight changed:
+    scorer/ holds that weight and the heads; Bridge.match of the loaded bridge is the scorer's own."""
+    torch.manual_seed(0)
+    bridge = Bridge(stage1_config(tiny_dirs, heads=False))
+    bridge.save_pretrained(tmp_path / "b")
+    scorer = Bridge(stage1_config(tiny_dirs), vision=bridge.vision, llm=bridge.llm).eval()
+    scorer.qformer.load_state_dict(bridge.qformer.state_dict())
+    scorer.projection.load_state_dict(bridge.projection.state_dict())
+    with torch.no_grad():
+        scorer.qformer.layers[1].self_attn.query.weight.add_(0.5)
+    save_scorer(scorer, tmp_path / "b")
+
+    with safe_open(str(tmp_path / "b" / SCORER_DIR / WEIGHTS_NAME), "pt") as f:
+        held = set(f.keys())
+    assert held == {"qformer.layers.1.self_attn.query.weight"} | {f"heads.{k}" for k in scorer.heads.state_dict()}
+
+    loaded = Bridge.from_pretrained(tmp_path / "b", vision=bridge.vision, llm=bridge.llm)
+    assert loaded.heads is None and loaded.scorer is not None
+    texts = ["a red circle moves left", "a blue square grows"]
+    assert loaded.match(clips(2), texts) == pytest.approx(scorer.match(clips(2), texts), abs=1e-6)
+    torch.testing.assert_close(loaded.embed_clips(clips(2)), scorer.embed_clips(clips(2)))
+    # The same scorer without the bridge: no LLM and no vision encoder until clips are given.
+    alone = load_scorer(tmp_path / "b")
+    assert alone._vision[0] is None
+    torch.testing.assert_close(alone.embed_texts(texts), scorer.embed_texts(texts))
+    assert alone._vision[0] is None
+
+
+def test_a_stage1_bridge_directory_is_its_own_scorer(stage1_bridge, tmp_path):
+    stage1_bridge.save_pretrained(tmp_path / "s1")
+    texts = ["a red circle moves left"]
+    alone = load_scorer(tmp_path / "s1")
+    torch.testing.assert_close(alone.embed_texts(texts), stage1_bridge.embed_texts(texts))
+    assert alone.match(clips(1), texts) == pytest.approx(stage1_bridge.match(clips(1), texts), abs=1e-6)
