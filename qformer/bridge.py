@@ -515,31 +515,45 @@ class Bridge(nn.Module):
         histories=None,
         max_new_tokens: int = MAX_NEW_TOKENS,
         num_beams: int = 1,
+        rows=None,
         **generate_kwargs,
     ) -> list[str]:
-        """One answer per row of already preprocessed pixels (B, T, 3, H, W) or (B, 3, H, W).
+        """One answer per question about already preprocessed pixels (B, T, 3, H, W) or (B, 3, H, W): question i
+        is about row rows[i] (default: row i), so several questions may be about one clip.
 
-        For callers that decode and preprocess elsewhere (the recaptioner's worker processes). num_beams as in ask().
+        The vision encoder runs once per row whatever the number of questions about it, and so does the
+        Q-Former unless it reads the question (an instructed bridge); only the LLM runs per question. For
+        callers that decode and preprocess elsewhere (the recaptioner's worker processes). num_beams as in ask().
         """
         if num_beams < 1:
             raise ValueError(f"num_beams must be 1 (greedy) or more, not {num_beams}")
         histories = [list(h) for h in histories] if histories else [[] for _ in questions]
-        px = pixel_values.to(self.projection.weight.device)
+        rows = list(range(len(questions))) if rows is None else list(rows)
+        features = self.frame_features(pixel_values.to(self.projection.weight.device))  # (B, T, N, Dv)
+        visual = None if self.config.instruct else self.visual_prompt(features=features)  # (B, Q, Dl)
+
+        def about(picked: list[int]) -> dict[str, torch.Tensor]:
+            """The frozen features, and the soft prompt when computed once, of the rows `picked` questions are about."""
+            return dict(features=features[picked], visual=None if visual is None else visual[picked])
+
         if self.config.caption_first:
-            # The chat opens with the bridge's own caption, as in training; decoded as the answer is, not streamed.
+            # The chat opens with the bridge's own caption, as in training; decoded as the answer is, not streamed;
+            # one caption per clip, whatever the number of questions about it.
             prompt = self.config.caption_prompt
             need = [i for i, (q, h) in enumerate(zip(questions, histories)) if self.captions_before(q, h)]
-            if need:
+            clips = sorted({rows[i] for i in need})
+            if clips:
                 ids = self.generate(
-                    px[need],
-                    **self._prompt_batch([prompt] * len(need), [[] for _ in need]),
+                    **about(clips),
+                    **self._prompt_batch([prompt] * len(clips), [[] for _ in clips]),
                     max_new_tokens=MAX_NEW_TOKENS,
                     num_beams=num_beams,
                 )
-                for i, caption in zip(need, self.llm.tokenizer.batch_decode(ids, skip_special_tokens=True)):
-                    histories[i].insert(0, (prompt, caption.strip()))
+                captions = dict(zip(clips, self.llm.tokenizer.batch_decode(ids, skip_special_tokens=True)))
+                for i in need:
+                    histories[i].insert(0, (prompt, captions[rows[i]].strip()))
         ids = self.generate(
-            px, **self._prompt_batch(questions, histories), max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs
+            **about(rows), **self._prompt_batch(questions, histories), max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs
         )
         return [text.strip() for text in self.llm.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 

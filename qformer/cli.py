@@ -14,6 +14,7 @@ from . import chat
 from . import recaption as rc
 from .bridge import DEFAULT_BRIDGE, bridge_or_default
 from .config import CAPTION_BATCH_SIZE, MAX_NEW_TOKENS
+from .shots import MIN_SHOT_S, SHOT_THRESHOLD
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +39,8 @@ def add_recaption(subparsers) -> None:
         "recaption",
         help="caption every clip or image of folders, files, manifests or datasets directories",
         description=(
-            "One caption per input, written as it goes (JSONL, or Parquet for FILE.parquet). Rerunning the same "
-            "command resumes: inputs already recorded are skipped, even after a kill. Under `accelerate launch` "
+            "One caption per input (per shot with --shots) and prompt, written as it goes (JSONL, or Parquet for "
+            "FILE.parquet). Rerunning the same command resumes: inputs already recorded are skipped, even after a kill. Under `accelerate launch` "
             "(or with --shard i/n) each process takes every n-th input and writes FILE.shard-i-of-n.jsonl; the "
             "last process to finish merges them into FILE."
         ),
@@ -59,7 +60,13 @@ def add_recaption(subparsers) -> None:
         "--fps", type=float, metavar="F", help="sample F frames per second instead (capped at the frames the bridge's Q-Former takes)"
     )
     p.add_argument("--batch-size", type=int, default=CAPTION_BATCH_SIZE, metavar="B", help="clips per model call")
-    p.add_argument("--prompt", metavar="TEXT", help="instruction given with each clip (default: the bridge's caption prompt)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help="instruction given with each clip (default: the bridge's caption prompt); repeat it for one record per prompt, "
+        "each clip decoded and encoded once",
+    )
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, metavar="K", help="longest caption, in tokens")
     p.add_argument(
         "--num-beams",
@@ -68,6 +75,16 @@ def add_recaption(subparsers) -> None:
         metavar="NB",
         help="beam search over NB beams instead of greedy decoding: slower, and more often right (README)",
     )
+    p.add_argument("--shots", action="store_true", help="cut each video at its scene changes and caption each shot (PySceneDetect)")
+    p.add_argument(
+        "--shot-threshold",
+        type=float,
+        default=SHOT_THRESHOLD,
+        metavar="X",
+        help="with --shots: a cut where a frame changes X times more than its neighbours do (lower: more cuts)",
+    )
+    p.add_argument("--min-shot-s", type=float, default=MIN_SHOT_S, metavar="S", help="with --shots: the shortest shot, seconds")
+    p.add_argument("--retry-failed", action="store_true", help="also take again the inputs whose records are errors")
     p.add_argument(
         "--workers",
         type=int,
@@ -93,6 +110,8 @@ def run_recaption(args) -> int:
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
     if args.fps is not None and not args.fps > 0:
         raise ValueError(f"--fps must be positive, got {args.fps}")
+    if not args.shot_threshold > 0 or not args.min_shot_s >= 0:
+        raise ValueError(f"--shot-threshold must be positive and --min-shot-s 0 or more, got {args.shot_threshold} and {args.min_shot_s}")
     bridge_dir = bridge_or_default(args.bridge)
     # The record names the bridge by absolute path, so a rerun from another folder resumes the same output.
     bridge_name = os.path.abspath(bridge_dir) if os.path.isdir(bridge_dir) else bridge_dir
@@ -109,15 +128,19 @@ def run_recaption(args) -> int:
 
     # Before loading models: a bad manifest, or an --out this run would destroy or mix into, fails in a second.
     items = rc.discover(args.inputs)
-    prompt = args.prompt if args.prompt is not None else rc.configured_prompt(bridge_dir)
-    rc.check_output(args.out, args.inputs, items, shard, bridge_name, prompt, args.num_beams)
+    shots = (args.shot_threshold, args.min_shot_s) if args.shots else None
+    prompts = tuple(dict.fromkeys(args.prompt or [rc.configured_prompt(bridge_dir)]))
+    threshold, min_shot_s = shots or (None, None)
+    # None: a hub bridge's caption prompt is known once it loads; recaption() checks then, before writing.
+    settings = None if None in prompts else rc.Settings(bridge_name, prompts, args.num_beams, threshold, min_shot_s)
+    rc.check_output(args.out, args.inputs, items, shard, settings)
     bridge = Bridge.from_pretrained(bridge_dir).to(state.device)
     summary = rc.recaption(
         items,
         args.out,
         bridge,
         bridge_name,
-        prompt=args.prompt,
+        prompts=args.prompt,
         num_frames=args.num_frames,
         fps=args.fps,
         batch_size=args.batch_size,
@@ -125,11 +148,13 @@ def run_recaption(args) -> int:
         num_beams=args.num_beams,
         workers=args.workers,
         shard=shard,
+        shots=shots,
+        retry_failed=args.retry_failed,
     )
     prefix = f"shard {shard[0]}/{shard[1]}: " if shard[1] > 1 else ""
     print(prefix + summary.line(), flush=True)
     if shard[1] > 1 and summary.missing == 0:
-        print(f"merged {len(items)} records into {args.out}", flush=True)
+        print(f"merged the records of {len(items)} inputs into {args.out}", flush=True)
     return 0
 
 

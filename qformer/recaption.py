@@ -1,42 +1,59 @@
-"""Recaption a data set: one caption per clip or image, at the speed of the frozen models, never losing work.
+"""Recaption a data set: one caption per clip, shot or image and prompt, at the speed of the frozen models, never losing work.
 
     INPUT... --discover--> sorted unique items --shard i/n--> this process's items, minus those already done
-      --DataLoader workers: read_clip + vision.preprocess--> (T, 3, H, W) per clip, or an error
-      --main process: batches of clips with the same shape--> Bridge.answer_pixels --> captions
+      --DataLoader workers: [shot detection] + read_clip + vision.preprocess--> (T, 3, H, W) per shot, or an error
+      --main process: batches of shots with the same shape--> Bridge.answer_pixels, every prompt --> captions
       --> append-only JSONL journal (one line per record, fsynced per batch) --> merged output file
 
-Output records (JSONL, or Parquet when the file name ends in .parquet), one per input:
-    path, caption, num_frames, duration_s, error (null, or what was wrong), bridge, prompt, num_beams
+An item is a file, or a span [start, end) of one when its manifest row has `start` and `end` columns
+(seconds). With shots (--shots) each item is cut at its scene changes (qformer/shots.py) and each shot is
+captioned; without, the item is one shot. Every shot is decoded and encoded once (vision encoder and,
+unless it reads the prompt, the Q-Former), then the LLM answers each prompt about it.
 
-Exactly once, through kills: each process appends complete lines to its own journal and fsyncs them
-per batch. On start it cuts a torn last line (a kill mid-write) off its journal and skips every path
-already recorded in any journal of the same output. A process holds an exclusive lock on its journal,
-so two runs can never write the same one.
+Output records (JSONL, or Parquet when the file name ends in .parquet), one per (item, shot, prompt):
+    path, shot, start_s, end_s, caption, num_frames, duration_s, error (null, or what was wrong), bridge,
+    prompt, num_beams, shot_threshold, min_shot_s (both null without shots)
+followed by the manifest row's other columns under their own names (`source_NAME` when NAME is a record
+field). start_s and end_s are seconds from the start of the file; without shots they are the span, or 0
+and the clip's duration. An item that cannot be read gets one error record per prompt (shot 0).
+
+The key of a record is (path, span, shot, prompt), the span being the row's start and end (carried in the
+record as its `start` and `end` columns). Exactly once, through kills: each process appends complete lines
+to its own journal and fsyncs them per batch. On start it cuts a torn last line (a kill mid-write) off its
+journal and skips every item whose records are all in any journal of the same output: one per prompt, or
+with shots every shot 0..k of each prompt, the last ending where the item ends. A partly recorded item is
+decoded again and only its missing records are made. --retry-failed also takes again the items whose
+records are errors; a later caption replaces the error in the merged output. A process holds an exclusive
+lock on its journal, so two runs can never write the same one.
 
 Journals of output FILE:
     FILE                               unsharded JSONL output: the journal is the output itself
     FILE.journal.jsonl                 unsharded Parquet output
     FILE.shard-<i>-of-<n>.jsonl        shard i of n (--shard i/n, or each process of `accelerate launch`)
 
-What --out may name: a new or empty file, or an output of this tool made with the same bridge, prompt and
---num-beams. A journal is cut at its torn tail and the merge replaces FILE, so anything else (a clip, a
-manifest or any other input, another table, a binary file, a directory) would be destroyed: it is refused,
-by reading only, before a model loads (check_output), and the same goes for each journal of FILE.
+What --out may name: a new or empty file, or an output of this tool made with the same settings (Settings:
+bridge, --num-beams, shot detection, and prompts among this run's; a run with more prompts adds the new
+ones). A journal is cut at its torn tail and the merge replaces FILE, so anything else (a clip, a manifest
+or any other input, another table, a binary file, a directory) would be destroyed: it is refused, by
+reading only, before a model loads (check_output), and the same goes for each journal of FILE.
 
-Merge: every process, after its last record, reads all journals of FILE; if together they hold a
-record for every input it writes FILE atomically (temporary file + os.replace), each input once, in
-sorted order. So the last shard to finish writes the merged file, on one machine or many sharing a
-file system, with no barrier to hang on when a process dies; rerunning any shard's command after a
-crash redoes only the merge. Two shards finishing together write identical files, so either may win.
+Merge: every process, after its last record, reads all journals of FILE; if together they hold every
+record of every input it writes FILE atomically (temporary file + os.replace), one record per (item, shot,
+prompt), in sorted order. So the last shard to finish writes the merged file, on one machine or many
+sharing a file system, with no barrier to hang on when a process dies; rerunning any shard's command after
+a crash redoes only the merge. Two shards finishing together write identical files, so either may win. An
+unsharded JSONL journal is the output itself, rewritten only when a retry left replaced records in it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
 import glob
 import json
+import math
 import os
 import sys
 import tempfile
@@ -50,6 +67,7 @@ import torch
 from adapters.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ClipError, decode_side, read_clip
 
 from .config import CAPTION_BATCH_SIZE, MAX_NEW_TOKENS
+from .shots import detect_cuts, shot_spans
 
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
@@ -58,6 +76,9 @@ MEDIA_COLUMNS = ("video", "video_path", "image", "image_path", "clip", "path", "
 # The output record, field -> Parquet type; JSONL lines carry the same fields in the same order.
 RECORD_SCHEMA = {
     "path": "string",
+    "shot": "int32",
+    "start_s": "float64",
+    "end_s": "float64",
     "caption": "string",
     "num_frames": "int32",
     "duration_s": "float64",
@@ -65,7 +86,11 @@ RECORD_SCHEMA = {
     "bridge": "string",
     "prompt": "string",
     "num_beams": "int32",
+    "shot_threshold": "float64",
+    "min_shot_s": "float64",
 }
+# A manifest column whose name is a record field is carried under this prefix.
+CLASH_PREFIX = "source_"
 # Decoding processes beside the model: enough to keep it fed, not so many that they fight it for the cores.
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
@@ -82,6 +107,15 @@ class Item:
     error: str | None = None
     # (datasets directory, column, row) when the clip's bytes live inside a datasets directory.
     blob: tuple[str, str, int] | None = None
+    # [start, end) seconds to caption, from a manifest row's start and end (end inf: to the clip's end); None: all.
+    span: tuple[float, float] | None = None
+    # The manifest row's other columns, as its records carry them (see carried_columns).
+    columns: dict | None = None
+
+    @property
+    def order(self) -> tuple:
+        """Sort key; the whole file before its spans."""
+        return (self.path, self.span is not None, self.span or (0.0, 0.0))
 
 
 def discover(inputs: Iterable[str]) -> list[Item]:
@@ -90,11 +124,11 @@ def discover(inputs: Iterable[str]) -> list[Item]:
     A path that does not exist is kept as an item (its record says so). A manifest that cannot be read or
     names no clips raises ValueError: that is a mistake in the command, better reported before any model loads.
     """
-    found: dict[str, Item] = {}
+    found: dict[tuple, Item] = {}
     for arg in inputs:
         for item in _expand(arg):
-            found.setdefault(item.path, item)
-    return [found[k] for k in sorted(found)]
+            found.setdefault((item.path, item.span), item)
+    return sorted(found.values(), key=lambda item: item.order)
 
 
 def _expand(arg: str) -> Iterator[Item]:
@@ -147,34 +181,60 @@ def _media_column(columns: Sequence[str], source: str) -> str:
 
 
 def _manifest_items(manifest: str) -> Iterator[Item]:
-    """Rows of a manifest; relative paths are relative to the manifest's folder (as in Hugging Face metadata files)."""
+    """Rows of a manifest; relative paths are relative to the manifest's folder (as in Hugging Face metadata
+    files). A row's start and end make its span; its columns but the clip's travel with its records."""
     base = os.path.dirname(manifest)
     try:
-        values = _manifest_column(manifest)
+        column, rows = _manifest_rows(manifest)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{manifest}: cannot read this manifest: {e}") from None
-    for row, value in enumerate(values):
+    for n, row in enumerate(rows, 1):
+        value = row.get(column)
         if isinstance(value, dict):  # a Hugging Face Image/Video feature: {"bytes", "path"}
             value = value.get("path")
         if not isinstance(value, str) or not value:
-            raise ValueError(f"{manifest}: row {row + 1} has no clip path ({value!r})")
-        yield Item(os.path.normpath(os.path.join(base, value)))
+            raise ValueError(f"{manifest}: row {n} has no clip path ({value!r})")
+        try:
+            span = row_span(row.get("start"), row.get("end"))
+        except ValueError:
+            raise ValueError(
+                f"{manifest}: row {n}: start and end must be seconds, got {row.get('start')!r} and {row.get('end')!r}"
+            ) from None
+        if span is not None and not 0 <= span[0] < span[1]:
+            raise ValueError(f"{manifest}: row {n}: the span from {span[0]:g} s to {span[1]:g} s is empty or negative")
+        columns = carried_columns({k: v for k, v in row.items() if k != column})
+        yield Item(os.path.normpath(os.path.join(base, value)), span=span, columns=columns)
 
 
-def _manifest_column(manifest: str) -> list:
+def row_span(start, end) -> tuple[float, float] | None:
+    """A manifest row's start and end (seconds: numbers, or the strings a CSV holds) as a span; None when
+    the row gives neither. A missing start is 0, a missing end the clip's end (inf). ValueError: not numbers."""
+    start, end = (None if v is None or v == "" else float(v) for v in (start, end))
+    if start is None and end is None:
+        return None
+    return (start or 0.0, math.inf if end is None else end)
+
+
+def carried_columns(row: dict) -> dict:
+    """A manifest row's columns as records carry them: a name that is a record field gets CLASH_PREFIX, and
+    a value JSON cannot hold (a date, bytes) becomes its text, so journals and Parquet hold the same."""
+    return {(CLASH_PREFIX + k if k in RECORD_SCHEMA else k): json.loads(json.dumps(v, default=str)) for k, v in row.items()}
+
+
+def _manifest_rows(manifest: str) -> tuple[str, list[dict]]:
+    """(the column naming the clips, the rows)."""
     lower = manifest.lower()
     if lower.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        names = pq.read_schema(manifest).names
-        return pq.read_table(manifest, columns=[_media_column(names, manifest)]).column(0).to_pylist()
+        table = pq.read_table(manifest)
+        return _media_column(table.column_names, manifest), table.to_pylist()
     if lower.endswith(".csv"):
         import csv
 
         with open(manifest, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
-        column = _media_column(list(rows[0]) if rows else [], manifest)
-        return [r[column] for r in rows]
+        return _media_column(list(rows[0]) if rows else [], manifest), rows
     rows = []
     with open(manifest, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -183,8 +243,7 @@ def _manifest_column(manifest: str) -> list:
                 if not isinstance(row, dict):
                     raise ValueError(f"line {n} is not a JSON object")
                 rows.append(row)
-    column = _media_column(sorted({k for r in rows for k in r}), manifest)
-    return [r.get(column) for r in rows]
+    return _media_column(sorted({k for r in rows for k in r}), manifest), rows
 
 
 def _is_dataset_dir(path: str) -> bool:
@@ -224,16 +283,24 @@ def _dataset_items(path: str) -> Iterator[Item]:
 
 
 @dataclass
+class Shot:
+    start_s: float  # seconds from the start of the file
+    end_s: float
+    pixels: torch.Tensor  # (T, 3, H, W), preprocessed for the vision encoder
+    num_frames: int
+
+
+@dataclass
 class Sample:
-    path: str
-    pixels: torch.Tensor | None  # (T, 3, H, W), preprocessed for the vision encoder
-    num_frames: int | None
+    item: Item
     duration_s: float | None
+    shots: list[Shot]  # in order; empty when the item could not be read
     error: str | None
 
 
 class DecodedItems(torch.utils.data.Dataset):
-    """Decode, sample and preprocess one item per call; every failure becomes a Sample with its error."""
+    """Decode, sample and preprocess one item per call (each of its shots when `shots` is (threshold,
+    min_shot_s)); every failure becomes a Sample with its error."""
 
     def __init__(
         self,
@@ -243,12 +310,17 @@ class DecodedItems(torch.utils.data.Dataset):
         fps: float | None,
         max_side: int | None,
         sampling: str = "centres",
+        shots: tuple[float, float] | None = None,
     ):
         self.items, self.preprocess = items, preprocess
         self.num_frames, self.fps, self.max_side, self.sampling = num_frames, fps, max_side, sampling
+        self.shots = shots
 
-    def _read_file(self, path: str):
-        return read_clip(path, num_frames=self.num_frames, fps=self.fps, max_side=self.max_side, sampling=self.sampling)
+    def _read_file(self, path: str, start_s: float, end_s: float):
+        end = None if math.isinf(end_s) else end_s
+        return read_clip(
+            path, num_frames=self.num_frames, fps=self.fps, max_side=self.max_side, sampling=self.sampling, start_s=start_s, end_s=end
+        )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -256,30 +328,49 @@ class DecodedItems(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Sample:
         item = self.items[i]
         if item.error is not None:
-            return Sample(item.path, None, None, None, item.error)
+            return Sample(item, None, [], item.error)
         try:
-            clip = self._read(item)
-            pixels = self.preprocess(clip.frames)  # (T, 3, H, W)
+            with self._file(item) as path:
+                try:
+                    return self._decode(item, path)
+                except ClipError as e:  # PyAV and Pillow read a temporary file; errors name the item
+                    raise ClipError(str(e).replace(path, item.path)) from None
         except ClipError as e:
-            return Sample(item.path, None, None, None, str(e))
+            return Sample(item, None, [], str(e))
         except Exception as e:  # noqa: BLE001 -- a decoder bug on one file must not end the data set's run
-            return Sample(item.path, None, None, None, f"{item.path}: {type(e).__name__}: {e}")
-        return Sample(item.path, pixels, len(clip.frames), clip.duration_s, None)
+            return Sample(item, None, [], f"{item.path}: {type(e).__name__}: {e}")
 
-    def _read(self, item: Item):
+    def _decode(self, item: Item, path: str) -> Sample:
+        start, end = item.span or (0.0, math.inf)
+        spans = [(start, end)]
+        if self.shots is not None:
+            try:
+                cuts = detect_cuts(path, *self.shots, start_s=start, end_s=None if math.isinf(end) else end)
+            except Exception as e:  # noqa: BLE001 -- said below, for the item
+                self._read_file(path, start, end)  # a file that cannot be read at all says why (ClipError)
+                raise ClipError(f"{path}: shot detection failed: {type(e).__name__}: {e}") from None
+            spans = shot_spans(cuts, start, end)
+        shots, duration = [], None
+        for shot_start, shot_end in spans:
+            clip = self._read_file(path, shot_start, shot_end)
+            duration = clip.duration_s
+            pixels = self.preprocess(clip.frames)  # (T, 3, H, W)
+            shots.append(Shot(shot_start, min(shot_end, duration), pixels, len(clip.frames)))
+        return Sample(item, duration, shots, None)
+
+    @contextlib.contextmanager
+    def _file(self, item: Item) -> Iterator[str]:
+        """A path to the item's bytes: its file, or a temporary copy of bytes stored in a datasets directory."""
         if item.blob is None:
-            return self._read_file(item.path)
+            yield item.path
+            return
         where, column, row = item.blob
         cell = _dataset_table(where).column(column)[row].as_py()
         suffix = os.path.splitext(cell.get("path") or "")[1] or ".bin"
-        # PyAV and Pillow read files; the bytes go through a temporary one, named after the item in errors.
         with tempfile.NamedTemporaryFile(suffix=suffix) as f:
             f.write(cell["bytes"])
             f.flush()
-            try:
-                return self._read_file(f.name)
-            except ClipError as e:
-                raise ClipError(str(e).replace(f.name, item.path)) from None
+            yield f.name
 
 
 @functools.lru_cache(maxsize=8)
@@ -369,21 +460,44 @@ class OutputBusy(RuntimeError):
 
 # How every encoded record begins (_encode): the mark of a first record torn by a kill.
 RECORD_START = b'{"path": '
-# Fields of the records this tool writes; records from before num_beams was recorded lack it.
-RECORD_FIELD_SETS = (set(RECORD_SCHEMA), set(RECORD_SCHEMA) - {"num_beams"})
+# Fields of the records this tool wrote before shots (and before num_beams): a record of whole clips.
+_BEFORE_SHOTS = set(RECORD_SCHEMA) - {"shot", "start_s", "end_s", "shot_threshold", "min_shot_s"}
+OLDER_FIELD_SETS = (_BEFORE_SHOTS, _BEFORE_SHOTS - {"num_beams"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What decides the captions of an output, recorded in each record: a rerun must use the same, or one
+    output would hold two kinds of captions. Its prompts may grow: a rerun with one more adds its records."""
+
+    bridge: str  # the bridge directory, absolute, or a hub id
+    prompts: tuple[str, ...]
+    num_beams: int = 1
+    shot_threshold: float | None = None  # None: no shot detection
+    min_shot_s: float | None = None
+
+    def describe(self) -> str:
+        shots = (
+            "no --shots"
+            if self.shot_threshold is None
+            else f"--shots --shot-threshold {self.shot_threshold:g} --min-shot-s {self.min_shot_s:g}"
+        )
+        prompts = ", ".join(map(repr, self.prompts))
+        return f"bridge {self.bridge!r}, prompt{'s' if len(self.prompts) > 1 else ''} {prompts}, --num-beams {self.num_beams} and {shots}"
+
+
 # Names that say a file holds clips or a table of them, never records.
 FOREIGN_SUFFIXES = tuple(MEDIA_EXTENSIONS) + (".csv",)
 
 
-def check_output(
-    out: str, inputs: Sequence[str], items: Sequence[Item], shard: tuple[int, int], bridge_name: str, prompt: str | None, num_beams: int
-) -> None:
+def check_output(out: str, inputs: Sequence[str], items: Sequence[Item], shard: tuple[int, int], settings: Settings | None) -> None:
     """Refuse, by reading only, an --out this run would destroy: its journals are appended to and cut, and
     the merge replaces it, so each must be new, empty, or this tool's output of the same settings.
 
     Every journal this run would read or write is checked, against the INPUT arguments and the items too:
-    a manifest or a clip given as --out would otherwise be overwritten. prompt None (a bridge whose config
-    is not on this machine yet) leaves the settings to recaption(), still before anything is written.
+    a manifest or a clip given as --out would otherwise be overwritten. settings None (a bridge whose config,
+    and so its caption prompt, is not on this machine yet) leaves them to recaption(), still before anything
+    is written.
     """
     targets = list(dict.fromkeys([out, journal_path(out, shard), *_journals(out)]))
     _refuse_inputs(targets, [*inputs, *(item.path for item in items)])
@@ -391,8 +505,9 @@ def check_output(
         raise ValueError(f"{out}: --out names a clip, image or CSV file; records go to a .jsonl or .parquet file")
     for path in targets:
         first = _first_output_record(path)
-        if first is not None and prompt is not None:
-            _check_same_settings([first], path, bridge_name, prompt, num_beams)
+        if first is not None and settings is not None:
+            # Every record: the first holds one prompt of several.
+            _check_same_settings(read_records(path), path, settings)
 
 
 def _identity(path: str) -> tuple[int, int] | None:
@@ -469,14 +584,19 @@ def _first_parquet_record(path: str) -> dict | None:
         raise ValueError(f"{what} (not a Parquet file: {e}); refusing to replace it, choose another --out") from None
     schema = table.schema_arrow
     _check_fields(set(schema.names), what)
-    wrong = [f"{name}: {schema.field(name).type}" for name in schema.names if schema.field(name).type != getattr(pa, RECORD_SCHEMA[name])()]
+    wrong = [
+        f"{name}: {schema.field(name).type}"
+        for name in schema.names
+        if name in RECORD_SCHEMA and schema.field(name).type != getattr(pa, RECORD_SCHEMA[name])()
+    ]
     if wrong:
         raise ValueError(f"{what} (columns of other types: {', '.join(wrong)}); refusing to replace it, choose another --out")
     return next((batch.to_pylist()[0] for batch in table.iter_batches(batch_size=1) if batch.num_rows), None)
 
 
 def _check_fields(fields: set[str], what: str) -> None:
-    if fields not in RECORD_FIELD_SETS:
+    """A record's fields, then any carried columns; or a record of before shots, exactly."""
+    if not (set(RECORD_SCHEMA) <= fields or fields in OLDER_FIELD_SETS):
         raise ValueError(
             f"{what} (its fields are {', '.join(sorted(fields))}; a record's are {', '.join(RECORD_SCHEMA)}); "
             "refusing to write to it, choose another --out"
@@ -530,13 +650,50 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _recorded(out: str) -> dict[str, dict]:
-    """path -> record over every journal of out (the first record of a path wins; they are identical)."""
-    done: dict[str, dict] = {}
+def record_key(record: dict) -> tuple:
+    """(path, span, shot, prompt): what a record is of. The span is the manifest row's, carried in its start
+    and end columns; records from before shots are of whole clips (shot 0)."""
+    return (record["path"], row_span(record.get("start"), record.get("end")), record.get("shot", 0), record["prompt"])
+
+
+def _recorded(out: str) -> tuple[dict[tuple, dict], int]:
+    """(record_key -> record over every journal of out, how many records they hold). A caption replaces an
+    error (--retry-failed); otherwise the first record of a key wins (they are identical)."""
+    done: dict[tuple, dict] = {}
+    count = 0
     for path in _journals(out):
         for record in read_records(path):
-            done.setdefault(record["path"], record)
-    return done
+            count += 1
+            key = record_key(record)
+            if key not in done or (done[key]["error"] is not None and record["error"] is None):
+                done[key] = record
+    return done, count
+
+
+def _by_item(done: dict[tuple, dict]) -> dict[tuple, list[dict]]:
+    """(path, span, prompt) -> that item's records for that prompt, by shot."""
+    groups: dict[tuple, list[dict]] = {}
+    for (path, span, _, prompt), record in sorted(done.items(), key=lambda kv: kv[0][2]):
+        groups.setdefault((path, span, prompt), []).append(record)
+    return groups
+
+
+def _complete(records: list[dict], item: Item, shots: bool, retry: bool) -> bool:
+    """Whether an item's records for one prompt are all there: an error (unless it is to be retried), one
+    record of the whole item, or with shots every shot 0..k, the last ending where the item ends."""
+    if not records:
+        return False
+    if any(r["error"] is not None for r in records):
+        return not retry
+    if not shots:
+        return True
+    last = records[-1]
+    return [r["shot"] for r in records] == list(range(len(records))) and last["end_s"] == min(item_end(item), last["duration_s"])
+
+
+def item_end(item: Item) -> float:
+    """Where the item's span ends (inf: at the clip's end); the last shot ends at min(this, duration)."""
+    return item.span[1] if item.span else math.inf
 
 
 def _write_atomic(out: str, records: list[dict]) -> None:
@@ -545,12 +702,10 @@ def _write_atomic(out: str, records: list[dict]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=folder)
     try:
         if out.lower().endswith(".parquet"):
-            import pyarrow as pa
             import pyarrow.parquet as pq
 
             os.close(fd)
-            schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in RECORD_SCHEMA.items()])
-            pq.write_table(pa.Table.from_pylist(records, schema=schema), tmp)
+            pq.write_table(_table(records), tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         else:
@@ -565,13 +720,38 @@ def _write_atomic(out: str, records: list[dict]) -> None:
         raise
 
 
-def merge(items: Sequence[Item], out: str) -> int:
-    """Write out from all its journals if they hold every item; returns how many items still lack a record."""
-    done = _recorded(out)
-    missing = sum(item.path not in done for item in items)
-    journals = _journals(out)
-    if missing == 0 and journals != [out]:  # an unsharded JSONL journal already is the output
-        _write_atomic(out, [done[item.path] for item in items])
+def _table(records: list[dict]):
+    """Records as an Arrow table: the record fields with their RECORD_SCHEMA types, then each carried column
+    with the type Arrow infers from its values (int64, double, string, lists, structs); a column whose
+    values have no common type (JSONL rows holding 1 in one and "a" in another) holds their JSON text."""
+    import pyarrow as pa
+
+    columns = {name: pa.array([r.get(name) for r in records], getattr(pa, kind)()) for name, kind in RECORD_SCHEMA.items()}
+    for name in dict.fromkeys(k for r in records for k in r if k not in RECORD_SCHEMA):
+        values = [r.get(name) for r in records]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            columns[name] = pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values], pa.string())
+    return pa.table(columns)
+
+
+def merge(items: Sequence[Item], out: str, prompts: Sequence[str], shots: bool) -> int:
+    """Write out from all its journals if they hold every record of every item; returns how many items
+    still lack one. Records go in item order, then shot, then prompt (in the order given)."""
+    done, count = _recorded(out)
+    groups = _by_item(done)
+    order = {prompt: i for i, prompt in enumerate(prompts)}
+    merged, missing = [], 0
+    for item in items:
+        per_prompt = [groups.get((item.path, item.span, prompt), []) for prompt in prompts]
+        if not all(_complete(records, item, shots, retry=False) for records in per_prompt):
+            missing += 1
+            continue
+        merged += sorted((r for records in per_prompt for r in records), key=lambda r: (r.get("shot", 0), order[r["prompt"]]))
+    # An unsharded JSONL journal already is the output, unless a retry left replaced records in it.
+    if missing == 0 and (_journals(out) != [out] or count > len(done)):
+        _write_atomic(out, merged)
     return missing
 
 
@@ -580,15 +760,16 @@ def merge(items: Sequence[Item], out: str) -> int:
 
 @dataclass
 class Summary:
-    done: int  # captioned in this run
+    done: int  # captions recorded in this run
     failed: int  # error records written in this run
-    skipped: int  # already recorded by an earlier run
+    skipped: int  # inputs all of whose records an earlier run wrote
     seconds: float
     missing: int  # inputs of other shards not recorded yet (0: the merged output is written)
+    inputs: int = 0  # inputs finished in this run
 
     @property
     def clips_per_s(self) -> float:
-        return (self.done + self.failed) / self.seconds if self.seconds > 0 else 0.0
+        return self.inputs / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
         text = f"done {self.done}, failed {self.failed}, {self.clips_per_s:.2f} clips/s"
@@ -599,12 +780,22 @@ class Summary:
         return text
 
 
+@dataclass
+class _Unit:
+    """One shot of a decoded item, and the prompts still to answer about it."""
+
+    sample: Sample
+    index: int
+    shot: Shot
+    prompts: list[str]
+
+
 def recaption(
     items: Sequence[Item],
     out: str,
     bridge,
     bridge_name: str,
-    prompt: str | None = None,
+    prompts: Sequence[str] | None = None,
     num_frames: int | None = None,
     fps: float | None = None,
     batch_size: int = CAPTION_BATCH_SIZE,
@@ -613,17 +804,22 @@ def recaption(
     workers: int = DEFAULT_WORKERS,
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
+    shots: tuple[float, float] | None = None,
+    retry_failed: bool = False,
 ) -> Summary:
     """Caption this shard's items not yet recorded in out, append their records, and merge when all are done.
 
-    num_frames / fps as in adapters.video.read_clip; with fps the frame count is capped at what the
-    Q-Former reads: what its temporal embedding covers, or its tubelets' frames (more would be decoded
-    for nothing). bridge_name goes into every record (the bridge directory). num_beams > 1 decodes by
-    beam search (Bridge.caption).
+    prompts: one record per prompt (default: the bridge's caption prompt). num_frames / fps as in
+    adapters.video.read_clip; with fps the frame count is capped at what the Q-Former reads: what its
+    temporal embedding covers, or its tubelets' frames (more would be decoded for nothing). bridge_name
+    goes into every record (the bridge directory). num_beams > 1 decodes by beam search (Bridge.caption).
+    shots (threshold, min_shot_s): cut each item at its scene changes (qformer/shots.py) and caption each
+    shot. retry_failed: take again the items whose records are errors. batch_size counts shots; the LLM
+    answers batch_size x len(prompts) rows at once.
     """
     from tqdm import tqdm
 
-    prompt = bridge.config.caption_prompt if prompt is None else prompt
+    prompts = tuple(dict.fromkeys(prompts or [bridge.config.caption_prompt]))
     max_frames = bridge.config.qformer.tubelet_frames or bridge.config.qformer.max_frames
     if fps is None:
         num_frames = num_frames or bridge.config.num_frames
@@ -632,89 +828,134 @@ def recaption(
     elif num_frames is None:
         num_frames = max_frames
     i, n = shard
-    check_output(out, (), items, shard, bridge_name, prompt, num_beams)
+    threshold, min_shot_s = shots or (None, None)
+    settings = Settings(bridge_name, prompts, num_beams, threshold, min_shot_s)
+    check_output(out, (), items, shard, settings)
     journal = Journal(journal_path(out, shard))
     try:
-        done = _recorded(out)
+        done, _ = _recorded(out)
+        groups = _by_item(done)
         mine = items[i::n]
-        pending = [item for item in mine if item.path not in done]
+        pending = [
+            item
+            for item in mine
+            if not all(_complete(groups.get((item.path, item.span, p), []), item, shots is not None, retry_failed) for p in prompts)
+        ]
         summary = Summary(done=0, failed=0, skipped=len(mine) - len(pending), seconds=0.0, missing=0)
         start = time.perf_counter()
         bar = tqdm(total=len(pending), unit="clip", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+        units_left: dict[tuple, int] = {}  # (path, span) -> shots of the item still to write
+
+        def needed(item: Item, shot: int, prompt: str) -> bool:
+            record = done.get((item.path, item.span, shot, prompt))
+            return record is None or (retry_failed and record["error"] is not None)
+
+        def finished(item: Item, units: int = 1) -> None:
+            key = (item.path, item.span)
+            units_left[key] -= units
+            if units_left[key] == 0:
+                summary.inputs += 1
+                bar.update(1)
 
         def write(records: list[dict]) -> None:
             journal.append(records)
             summary.failed += sum(r["error"] is not None for r in records)
             summary.done += sum(r["error"] is None for r in records)
-            bar.update(len(records))
             bar.set_postfix(failed=summary.failed, refresh=False)
 
-        def record(s: Sample, caption: str | None) -> dict:
-            values = (s.path, caption, s.num_frames, s.duration_s, s.error, bridge_name, prompt, num_beams)
-            return dict(zip(RECORD_SCHEMA, values))
+        def record(item: Item, prompt: str, shot: int, start_s, end_s, caption, num_frames, duration_s, error) -> dict:
+            fields = (item.path, shot, start_s, end_s, caption, num_frames, duration_s, error)
+            fields += (bridge_name, prompt, num_beams, threshold, min_shot_s)
+            return dict(zip(RECORD_SCHEMA, fields)) | (item.columns or {})
 
-        def caption(batch: list[Sample]) -> None:
-            pixels = torch.stack([s.pixels for s in batch])  # (B, T, 3, H, W)
-            texts = bridge.answer_pixels(pixels, [prompt] * len(batch), max_new_tokens=max_new_tokens, num_beams=num_beams)
-            write(failures + [record(s, t) for s, t in zip(batch, texts)])
+        def fail(sample: Sample) -> None:
+            item = sample.item
+            start_s, end_s = item.span or (0.0, math.inf)
+            end_s = None if math.isinf(end_s) else end_s
+            failures.extend(record(item, p, 0, start_s, end_s, None, None, None, sample.error) for p in prompts if needed(item, 0, p))
+            finished(item)
+
+        def caption(batch: list[_Unit]) -> None:
+            pixels = torch.stack([u.shot.pixels for u in batch])  # (B, T, 3, H, W)
+            rows = [j for j, u in enumerate(batch) for _ in u.prompts]
+            questions = [p for u in batch for p in u.prompts]
+            texts = iter(bridge.answer_pixels(pixels, questions, max_new_tokens=max_new_tokens, num_beams=num_beams, rows=rows))
+            records = [
+                record(u.sample.item, p, u.index, u.shot.start_s, u.shot.end_s, next(texts), u.shot.num_frames, u.sample.duration_s, None)
+                for u in batch
+                for p in u.prompts
+            ]
+            write(failures + records)
             failures.clear()
+            for u in batch:
+                finished(u.sample.item)
 
-        # Clips wait in buckets of one shape (frame count and size) until a bucket fills a batch. With many
-        # shapes (fps sampling) the fullest bucket goes early, so at most ~2 batches of clips wait in memory.
-        buckets: dict[tuple, list[Sample]] = {}
+        # Shots wait in buckets of one shape (frame count and size) until a bucket fills a batch. With many
+        # shapes (fps sampling) the fullest bucket goes early, so at most ~2 batches of shots wait in memory.
+        buckets: dict[tuple, list[_Unit]] = {}
         failures: list[dict] = []
         waiting = 0
         bridge.eval()
         sampling = bridge.config.frame_sampling
-        dataset = DecodedItems(pending, bridge.vision.preprocess, num_frames, fps, decode_side(bridge.vision), sampling)
+        dataset = DecodedItems(pending, bridge.vision.preprocess, num_frames, fps, decode_side(bridge.vision), sampling, shots)
         with torch.inference_mode():
             for sample in _loader(dataset, min(workers, len(pending)), batch_size, journal):
+                item = sample.item
                 if sample.error is not None:
-                    failures.append(record(sample, None))
+                    units_left[(item.path, item.span)] = 1
+                    fail(sample)
                     if len(failures) >= batch_size:
                         write(failures)
                         failures.clear()
                     continue
-                bucket = buckets.setdefault(tuple(sample.pixels.shape), [])
-                bucket.append(sample)
-                waiting += 1
-                if len(bucket) == batch_size or waiting >= 2 * batch_size:
-                    key = max(buckets, key=lambda k: len(buckets[k]))
-                    full = buckets.pop(key)
-                    waiting -= len(full)
-                    caption(full)
+                units = [_Unit(sample, k, shot, [p for p in prompts if needed(item, k, p)]) for k, shot in enumerate(sample.shots)]
+                units_left[(item.path, item.span)] = len(sample.shots)
+                finished(item, sum(not u.prompts for u in units))  # shots a killed run recorded whole
+                for unit in units:
+                    if not unit.prompts:
+                        continue
+                    bucket = buckets.setdefault(tuple(unit.shot.pixels.shape), [])
+                    bucket.append(unit)
+                    waiting += 1
+                    if len(bucket) == batch_size or waiting >= 2 * batch_size:
+                        key = max(buckets, key=lambda k: len(buckets[k]))
+                        full = buckets.pop(key)
+                        waiting -= len(full)
+                        caption(full)
             for batch in buckets.values():
                 caption(batch)
             if failures:
                 write(failures)
         bar.close()
         summary.seconds = time.perf_counter() - start
+        # Before the lock goes: an unsharded JSONL output that a retry rewrites is this journal.
+        summary.missing = merge(items, out, prompts, shots is not None)
     finally:
         journal.close()
-    summary.missing = merge(items, out)
     return summary
 
 
-def _check_same_settings(records: Iterable[dict], out: str, bridge_name: str, prompt: str, num_beams: int) -> None:
-    """Resuming with another bridge, prompt or decoding would mix two kinds of captions in one output: refuse."""
+def _check_same_settings(records: Iterable[dict], out: str, settings: Settings) -> None:
+    """Resuming with another bridge, decoding, shot detection or prompts would mix two kinds of captions in
+    one output: refuse. Records written before num_beams or shots were recorded were greedy, of whole clips."""
+    ours = (settings.bridge, settings.num_beams, settings.shot_threshold, settings.min_shot_s)
     for r in records:
-        beams = r.get("num_beams") or 1  # records written before num_beams was recorded were all greedy
-        if r.get("bridge") != bridge_name or r.get("prompt") != prompt or beams != num_beams:
+        theirs = Settings(r.get("bridge"), (r.get("prompt"),), r.get("num_beams") or 1, r.get("shot_threshold"), r.get("min_shot_s"))
+        if (theirs.bridge, theirs.num_beams, theirs.shot_threshold, theirs.min_shot_s) != ours or r.get("prompt") not in settings.prompts:
             raise ValueError(
-                f"{out}: already holds captions made with bridge {r.get('bridge')!r}, prompt {r.get('prompt')!r} and "
-                f"--num-beams {beams}; this run uses bridge {bridge_name!r}, prompt {prompt!r} and --num-beams "
-                f"{num_beams}. Rerun with those, or write to another --out"
+                f"{out}: already holds captions made with {theirs.describe()}; this run uses {settings.describe()}. "
+                "Rerun with those, or write to another --out"
             )
 
 
 def configured_prompt(bridge_dir: str) -> str | None:
     """The bridge's caption prompt, read from its config without loading a model; None when the config is not
-    on this machine (a hub id not downloaded yet)."""
-    from .bridge import CONFIG_NAME, read_bridge_config
+    on this machine (a hub id not downloaded yet). A transformers checkpoint directory's is empty: no text."""
+    from .bridge import read_config
 
-    if not Path(bridge_dir, CONFIG_NAME).is_file():
+    if not Path(bridge_dir).is_dir():
         return None
-    return read_bridge_config(bridge_dir).caption_prompt
+    return read_config(bridge_dir).caption_prompt
 
 
 def parse_shard(text: str) -> tuple[int, int]:

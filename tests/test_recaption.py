@@ -195,10 +195,11 @@ def test_resume_refuses_another_prompt_or_decoding(tmp_path, bridge_dir, capsys)
     assert main(base + ["--num-beams", "2", "--prompt", "What is there?"]) == 2
     assert "already holds captions made with bridge" in capsys.readouterr().err
     assert main(base) == 2
-    assert "--num-beams 2; this run uses" in capsys.readouterr().err
-    # Records written before the decoding was recorded were greedy, and resume as such.
+    assert "--num-beams 2 and no --shots; this run uses" in capsys.readouterr().err
+    # Records written before the decoding and the shots were recorded were greedy, of whole clips, and resume as such.
     first, _ = records(out)
-    del first["num_beams"]
+    for field in ("num_beams", "shot", "start_s", "end_s", "shot_threshold", "min_shot_s"):
+        del first[field]
     out.write_text(json.dumps(first) + "\n")
     assert main(base) == 0
     assert capsys.readouterr().out.startswith("done 1, failed 0")
@@ -301,7 +302,10 @@ def refusal(capsys, *args: str) -> str:
 
 
 NOT_OURS = "is not an output of qformer recaption"
-FIELDS = "a record's are path, caption, num_frames, duration_s, error, bridge, prompt, num_beams"
+FIELDS = (
+    "a record's are path, shot, start_s, end_s, caption, num_frames, duration_s, error, bridge, prompt, num_beams, "
+    "shot_threshold, min_shot_s"
+)
 
 
 @pytest.mark.parametrize("name", ["movie.mp4", "movie.jsonl"])
@@ -425,8 +429,9 @@ def test_another_prompt_leaves_a_torn_journal_whole_and_the_same_one_resumes(tmp
     with monkeypatch.context() as m:
         m.setattr(Bridge, "from_pretrained", lambda *a: pytest.fail("a model was loaded before the settings were checked"))
         assert refusal(capsys, *base[1:], "--prompt", "What is there?") == (
-            f"{out}: already holds captions made with bridge {bridge_dir!r}, prompt 'Describe the clip.' and --num-beams 1; "
-            f"this run uses bridge {bridge_dir!r}, prompt 'What is there?' and --num-beams 1. Rerun with those, or write to another --out"
+            f"{out}: already holds captions made with bridge {bridge_dir!r}, prompt 'Describe the clip.', --num-beams 1 and no --shots; "
+            f"this run uses bridge {bridge_dir!r}, prompt 'What is there?', --num-beams 1 and no --shots. Rerun with those, or write "
+            "to another --out"
         )
     assert out.read_bytes() == torn  # not cut: the file was not yet known to be this run's journal
     assert main(base) == 0
@@ -487,7 +492,7 @@ def test_shards_write_their_parts_and_the_last_one_merges(tmp_path, bridge_dir, 
     assert "3 inputs of other shards still to do" in capsys.readouterr().out
     assert not out.exists()
     assert main(base + ["--shard", "0/2"]) == 0
-    assert f"merged 5 records into {out}" in capsys.readouterr().out
+    assert f"merged the records of 5 inputs into {out}" in capsys.readouterr().out
     assert [r["path"] for r in records(out)] == clips  # each once, sorted
     assert [r["path"] for r in records(f"{out}.shard-0-of-2.jsonl")] == clips[0::2]
 
@@ -527,7 +532,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, bridge_dir):
     result = subprocess.run(launch, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "shard 0/2: done 4, failed 0" in result.stdout and "shard 1/2: done 3, failed 0" in result.stdout
-    assert f"merged 7 records into {out}" in result.stdout
+    assert f"merged the records of 7 inputs into {out}" in result.stdout
     assert [r["path"] for r in records(out)] == clips
     assert sorted(records(out), key=lambda r: r["path"]) == sorted(records(single), key=lambda r: r["path"])
 
@@ -626,6 +631,6 @@ def test_a_long_clip_is_sampled_without_decoding_it_all(tmp_path, tiny_bridge):
     decoded = rc.DecodedItems(items, tiny_bridge.vision.preprocess, 8, None, decode_side(tiny_bridge.vision))
     before = video.frames_decoded
     sample = decoded[0]
-    assert sample.error is None and sample.pixels.shape == (8, 3, 32, 32)
+    assert sample.error is None and sample.shots[0].pixels.shape == (8, 3, 32, 32)
     # Each sample seeks to the keyframe before it and decodes on: at most one GOP (libx264: 250 frames) each.
     assert video.frames_decoded - before <= 8 * 250 < 3600
