@@ -41,7 +41,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from adapters.video import SAMPLINGS
 from qformer import Bridge, BridgeConfig, QFormerConfig
-from qformer.bridge import read_bridge_config, read_bridge_dir
+from qformer.bridge import read_bridge_dir, read_config
 from qformer.build import MINILM, from_bridge, new_bridge
 from qformer.config import LoraConfig
 from qformer.data import ClipDataset, FeatureCache, MixedBatchSampler, collate, fill_cache, open_source, parse_data_arg
@@ -265,7 +265,7 @@ def setup_bridge(args, stage: int) -> Bridge:
                 f"initialised from {args.init_from}"
                 + (
                     ""
-                    if bridge.config.llm == read_bridge_config(args.init_from).llm
+                    if bridge.config.llm == read_config(args.init_from).llm
                     else f"; new projection into {bridge.config.llm} ({bridge.llm.width} wide)"
                 )
             )
@@ -399,7 +399,7 @@ def check_arguments(args, stage: int, out: Path) -> Plan:
     try:
         progress = check_checkpoint(checkpoint, Progress) if checkpoint else Progress()
         if args.init_from:
-            check_init_from(args, read_bridge_config(args.init_from))
+            check_init_from(args, read_config(args.init_from))
         data = [parse_data_arg(a) for a in args.data]
         sources = [open_source(path) for path, _ in data]
         eval_sources = [open_source(path) for path in args.eval_data]
