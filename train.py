@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
@@ -33,16 +34,17 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, is_tensorboard_available, set_seed
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, gather_object, is_tensorboard_available, set_seed
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from adapters.video import SAMPLINGS
 from qformer import Bridge, BridgeConfig, QFormerConfig
-from qformer.bridge import read_bridge_dir, read_config
-from qformer.build import MINILM, from_bridge, new_bridge
+from qformer.bridge import read_bridge_config, read_bridge_dir
+from qformer.build import MINILM, add_quantization_arguments, from_bridge, llm_loading, new_bridge
 from qformer.config import LoraConfig
 from qformer.data import ClipDataset, FeatureCache, MixedBatchSampler, collate, fill_cache, open_source, parse_data_arg
 from qformer.losses import Stage1Objective
@@ -126,14 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="stage 1: the losses trained on, comma-separated (default itc,itm,itg). ITC aligns the queries with "
         "the text encoder's sentence feature, so what that feature ignores the queries learn to drop",
     )
-    p.add_argument(
-        "--train",
-        choices=["all", "projection", "attention"],
-        default="all",
-        help="'projection': only the projection learns (stage 2); 'attention': stage 1 trains the Q-Former's attention, queries "
-        "and heads alone, its word embeddings and feed-forward layers stay as they start (a scorer beside its bridge then "
-        "stores only what changed: qformer/scorer.py)",
-    )
+    p.add_argument("--train", choices=["all", "projection"], default="all", help="'projection': only the projection learns")
     p.add_argument(
         "--lora",
         type=int,
@@ -167,6 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="auto: bf16/fp16 on GPUs, fp32 on the CPU; bf16 pays on CPUs with AVX512-BF16 or AMX",
     )
     p.add_argument("--seed", type=int, default=0)
+    add_quantization_arguments(p)
     # Data handling.
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader processes that decode clips")
     p.add_argument("--cache-features", metavar="DIR", help="compute frozen vision features once into DIR and train from them")
@@ -200,14 +196,17 @@ class TrainStep(nn.Module):
     def __init__(self, bridge: Bridge, stage: int, stage1_losses=Stage1Objective.LOSSES):
         super().__init__()
         self.bridge = bridge
+        # FSDP's transformer-based wrapping makes each block the backbones name (e.g. LlamaDecoderLayer) a
+        # shard unit of its own, so that no process ever holds a whole backbone at once.
+        self._no_split_modules = sorted({name for m in bridge.modules() for name in getattr(m, "_no_split_modules", None) or []})
         self.stage1 = Stage1Objective(bridge.qformer, bridge.heads, losses=stage1_losses) if stage == 1 else None
 
-    def forward(self, features=None, pixels=None, text=None, generator=None, negatives=None) -> dict[str, torch.Tensor]:
+    def forward(self, features=None, pixels=None, text=None, generator=None) -> dict[str, torch.Tensor]:
         if features is None:
             with torch.no_grad():
                 features = self.bridge.frame_features(pixels)  # (B, T, N, Dv)
         if self.stage1 is not None:
-            return self.stage1(features, text["input_ids"], text["attention_mask"], generator, **(negatives or {}))
+            return self.stage1(features, text["input_ids"], text["attention_mask"], generator)
         return {"loss": self.bridge(features=features, return_logits=False, **text).loss}
 
 
@@ -253,19 +252,17 @@ def setup_bridge(args, stage: int) -> Bridge:
     changes = {k: v for k, v in given.items() if v is not None}
     # Switches only ever turn a behaviour on: a caption-first bridge stays caption-first.
     changes.update({k: True for k in ("instruct", "caption_first") if getattr(args, k)})
-    # Stage 2 leaves the stage-1 heads behind: it changes the Q-Former they were trained on, and a bridge that
-    # carries heads is its own scorer (qformer/scorer.py).
-    qformer = {"stage1_heads": stage == 1}
+    qformer = {"stage1_heads": True} if stage == 1 else {}
     if args.cross_attention_every:
         qformer["cross_attention_every"] = args.cross_attention_every
     try:
         if args.init_from:
-            bridge = from_bridge(args.init_from, qformer, **changes)
+            bridge = from_bridge(args.init_from, qformer, llm_loading(args.load_in_4bit, args.load_in_8bit), **changes)
             print(
                 f"initialised from {args.init_from}"
                 + (
                     ""
-                    if bridge.config.llm == read_config(args.init_from).llm
+                    if bridge.config.llm == read_bridge_config(args.init_from).llm
                     else f"; new projection into {bridge.config.llm} ({bridge.llm.width} wide)"
                 )
             )
@@ -275,7 +272,9 @@ def setup_bridge(args, stage: int) -> Bridge:
         if args.tubelets:
             qformer["tubelet_frames"] = changes.get("num_frames", BridgeConfig.num_frames)
         config = BridgeConfig(qformer=QFormerConfig(**qformer), **changes)
-        return new_bridge(config, None if args.qformer_init == "random" else args.qformer_init)
+        return new_bridge(
+            config, None if args.qformer_init == "random" else args.qformer_init, llm_loading(args.load_in_4bit, args.load_in_8bit)
+        )
     except ValueError as e:
         fail(str(e))
 
@@ -291,18 +290,6 @@ def choose_trainable(bridge: Bridge, stage: int, train: str) -> None:
             p.requires_grad_(stage == 2 and train == "all")
     if train == "projection":
         bridge.projection.requires_grad_(True)
-        return
-    if stage == 1 and train == "attention":
-        # The scorer's recipe: what reads the clip and the text together learns; the bulk (word embeddings,
-        # feed-forward layers) stays its start's, so a scorer saved beside that bridge stays small.
-        q = bridge.qformer
-        for part in (q.query_tokens, q.temporal_embed, q.vision_norm, bridge.heads):
-            if part is not None:
-                part.requires_grad_(True)
-        for layer in q.layers:
-            for attn in (layer.self_attn, layer.cross_attn):
-                if attn is not None:
-                    attn.requires_grad_(True)
         return
     bridge.qformer.requires_grad_(True)
     if stage == 1:
@@ -336,7 +323,7 @@ def main(argv=None) -> Bridge:
     trainable, total = count_parameters(bridge)
     accelerator.print(
         f"stage {stage}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%); "
-        f"{accelerator.num_processes} processes on {accelerator.device}, mixed precision {accelerator.mixed_precision}"
+        f"{accelerator.num_processes} processes ({accelerator.distributed_type.value}) on {accelerator.device}, mixed precision {accelerator.mixed_precision}"
     )
     # 4. Data: decoded in worker processes, mixed batch by batch; optionally frozen features from a cache.
     train_set, sampler, train_loader, eval_loader, cache = setup_data(args, bridge, plan)
@@ -352,8 +339,9 @@ def main(argv=None) -> Bridge:
     # 9. The output directory is a bridge.
     accelerator.wait_for_everyone()
     bridge = accelerator.unwrap_model(run.model).bridge
+    weights = whole_trainable_weights(bridge)
     if accelerator.is_main_process:
-        bridge.save_pretrained(out)
+        bridge.save_pretrained(out, state=weights)
         accelerator.print(f"bridge saved to {out}")
     accelerator.end_training()
     return bridge
@@ -373,8 +361,6 @@ class Plan:
 
 def check_arguments(args, stage: int, out: Path) -> Plan:
     """The run's plan, or a `fail` saying what to change."""
-    if stage == 2 and args.train == "attention":
-        fail("--train attention is for stage 1 (a scorer's Q-Former; stage 2 trains --train all or projection)")
     if stage == 1 and args.train == "projection":
         fail("--train projection is for stage 2 (stage 1 trains the Q-Former without an LLM)")
     if stage == 1 and args.instruct:
@@ -399,7 +385,7 @@ def check_arguments(args, stage: int, out: Path) -> Plan:
     try:
         progress = check_checkpoint(checkpoint, Progress) if checkpoint else Progress()
         if args.init_from:
-            check_init_from(args, read_config(args.init_from))
+            check_init_from(args, read_bridge_config(args.init_from))
         data = [parse_data_arg(a) for a in args.data]
         sources = [open_source(path) for path, _ in data]
         eval_sources = [open_source(path) for path in args.eval_data]
@@ -428,6 +414,11 @@ def setup_accelerator(args, out: Path) -> Accelerator:
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "no"
     log_with = "tensorboard" if args.log_with == "tensorboard" and is_tensorboard_available() else None
     accelerator = Accelerator(mixed_precision=precision, log_with=log_with, project_dir=str(out), step_scheduler_with_optimizer=False)
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        # Accelerate runs an FSDP config on CPUs as plain DDP; torch's FSDP2 does shard over gloo, so
+        # the run does what its config says (and the FSDP path can be tested without GPUs).
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        accelerator.state.distributed_type = DistributedType.FSDP
     if args.log_with == "tensorboard" and log_with is None:
         accelerator.print("tensorboard is not installed (pip install tensorboard): logging to metrics.jsonl only")
     return accelerator
@@ -487,6 +478,8 @@ def setup_optimizer(args, accelerator, model: TrainStep, train_loader, eval_load
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    # FSDP replaces each parameter by its shard: the ones to clip are those of the prepared model.
+    params = [p for p in model.parameters() if p.requires_grad]
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     batches_per_epoch = len(train_loader)
@@ -495,18 +488,27 @@ def setup_optimizer(args, accelerator, model: TrainStep, train_loader, eval_load
 
     # Checkpoints hold the trainable weights only, never copies of the frozen backbones; with the config
     # beside them each checkpoint is itself a bridge (bench.quality --bridge out/checkpoints/step-N).
+    # Under FSDP, Accelerate saves and restores the whole sharded model itself, backbones included.
     def save_trainable_only(models, weights, directory):
+        trainable = whole_trainable_weights(bridge)
         if accelerator.is_main_process:
-            bridge.save_pretrained(directory)
+            bridge.save_pretrained(directory, state=trainable)
         weights.clear()
 
     def load_trainable_only(models, directory):
-        bridge.load_trainable(read_bridge_dir(directory)[1], source=directory)
+        if accelerator.distributed_type != DistributedType.FSDP:
+            bridge.load_trainable(read_bridge_dir(directory)[1], source=directory)
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_trainable_only)
     accelerator.register_load_state_pre_hook(load_trainable_only)
     return Run(model, optimizer, scheduler, train_loader, eval_loader, params, batches_per_epoch, total_steps)
+
+
+def whole_trainable_weights(bridge: Bridge) -> dict[str, torch.Tensor]:
+    """The bridge's trainable weights. Under FSDP each process holds a shard (DTensor) of each: every process
+    must call this, which gathers them whole."""
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in bridge.trainable_state_dict().items()}
 
 
 def fill_feature_cache(args, accelerator, bridge: Bridge, cache: FeatureCache, datasets: list) -> None:
@@ -626,15 +628,6 @@ def model_inputs(batch: dict, bridge: Bridge, stage: int, qtok, args, accelerato
         texts = [c if q is None else f"{q} {a}" for c, q, a in zip(captions, questions, answers)]
         enc = qtok(texts, padding=True, truncation=True, max_length=args.max_text_len, return_tensors="pt")
         inputs["text"] = {k: enc[k].to(accelerator.device) for k in ("input_ids", "attention_mask")}
-        # Given negatives (a manifest's `negatives`), each with the index of its clip.
-        given = [(k, n) for k, ns in enumerate(batch["negatives"]) for n in ns]
-        if given:
-            enc = qtok([n for _, n in given], padding=True, truncation=True, max_length=args.max_text_len, return_tensors="pt")
-            inputs["negatives"] = {
-                "negative_ids": enc["input_ids"].to(accelerator.device),
-                "negative_mask": enc["attention_mask"].to(accelerator.device),
-                "negative_owner": torch.tensor([k for k, _ in given], device=accelerator.device),
-            }
         # ITM negatives from a generator fixed by the batch, so resuming draws the same ones.
         inputs["generator"] = torch.Generator().manual_seed(
             args.seed * 1_000_003 + batch_id * accelerator.num_processes + accelerator.process_index

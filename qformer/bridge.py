@@ -207,12 +207,14 @@ class Bridge(nn.Module):
     # Where from_pretrained read this bridge; its own scorer, if it has one, is in directory/scorer.
     directory: Path | None = None
 
-    def __init__(self, config: BridgeConfig, vision: nn.Module | None = None, llm: nn.Module | None = None):
+    def __init__(self, config: BridgeConfig, vision: nn.Module | None = None, llm: nn.Module | None = None, llm_kwargs: dict | None = None):
+        """vision, llm: backbones already loaded, else loaded from the config; llm_kwargs: how load_llm loads
+        the LLM on this machine (qformer.build.llm_loading: 4 or 8 bits), which no config records."""
         super().__init__()
         config.validate()  # sizes beyond sane bounds would be allocated below
         self.config = config
         self.vision = vision if vision is not None else load_vision(config.vision, config.vision_layer, config.vision_resolution)
-        self.llm = llm if llm is not None else load_llm(config.llm, lora=config.lora)
+        self.llm = llm if llm is not None else load_llm(config.llm, lora=config.lora, **(llm_kwargs or {}))
         q = config.qformer
         if self.vision.width != q.vision_width:
             raise ValueError(
@@ -247,19 +249,22 @@ class Bridge(nn.Module):
         state.update({f"llm.{k}": p.detach() for k, p in self.llm.named_parameters() if "lora_" in k})
         return state
 
-    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None, state: dict | None = None) -> None:
         """Config and trainable weights; dtype (e.g. torch.float16 to halve a shipped file) casts floating
-        weights on the way out, and from_pretrained casts them back to the bridge's own dtype."""
+        weights on the way out, and from_pretrained casts them back to the bridge's own dtype. state: the
+        trainable weights to write, when this bridge holds only shards of them (FSDP; train.py gathers them)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (state or self.trainable_state_dict()).items()}
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         save_file(state, str(d / WEIGHTS_NAME))
         (d / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, vision: nn.Module | None = None, llm: nn.Module | None = None) -> Bridge:
+    def from_pretrained(
+        cls, directory: str | os.PathLike, vision: nn.Module | None = None, llm: nn.Module | None = None, llm_kwargs: dict | None = None
+    ) -> Bridge:
         """The bridge in `directory` (or a hub id): one save_pretrained (or train.py) wrote, or a transformers
         checkpoint of Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration or
         InstructBlipVideoForConditionalGeneration saved with its processor, whose every part it takes (its
@@ -267,7 +272,7 @@ class Bridge(nn.Module):
         backbone loads (read_source): a damaged or crafted one is a CheckpointError naming the file."""
         d = local_source(directory)
         config, state = read_source(d)
-        bridge = cls(config, vision, llm)
+        bridge = cls(config, vision, llm, llm_kwargs)
         bridge.load_trainable(state, source=str(d / WEIGHTS_NAME if (d / CONFIG_NAME).exists() else d))
         # Ready to answer, as transformers' from_pretrained is: in train mode the Q-Former's dropout would
         # make every answer a draw. Training calls train() itself.

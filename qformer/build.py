@@ -23,7 +23,7 @@ from adapters.llm import load_llm
 from adapters.offline import minilm_dir
 from adapters.vision import load_vision
 
-from .bridge import Bridge, read_source
+from .bridge import Bridge, read_bridge_dir
 from .config import BridgeConfig
 from .convert import load_bert_into_qformer, qformer_config_from_bert
 
@@ -31,18 +31,19 @@ from .convert import load_bert_into_qformer, qformer_config_from_bert
 MINILM = "minilm"
 
 
-def new_bridge(config: BridgeConfig | None = None, qformer_init: str | None = MINILM) -> Bridge:
+def new_bridge(config: BridgeConfig | None = None, qformer_init: str | None = MINILM, llm_kwargs: dict | None = None) -> Bridge:
     """A bridge with a new Q-Former between `config`'s frozen backbones.
 
     qformer_init: "minilm" (the offline MiniLM-L6), a BERT-style checkpoint directory or hub id, whose
     architecture and weights the Q-Former takes (and whose tokenizer it reads text with); None for a
     random Q-Former of config.qformer's own sizes. The choices in config.qformer (queries, cross-attention
     frequency, tubelets, stage-1 heads) are kept; the vision width comes from the encoder and, since a
-    CNN's feature map does not say where a token is, such encoders get grid positions.
+    CNN's feature map does not say where a token is, such encoders get grid positions. llm_kwargs: how
+    load_llm loads the frozen LLM on this machine (llm_loading), kept out of the config.
     """
     config = config or BridgeConfig()
     vision = load_vision(config.vision, config.vision_layer, config.vision_resolution)
-    llm = load_llm(config.llm, lora=config.lora)
+    llm = load_llm(config.llm, lora=config.lora, **(llm_kwargs or {}))
     bert = minilm_dir() if qformer_init == MINILM else qformer_init
     q = config.qformer
     if bert is not None:
@@ -64,12 +65,11 @@ _FIXED = {"vision": "the encoder", "vision_layer": "the encoder layer"}
 _CHANGEABLE = {"cross_attention_every", "stage1_heads", "dropout"}
 
 
-def from_bridge(source: str | Path, qformer: dict | None = None, **changes) -> Bridge:
-    """A bridge that starts from the trained bridge directory `source`, or from a transformers BLIP-2 or
-    InstructBLIP (-Video) checkpoint directory (read_source), with `changes` to its config.
+def from_bridge(source: str | Path, qformer: dict | None = None, llm_kwargs: dict | None = None, **changes) -> Bridge:
+    """A bridge that starts from the trained bridge directory `source`, with `changes` to its config.
 
     changes: fields of BridgeConfig; qformer: fields of its QFormerConfig (cross_attention_every,
-    stage1_heads). What carries over is every trained weight that still fits:
+    stage1_heads); llm_kwargs as in new_bridge. What carries over is every trained weight that still fits:
     - another `llm` re-bridges: the Q-Former is kept and the projection into the new LLM starts fresh
       (its LoRA adapters too, which belong to their LLM);
     - another `cross_attention_every` grows (or thins) the Q-Former's cross-attention (grown_cross_attention);
@@ -80,7 +80,7 @@ def from_bridge(source: str | Path, qformer: dict | None = None, **changes) -> B
     trained weights read those features, in that shape.
     """
     d = Path(source)
-    base, state = read_source(d)
+    base, state = read_bridge_dir(d)
     unknown = set(changes) - {f.name for f in fields(BridgeConfig)} - {"qformer"}
     if unknown:
         raise ValueError(f"unknown bridge config fields {sorted(unknown)}")
@@ -93,13 +93,9 @@ def from_bridge(source: str | Path, qformer: dict | None = None, **changes) -> B
                 f"{name} {value!r}: the Q-Former in {d} has {getattr(base.qformer, name)!r}, and a trained "
                 f"Q-Former keeps it (it can change {', '.join(sorted(_CHANGEABLE))}); start a new one"
             )
-    if changes.get("llm", base.llm) != base.llm and not base.caption_prompt:
-        # An empty caption prompt is no text, which an LLM reading prompts verbatim (a transformers
-        # checkpoint's) makes sense of; another LLM answers in its chat, to the default caption prompt.
-        changes.setdefault("caption_prompt", BridgeConfig.caption_prompt)
     config = replace(base, **changes, qformer=replace(base.qformer, **(qformer or {})))
     vision = load_vision(config.vision, config.vision_layer, config.vision_resolution)
-    llm = load_llm(config.llm, lora=config.lora)
+    llm = load_llm(config.llm, lora=config.lora, **(llm_kwargs or {}))
     q = config.qformer
     if q.grid_positions and not q.grid_side and config.vision_resolution != base.vision_resolution:
         # Another resolution, another token grid: positions keep counting on the grid they were learnt on,
@@ -150,3 +146,24 @@ def grown_cross_attention(state: dict[str, torch.Tensor], qformer: nn.Module) ->
                 state[prefix + "out." + name] = torch.zeros_like(state[prefix + "out." + name])
                 state[prefix + "norm." + name] = state[f"layers.{i}.self_attn.norm.{name}"].clone()
     return state
+
+
+def add_quantization_arguments(parser) -> None:
+    """--load-in-4bit / --load-in-8bit, for every command that loads a bridge's LLM (read with llm_loading)."""
+    group = parser.add_mutually_exclusive_group()
+    for bits in (4, 8):
+        group.add_argument(
+            f"--load-in-{bits}bit",
+            action="store_true",
+            help=f"load the frozen LLM quantised to {bits} bits (bitsandbytes, CUDA GPUs); the bridge is unchanged",
+        )
+
+
+def llm_loading(load_in_4bit: bool = False, load_in_8bit: bool = False) -> dict:
+    """load_llm's keyword arguments for these choices: how this machine holds the frozen LLM, not what the
+    bridge is, so no bridge config records them (the same bridge loads unquantised elsewhere)."""
+    if not (load_in_4bit or load_in_8bit):
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)}

@@ -22,6 +22,7 @@ from pathlib import Path
 from adapters.video import ClipError
 
 from .bridge import DEFAULT_BRIDGE, Bridge, bridge_or_default
+from .build import add_quantization_arguments, llm_loading
 from .session import ChatError, ChatSession, describe
 
 # "owner/name" could be a Hugging Face hub id, which Bridge.from_pretrained downloads.
@@ -37,8 +38,9 @@ Ask a question about the image or clip and press Enter; follow-up questions see 
   /quit         leave (so does Ctrl-D); Ctrl-C stops an answer"""
 
 
-def load_bridge(spec: str | None) -> Bridge:
-    """The bridge to chat with: `spec` (a directory or hub id), or the default demo bridge."""
+def load_bridge(spec: str | None, llm_kwargs: dict | None = None) -> Bridge:
+    """The bridge to chat with: `spec` (a directory or hub id), or the default demo bridge; llm_kwargs as in
+    Bridge.from_pretrained."""
     try:
         spec = bridge_or_default(spec)
     except ValueError as e:
@@ -47,7 +49,7 @@ def load_bridge(spec: str | None) -> Bridge:
     if not local and not _HUB_ID.fullmatch(spec):
         raise SystemExit(f"qformer chat: {spec}: no such bridge directory")
     try:
-        return Bridge.from_pretrained(spec)
+        return Bridge.from_pretrained(spec, llm_kwargs=llm_kwargs)
     except (OSError, ValueError) as e:  # not a bridge, weights that do not fit, an unreachable hub
         where = "" if local else " (no such local directory; tried it as a Hugging Face hub id)"
         raise SystemExit(f"qformer chat: cannot load the bridge {spec}{where}: {e}") from None
@@ -115,6 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NB",
         help="beam search over NB beams instead of greedy decoding: slower, answers arrive whole",
     )
+    add_quantization_arguments(parser)
     parser.add_argument("--web", action="store_true", help="serve the chat as a web page instead of the terminal")
     parser.add_argument("--host", default="127.0.0.1", help="web: address to listen on (default: %(default)s, this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="web: port (default: %(default)s)")
@@ -142,7 +145,7 @@ def main(args: argparse.Namespace) -> None:
             limits = Limits(**{limit.name: getattr(args, limit.name) for limit in fields(Limits)})
         except ValueError as e:  # names the limit, as its flag is named
             raise SystemExit(f"qformer chat: --{str(e).replace('_', '-')}") from None
-    bridge = load_bridge(args.bridge)
+    bridge = load_bridge(args.bridge, llm_loading(args.load_in_4bit, args.load_in_8bit))
     if args.web:
         try:
             launch(bridge, host=args.host, port=args.port, limits=limits, num_beams=args.num_beams)

@@ -13,6 +13,7 @@ import sys
 from . import chat
 from . import recaption as rc
 from .bridge import DEFAULT_BRIDGE, bridge_or_default
+from .build import add_quantization_arguments, llm_loading
 from .config import CAPTION_BATCH_SIZE, MAX_NEW_TOKENS
 from .shots import MIN_SHOT_S, SHOT_THRESHOLD
 
@@ -92,6 +93,7 @@ def add_recaption(subparsers) -> None:
         metavar="W",
         help="processes decoding clips while the model runs (0: decode in the main process)",
     )
+    add_quantization_arguments(p)
     p.add_argument("--shard", metavar="i/n", help="caption only every n-th input, starting at the i-th (0-based), of the sorted inputs")
     p.set_defaults(run=run_recaption)
 
@@ -134,7 +136,7 @@ def run_recaption(args) -> int:
     # None: a hub bridge's caption prompt is known once it loads; recaption() checks then, before writing.
     settings = None if None in prompts else rc.Settings(bridge_name, prompts, args.num_beams, threshold, min_shot_s)
     rc.check_output(args.out, args.inputs, items, shard, settings)
-    bridge = Bridge.from_pretrained(bridge_dir).to(state.device)
+    bridge = Bridge.from_pretrained(bridge_dir, llm_kwargs=llm_loading(args.load_in_4bit, args.load_in_8bit)).to(state.device)
     summary = rc.recaption(
         items,
         args.out,
