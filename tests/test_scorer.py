@@ -94,3 +94,25 @@ def test_a_stage1_bridge_directory_is_its_own_scorer(stage1_bridge, tmp_path):
     alone = load_scorer(tmp_path / "s1")
     torch.testing.assert_close(alone.embed_texts(texts), stage1_bridge.embed_texts(texts))
     assert alone.match(clips(1), texts) == pytest.approx(stage1_bridge.match(clips(1), texts), abs=1e-6)
+
+
+def test_search_ranks_by_itc_then_reranks_the_best_by_itm(stage1_bridge):
+    from qformer.search import rank
+
+    scorer = stage1_bridge.scorer
+    features = scorer.clip_features(clips(5))
+    embeddings = scorer.embed_features(features)
+    text = "a red circle moves left"
+    sims = similarity(embeddings, scorer.embed_texts([text]))[:, 0]
+    by_itc = rank(scorer, embeddings, None, text, top=5)
+    assert [i for i, _ in by_itc] == sims.argsort(descending=True).tolist()
+    assert [s for _, s in by_itc] == pytest.approx(sims.sort(descending=True).values.tolist(), abs=1e-6)
+    # The 3 best by ITC, re-ranked by ITM's probability; the rest keep ITC's order after them.
+    top3 = [i for i, _ in by_itc[:3]]
+    probs = scorer.match_features(features[top3], [text] * 3).tolist()
+    reranked = rank(scorer, embeddings, features, text, top=5, rerank=3)
+    expected = sorted(zip(top3, probs), key=lambda p: -p[1])
+    assert [i for i, _ in reranked[:3]] == [i for i, _ in expected]
+    assert [p for _, p in reranked[:3]] == pytest.approx([p for _, p in expected], abs=1e-6)
+    assert [i for i, _ in reranked[3:]] == [i for i, _ in by_itc[3:]]
+    assert len(rank(scorer, embeddings, features, text, top=2, rerank=3)) == 2
