@@ -43,7 +43,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from adapters.video import SAMPLINGS
 from qformer import Bridge, BridgeConfig, QFormerConfig
-from qformer.bridge import read_bridge_config, read_bridge_dir
+from qformer.bridge import read_bridge_dir, read_config
 from qformer.build import MINILM, add_quantization_arguments, from_bridge, llm_loading, new_bridge
 from qformer.config import LoraConfig
 from qformer.data import ClipDataset, FeatureCache, MixedBatchSampler, collate, fill_cache, open_source, parse_data_arg
@@ -128,7 +128,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="stage 1: the losses trained on, comma-separated (default itc,itm,itg). ITC aligns the queries with "
         "the text encoder's sentence feature, so what that feature ignores the queries learn to drop",
     )
-    p.add_argument("--train", choices=["all", "projection"], default="all", help="'projection': only the projection learns")
+    p.add_argument(
+        "--train",
+        choices=["all", "projection", "attention"],
+        default="all",
+        help="'projection': only the projection learns (stage 2); 'attention': stage 1 trains the Q-Former's attention, queries "
+        "and heads alone, its word embeddings and feed-forward layers stay as they start (a scorer beside its bridge then "
+        "stores only what changed: qformer/scorer.py)",
+    )
     p.add_argument(
         "--lora",
         type=int,
@@ -201,12 +208,12 @@ class TrainStep(nn.Module):
         self._no_split_modules = sorted({name for m in bridge.modules() for name in getattr(m, "_no_split_modules", None) or []})
         self.stage1 = Stage1Objective(bridge.qformer, bridge.heads, losses=stage1_losses) if stage == 1 else None
 
-    def forward(self, features=None, pixels=None, text=None, generator=None) -> dict[str, torch.Tensor]:
+    def forward(self, features=None, pixels=None, text=None, generator=None, negatives=None) -> dict[str, torch.Tensor]:
         if features is None:
             with torch.no_grad():
                 features = self.bridge.frame_features(pixels)  # (B, T, N, Dv)
         if self.stage1 is not None:
-            return self.stage1(features, text["input_ids"], text["attention_mask"], generator)
+            return self.stage1(features, text["input_ids"], text["attention_mask"], generator, **(negatives or {}))
         return {"loss": self.bridge(features=features, return_logits=False, **text).loss}
 
 
@@ -252,7 +259,9 @@ def setup_bridge(args, stage: int) -> Bridge:
     changes = {k: v for k, v in given.items() if v is not None}
     # Switches only ever turn a behaviour on: a caption-first bridge stays caption-first.
     changes.update({k: True for k in ("instruct", "caption_first") if getattr(args, k)})
-    qformer = {"stage1_heads": True} if stage == 1 else {}
+    # Stage 2 leaves the stage-1 heads behind: it changes the Q-Former they were trained on, and a bridge that
+    # carries heads is its own scorer (qformer/scorer.py).
+    qformer = {"stage1_heads": stage == 1}
     if args.cross_attention_every:
         qformer["cross_attention_every"] = args.cross_attention_every
     try:
@@ -262,7 +271,7 @@ def setup_bridge(args, stage: int) -> Bridge:
                 f"initialised from {args.init_from}"
                 + (
                     ""
-                    if bridge.config.llm == read_bridge_config(args.init_from).llm
+                    if bridge.config.llm == read_config(args.init_from).llm
                     else f"; new projection into {bridge.config.llm} ({bridge.llm.width} wide)"
                 )
             )
@@ -290,6 +299,18 @@ def choose_trainable(bridge: Bridge, stage: int, train: str) -> None:
             p.requires_grad_(stage == 2 and train == "all")
     if train == "projection":
         bridge.projection.requires_grad_(True)
+        return
+    if stage == 1 and train == "attention":
+        # The scorer's recipe: what reads the clip and the text together learns; the bulk (word embeddings,
+        # feed-forward layers) stays its start's, so a scorer saved beside that bridge stays small.
+        q = bridge.qformer
+        for part in (q.query_tokens, q.temporal_embed, q.vision_norm, bridge.heads):
+            if part is not None:
+                part.requires_grad_(True)
+        for layer in q.layers:
+            for attn in (layer.self_attn, layer.cross_attn):
+                if attn is not None:
+                    attn.requires_grad_(True)
         return
     bridge.qformer.requires_grad_(True)
     if stage == 1:
@@ -361,6 +382,8 @@ class Plan:
 
 def check_arguments(args, stage: int, out: Path) -> Plan:
     """The run's plan, or a `fail` saying what to change."""
+    if stage == 2 and args.train == "attention":
+        fail("--train attention is for stage 1 (a scorer's Q-Former; stage 2 trains --train all or projection)")
     if stage == 1 and args.train == "projection":
         fail("--train projection is for stage 2 (stage 1 trains the Q-Former without an LLM)")
     if stage == 1 and args.instruct:
@@ -385,7 +408,7 @@ def check_arguments(args, stage: int, out: Path) -> Plan:
     try:
         progress = check_checkpoint(checkpoint, Progress) if checkpoint else Progress()
         if args.init_from:
-            check_init_from(args, read_bridge_config(args.init_from))
+            check_init_from(args, read_config(args.init_from))
         data = [parse_data_arg(a) for a in args.data]
         sources = [open_source(path) for path, _ in data]
         eval_sources = [open_source(path) for path in args.eval_data]
@@ -628,6 +651,15 @@ def model_inputs(batch: dict, bridge: Bridge, stage: int, qtok, args, accelerato
         texts = [c if q is None else f"{q} {a}" for c, q, a in zip(captions, questions, answers)]
         enc = qtok(texts, padding=True, truncation=True, max_length=args.max_text_len, return_tensors="pt")
         inputs["text"] = {k: enc[k].to(accelerator.device) for k in ("input_ids", "attention_mask")}
+        # Given negatives (a manifest's `negatives`), each with the index of its clip.
+        given = [(k, n) for k, ns in enumerate(batch["negatives"]) for n in ns]
+        if given:
+            enc = qtok([n for _, n in given], padding=True, truncation=True, max_length=args.max_text_len, return_tensors="pt")
+            inputs["negatives"] = {
+                "negative_ids": enc["input_ids"].to(accelerator.device),
+                "negative_mask": enc["attention_mask"].to(accelerator.device),
+                "negative_owner": torch.tensor([k for k, _ in given], device=accelerator.device),
+            }
         # ITM negatives from a generator fixed by the batch, so resuming draws the same ones.
         inputs["generator"] = torch.Generator().manual_seed(
             args.seed * 1_000_003 + batch_id * accelerator.num_processes + accelerator.process_index

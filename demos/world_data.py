@@ -3,7 +3,9 @@
     python -m demos.world_data OUT [--clips 5000] [--first 0] [--split train] [--objects N]
 
 OUT/clips/NNNNNN.mp4       world clips of the split (WORLD.md), H.264
-OUT/world_captions.jsonl   {"video", "caption"}, one row per clip
+OUT/world_captions.jsonl   {"video", "caption", "negatives"}, one row per clip; negatives: the caption with one
+                           slot changed, once per object's size, colour, shape and motion and once the
+                           background (qformer/world/negatives.py), for training a scorer's ITM and ITC
 OUT/world_vqa.jsonl        {"video", "question", "answer", "caption"}, one row per WORLD.md question
 OUT/easy_captions.jsonl    {"image", "caption"}: "a blue rectangle", for the easy-VQA training images whose
                            questions say both the colour and the shape of their one shape
@@ -24,6 +26,7 @@ import argparse
 import functools
 import json
 import os
+import random
 import re
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from tqdm import tqdm
 
 from bench.quality import EASY_VQA_SHAPES, easy_vqa_kind
 from qformer import world
+from qformer.world.negatives import one_slot_changes
 
 
 def write_jsonl(path: Path, rows) -> int:
@@ -58,7 +62,9 @@ def world_rows(out: Path, split: str, n: int, first: int = 0, objects: int | Non
             world.write_mp4(world.render(s), tmp)
             os.replace(tmp, out / rel)
         caption = world.caption(s)
-        captions.append({"video": rel, "caption": caption})
+        # Drawn from the scene's own seed, so a rerun writes the same negatives.
+        negatives = [c for _, c in one_slot_changes(s, random.Random(f"{split}-{i}"))]
+        captions.append({"video": rel, "caption": caption, "negatives": negatives})
         vqa += [{"video": rel, "question": q, "answer": a, "caption": caption} for q, a in world.questions(s)]
     return captions, vqa
 

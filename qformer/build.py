@@ -23,7 +23,7 @@ from adapters.llm import load_llm
 from adapters.offline import minilm_dir
 from adapters.vision import load_vision
 
-from .bridge import Bridge, read_bridge_dir
+from .bridge import Bridge, read_source
 from .config import BridgeConfig
 from .convert import load_bert_into_qformer, qformer_config_from_bert
 
@@ -66,7 +66,8 @@ _CHANGEABLE = {"cross_attention_every", "stage1_heads", "dropout"}
 
 
 def from_bridge(source: str | Path, qformer: dict | None = None, llm_kwargs: dict | None = None, **changes) -> Bridge:
-    """A bridge that starts from the trained bridge directory `source`, with `changes` to its config.
+    """A bridge that starts from the trained bridge directory `source`, or from a transformers BLIP-2 or
+    InstructBLIP (-Video) checkpoint directory (read_source), with `changes` to its config.
 
     changes: fields of BridgeConfig; qformer: fields of its QFormerConfig (cross_attention_every,
     stage1_heads); llm_kwargs as in new_bridge. What carries over is every trained weight that still fits:
@@ -80,7 +81,7 @@ def from_bridge(source: str | Path, qformer: dict | None = None, llm_kwargs: dic
     trained weights read those features, in that shape.
     """
     d = Path(source)
-    base, state = read_bridge_dir(d)
+    base, state = read_source(d)
     unknown = set(changes) - {f.name for f in fields(BridgeConfig)} - {"qformer"}
     if unknown:
         raise ValueError(f"unknown bridge config fields {sorted(unknown)}")
@@ -93,6 +94,10 @@ def from_bridge(source: str | Path, qformer: dict | None = None, llm_kwargs: dic
                 f"{name} {value!r}: the Q-Former in {d} has {getattr(base.qformer, name)!r}, and a trained "
                 f"Q-Former keeps it (it can change {', '.join(sorted(_CHANGEABLE))}); start a new one"
             )
+    if changes.get("llm", base.llm) != base.llm and not base.caption_prompt:
+        # An empty caption prompt is no text, which an LLM reading prompts verbatim (a transformers
+        # checkpoint's) makes sense of; another LLM answers in its chat, to the default caption prompt.
+        changes.setdefault("caption_prompt", BridgeConfig.caption_prompt)
     config = replace(base, **changes, qformer=replace(base.qformer, **(qformer or {})))
     vision = load_vision(config.vision, config.vision_layer, config.vision_resolution)
     llm = load_llm(config.llm, lora=config.lora, **(llm_kwargs or {}))

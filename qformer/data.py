@@ -3,7 +3,8 @@
 A source is a list of samples, each an image or a video and a caption or a question with its answer (a
 question row may also hold its clip's caption, which `train.py --caption-first` puts before the question):
   - a manifest: JSONL, CSV or Parquet with a column `image` or `video` (paths relative to the manifest)
-    and `caption`, or `question` and `answer`;
+    and `caption`, or `question` and `answer`; optionally `negatives`, captions that do NOT fit the clip
+    (a list, or in CSV a JSON array), which stage 1 uses besides its in-batch negatives;
   - a directory written by `datasets.Dataset.save_to_disk` with the same columns (images may be
     datasets Image features);
   - webdataset tar shards (a .tar file, a directory of them, or a glob): members grouped by key, one
@@ -47,11 +48,29 @@ class Example:
     caption: str | None
     question: str | None
     answer: str | None
+    negatives: tuple[str, ...] = ()  # captions that do not fit the clip
 
 
 def _text_fields(row: dict, name: str) -> Example:
     caption, question, answer = (_clean(row.get(k)) for k in ("caption", "question", "answer"))
-    return Example(name, caption, question, answer)
+    return Example(name, caption, question, answer, _negatives(row.get("negatives"), caption, name))
+
+
+def _negatives(value, caption: str | None, name: str) -> tuple[str, ...]:
+    """A row's `negatives`: a list of captions (CSV holds it as a JSON array), none of them its own caption."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return ()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"{name}: negatives must be a list of captions (a JSON array in CSV), not {value!r:.60}") from None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name}: negatives must be a list of captions, not {value!r:.60}")
+    negatives = tuple(v.strip() for v in value if v.strip())
+    if caption is not None and caption in negatives:
+        raise ValueError(f"{name}: its caption {caption!r} is among its own negatives")
+    return negatives
 
 
 def _clean(value) -> str | None:
@@ -150,7 +169,7 @@ class DiskSource:
         self.ds = ds
         self.media_column = next(k for k in MEDIA_COLUMNS if k in ds.column_names)
         # Text columns alone, so listing examples never decodes an image.
-        self.text = ds.select_columns([c for c in ("caption", "question", "answer") if c in ds.column_names])
+        self.text = ds.select_columns([c for c in ("caption", "question", "answer", "negatives") if c in ds.column_names])
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -290,8 +309,12 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         source, j = self.locate(i)
-        ex = source.example(j)
+        try:
+            ex = source.example(j)
+        except ValueError as e:  # a row whose text fields are wrong (e.g. its negatives): reported, not a crash
+            return {"index": i, "name": str(e).partition(":")[0], "error": str(e)}
         item = {"index": i, "name": ex.name, "caption": ex.caption, "question": ex.question, "answer": ex.answer}
+        item["negatives"] = ex.negatives
         if (ex.question is None) != (ex.answer is None):
             return item | {"error": f"{ex.name}: a question without its answer or an answer without its question"}
         if ex.caption is None and ex.question is None:
@@ -321,6 +344,7 @@ def collate(items: list[dict]) -> dict:
         "captions": [it["caption"] for it in good],
         "questions": [it["question"] for it in good],
         "answers": [it["answer"] for it in good],
+        "negatives": [it["negatives"] for it in good],
     }
     if good:
         kind = "features" if "features" in good[0] else "pixels"

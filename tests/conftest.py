@@ -203,3 +203,13 @@ def tiny_checkpoint(path, model_type: str = "blip-2", llm: str = "opt", seed: in
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return model, tf.AutoProcessor.from_pretrained(path)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine spinning OpenMP threads
+    make each step several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

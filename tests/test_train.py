@@ -878,7 +878,7 @@ def test_stage1_then_stage2_on_the_offline_backbones(captions, tmp_path):
     assert bridge.config.llm == "smollm2-135m-instruct" and bridge.config.qformer.hidden_size == 384
     for out in ("s1", "s2"):
         assert all(math.isfinite(m["loss"]) for m in _metrics(tmp_path / out))
-    assert Bridge.from_pretrained(tmp_path / "s2").heads is not None  # kept, frozen, from stage 1
+    assert Bridge.from_pretrained(tmp_path / "s2").heads is None  # left behind: they fit the stage-1 Q-Former
     assert bridge.config.qformer.grid_positions and bridge.config.qformer.grid_side == 0
     # At another resolution the grid changes (the final map, stride 32: 4 x 4 at 128 px, 8 x 8 at 256) and
     # positions go on counting on the 4 x 4 grid they were learnt on, through any later stage.
@@ -895,13 +895,11 @@ def test_stage1_then_stage2_on_the_offline_backbones(captions, tmp_path):
     )
 
 
-def test_identical_captions_are_never_each_other_s_negatives():
-    """Templated captions repeat within a batch: such pairs share the ITC target and ITM labels them a match."""
+def objective_config():
+    """A tiny Q-Former config for the stage-1 objective alone."""
     from qformer import QFormerConfig
-    from qformer.model import QFormer, QFormerHeads
 
-    torch.manual_seed(0)
-    cfg = QFormerConfig(
+    return QFormerConfig(
         hidden_size=32,
         num_layers=2,
         num_heads=4,
@@ -913,6 +911,14 @@ def test_identical_captions_are_never_each_other_s_negatives():
         dropout=0.0,
         embed_dim=16,
     )
+
+
+def test_identical_captions_are_never_each_other_s_negatives():
+    """Templated captions repeat within a batch: such pairs share the ITC target and ITM labels them a match."""
+    from qformer.model import QFormer, QFormerHeads
+
+    torch.manual_seed(0)
+    cfg = objective_config()
     objective = Stage1Objective(QFormer(cfg), QFormerHeads(cfg), label_smoothing=0.0)
     seen = {}
     objective.heads.itm.register_forward_hook(lambda m, args, out: seen.update(itm=out.mean(1)))
@@ -932,22 +938,10 @@ def test_identical_captions_are_never_each_other_s_negatives():
 
 
 def test_stage_1_trains_on_the_chosen_losses_only(tiny_dirs, qformer_bert, captions, tmp_path):
-    from qformer import QFormerConfig
     from qformer.model import QFormer, QFormerHeads
 
     torch.manual_seed(0)
-    cfg = QFormerConfig(
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=64,
-        num_queries=4,
-        vision_width=24,
-        vocab_size=50,
-        max_text_len=16,
-        dropout=0.0,
-        embed_dim=16,
-    )
+    cfg = objective_config()
     objective = Stage1Objective(QFormer(cfg), QFormerHeads(cfg), losses=("itm", "itg"))
     features, text = torch.randn(3, 1, 5, 24), torch.tensor([[1, 7, 8, 2], [1, 9, 10, 2], [1, 11, 12, 2]])
     losses = objective(features, text, torch.ones_like(text), generator=torch.Generator().manual_seed(0))
@@ -983,3 +977,41 @@ def test_frame_sampling_is_kept_by_the_bridge_and_keys_the_feature_cache(tiny_di
     clip = str(Path(vqa).parent / "clips" / "red.mp4")  # 6 frames at 6 fps, 2 read
     assert ChatSession(ends).load(clip).timestamps == pytest.approx([0.0, 5 / 6], abs=2e-3)
     assert ChatSession(centres).load(clip).timestamps == pytest.approx([1 / 6, 4 / 6], abs=2e-3)
+
+
+def test_given_negatives_are_itm_negatives_and_extra_itc_texts():
+    """A manifest's `negatives`: ITM classifies each clip with one of its own given negatives (a non-match),
+    besides the in-batch ones; ITC compares each clip with all of them as extra texts."""
+    from qformer.model import QFormer, QFormerHeads
+
+    torch.manual_seed(0)
+    cfg = objective_config()
+    objective = Stage1Objective(QFormer(cfg), QFormerHeads(cfg), label_smoothing=0.0)
+    seen = {}
+    objective.heads.itm.register_forward_hook(lambda m, args, out: seen.update(itm=out.mean(1)))
+    features = torch.randn(2, 1, 5, 24)
+    text = torch.tensor([[1, 7, 8, 2], [1, 9, 10, 2]])
+    # Clip 0 has two given negatives (one longer than the captions), clip 1 none.
+    negatives = torch.tensor([[1, 7, 11, 2, 0], [1, 12, 8, 13, 2]])
+    negative_mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    given = dict(negative_ids=negatives, negative_mask=negative_mask, negative_owner=torch.tensor([0, 0]))
+    losses = objective(features, text, torch.ones_like(text), torch.Generator().manual_seed(0), **given)
+    # 3B in-batch pairs (each clip with its text, a wrong text, a wrong clip), then clip 0 with a given negative.
+    labels = torch.tensor([1, 1, 0, 0, 0, 0, 0])
+    assert seen["itm"].shape == (7, 2)
+    assert losses["itm"].item() == pytest.approx(F.cross_entropy(seen["itm"], labels).item(), abs=1e-6)
+
+    # ITC: each clip against the two captions and the two negatives; each text against the two clips.
+    with torch.no_grad():
+        q = objective.qformer(features, text, torch.ones_like(text), mode="unimodal")
+        clip = F.normalize(objective.heads.vision_proj(q[:, :4]), dim=-1)
+        texts = torch.cat([q[:, 4], objective.qformer(None, negatives, negative_mask)[:, 0]])
+        sim = torch.einsum("iqe,je->ijq", clip, F.normalize(objective.heads.text_proj(texts), dim=-1)).amax(-1)
+        sim = sim / objective.heads.temperature
+    expected = (F.cross_entropy(sim, torch.tensor([0, 1])) + F.cross_entropy(sim[:, :2].t(), torch.tensor([0, 1]))) / 2
+    assert losses["itc"].item() == pytest.approx(expected.item(), abs=1e-5)
+    # Without negatives the same batch has 3B ITM pairs and ITC over the batch alone.
+    losses = objective(features, text, torch.ones_like(text), torch.Generator().manual_seed(0))
+    assert seen["itm"].shape == (6, 2)
+    expected = (F.cross_entropy(sim[:, :2], torch.tensor([0, 1])) + F.cross_entropy(sim[:, :2].t(), torch.tensor([0, 1]))) / 2
+    assert losses["itc"].item() == pytest.approx(expected.item(), abs=1e-5)

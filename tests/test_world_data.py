@@ -48,6 +48,7 @@ def test_question_rows_carry_their_clip_s_caption(tmp_path):
 def test_first_starts_at_a_later_scene(tmp_path):
     world_data.main([str(tmp_path), "--clips", "2", "--first", "5"])
     rows = [json.loads(line) for line in (tmp_path / "world_captions.jsonl").read_text().splitlines()]
+    rows = [{k: r[k] for k in ("video", "caption")} for r in rows]
     assert rows == [{"video": f"clips/train-{i:06d}.mp4", "caption": world.caption(world.scene("train", i))} for i in (5, 6)]
     assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == ["train-000005.mp4", "train-000006.mp4"]
 
@@ -57,5 +58,19 @@ def test_objects_keeps_only_the_scenes_with_that_many_objects(tmp_path):
     two = [i for i in range(8) if len(world.scene("train", i).objects) == 2]
     assert 0 < len(two) < 8  # the first 8 scenes mix one and two objects, so the filter has work to do
     rows = [json.loads(line) for line in (tmp_path / "world_captions.jsonl").read_text().splitlines()]
+    rows = [{k: r[k] for k in ("video", "caption")} for r in rows]
     assert rows == [{"video": f"clips/train-{i:06d}.mp4", "caption": world.caption(world.scene("train", i))} for i in two]
     assert sorted(p.name for p in (tmp_path / "clips").iterdir()) == [f"train-{i:06d}.mp4" for i in two]
+
+
+def test_caption_rows_carry_one_slot_changed_negatives(tmp_path):
+    world_data.main([str(tmp_path), "--clips", "2"])
+    rows = [json.loads(line) for line in (tmp_path / "world_captions.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        s = world.scene("train", i)
+        # Per object its size, colour, shape and motion, then the background; each differs in one word.
+        assert len(row["negatives"]) == 4 * len(s.objects) + 1
+        own = world.parse_caption(row["caption"])
+        slots = lambda p: [p.background] + [getattr(o, k) for o in p.objects for k in ("size", "colour", "shape", "motion")]  # noqa: E731
+        for negative in row["negatives"]:
+            assert sum(a != b for a, b in zip(slots(own), slots(world.parse_caption(negative)))) == 1
