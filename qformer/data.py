@@ -344,7 +344,7 @@ def collate(items: list[dict]) -> dict:
         "captions": [it["caption"] for it in good],
         "questions": [it["question"] for it in good],
         "answers": [it["answer"] for it in good],
-        "negatives": [it["negatives"] for it in good],
+        "negatives": [it.get("negatives", ()) for it in good],
     }
     if good:
         kind = "features" if "features" in good[0] else "pixels"
