@@ -9,9 +9,12 @@ One run, the same clips, the same greedy tokens, prints:
      generate, batch_decode; one clip per call as its model card does, and batched) against the
      recaption engine on a bridge converted from the same weights (Bridge.from_blip2), one frame per
      clip since BLIP-2 is an image model -- clips/s, ratio (goal: at least 1.5) and whether the captions
-     are identical.
+     are identical;
+  4. shots: --shots-clips world clips recaptioned one file each without --shots, and the same clips
+     --per-file at a time in files with hard cuts with --shots (shot detection, then a caption per shot):
+     clips/s of each.
 
-    python -m bench.recaption_speed [--clips 16] [--repeats 2] [--bridge DIR] ...
+    python -m bench.recaption_speed [--clips 16] [--repeats 2] [--bridge DIR] [--shots-clips 40] ...
 
 Each figure is the fastest of --repeats interleaved rounds (load from other processes only adds time).
 
@@ -38,9 +41,10 @@ import numpy as np
 import torch
 
 from adapters.video import decode_side, read_clip
-from qformer import Bridge, BridgeConfig
+from qformer import Bridge, BridgeConfig, world
 from qformer import recaption as rc
 from qformer.bridge import DEFAULT_BRIDGE
+from qformer.shots import MIN_SHOT_S, SHOT_THRESHOLD
 
 
 def write_clips(folder: Path, count: int, frames: int, size: int, fps: int = 8) -> None:
@@ -65,15 +69,28 @@ def write_clips(folder: Path, count: int, frames: int, size: int, fps: int = 8) 
                 out.mux(packet)
 
 
-def run_engine(items, out: Path, bridge, prompt: str, num_frames: int, args) -> tuple[float, dict[str, str]]:
-    """Seconds of one full recaption run (journal, workers, merge) and its captions by path."""
+def write_world(folder: Path, count: int, per_file: int) -> None:
+    """count test-iid world clips as one MP4 each in folder/one, and per_file at a time one after another
+    (hard cuts) in MP4s in folder/cut."""
+    clips = [world.render(world.scene("test-iid", i)) for i in range(count)]
+    (folder / "one").mkdir()
+    (folder / "cut").mkdir()
+    for i, frames in enumerate(clips):
+        world.write_mp4(frames, folder / "one" / f"{i:04d}.mp4")
+    for f, k in enumerate(range(0, count, per_file)):
+        world.write_mp4(np.concatenate(clips[k : k + per_file]), folder / "cut" / f"{f:03d}.mp4")
+
+
+def run_engine(items, out: Path, bridge, prompt: str, num_frames: int, args, shots=None) -> tuple[float, dict[str, str]]:
+    """Seconds of one full recaption run (journal, workers, merge) and its captions by path (by its last shot's, with shots)."""
     start = time.perf_counter()
     summary = rc.recaption(
         items,
         str(out),
         bridge,
         "bench",
-        prompt=prompt,
+        prompts=[prompt],
+        shots=shots,
         num_frames=num_frames,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
@@ -215,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2, help="rounds of each measurement; the fastest counts")
     p.add_argument("--bridge", help="bridge directory (default: demos/bridge if present, else untrained offline backbones)")
     p.add_argument("--skip-blip2", action="store_true", help="only the end-to-end / floor comparison")
+    p.add_argument("--shots-clips", type=int, default=40, help="world clips for the --shots comparison (0: skip it)")
+    p.add_argument("--per-file", type=int, default=10, help="world clips one after another in each file of the --shots comparison")
     p.add_argument(
         "--threads",
         type=int,
@@ -234,8 +253,8 @@ def main(argv: list[str] | None = None) -> None:
         items = rc.discover([str(tmp / "clips")])
         n = len(items)
         runs = iter(range(1_000_000))  # a fresh output file per engine run: each run does all the work
-        engine = lambda bridge, prompt, frames, todo=items: run_engine(  # noqa: E731
-            todo, tmp / f"run{next(runs)}.jsonl", bridge, prompt, frames, args
+        engine = lambda bridge, prompt, frames, todo=items, shots=None: run_engine(  # noqa: E731
+            todo, tmp / f"run{next(runs)}.jsonl", bridge, prompt, frames, args, shots
         )
 
         bridge_dir = args.bridge or (str(DEFAULT_BRIDGE) if DEFAULT_BRIDGE.is_dir() else None)
@@ -259,6 +278,20 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"end-to-end / floor:         {floor_s / e2e_s:7.3f}   (goal >= 0.85)")
         print(f"same greedy tokens:         {e2e_captions == floor_captions}")
+        if args.shots_clips:
+            write_world(tmp, args.shots_clips, args.per_file)
+            one, cut = rc.discover([str(tmp / "one")]), rc.discover([str(tmp / "cut")])
+            (one_s, _, one_all), (cut_s, _, cut_all) = best_of(
+                args.repeats,
+                partial(engine, bridge, prompt, num_frames, one),
+                partial(engine, bridge, prompt, num_frames, cut, (SHOT_THRESHOLD, MIN_SHOT_S)),
+            )
+            m = args.shots_clips
+            print(f"{m} world clips (2 s, 128 px), one file each, without --shots: {m / one_s:7.3f} clips/s (best of {_list(one_all)})")
+            print(
+                f"the same clips, {args.per_file} per file, with --shots:          {m / cut_s:7.3f} clips/s (best of {_list(cut_all)}; "
+                f"{cut_s / one_s:.2f}x the time)"
+            )
         del bridge
 
         if not args.skip_blip2:

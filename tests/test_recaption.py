@@ -251,6 +251,18 @@ def test_decoding_workers_do_not_hold_the_lock(tmp_path):
     del batches
 
 
+def kill_after_first_record(command: list[str], out: Path) -> int:
+    """Start command, SIGKILL it once out holds a complete record, and return how many lines it holds then."""
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 1):
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before writing a record"
+        time.sleep(0.005)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    return out.read_bytes().count(b"\n")
+
+
 @pytest.mark.slow
 def test_sigkill_then_rerun_records_every_input_exactly_once(tmp_path, bridge_dir):
     clips = write_clips(tmp_path / "clips", 12)
@@ -259,14 +271,7 @@ def test_sigkill_then_rerun_records_every_input_exactly_once(tmp_path, bridge_di
     assert main(["recaption", str(tmp_path / "clips"), "--out", str(reference), *settings]) == 0
 
     out = tmp_path / "out.jsonl"
-    run = subprocess.Popen(cli(str(tmp_path / "clips"), "--out", str(out), *settings), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not (out.exists() and out.read_bytes().count(b"\n") >= 1):
-        assert run.poll() is None and time.monotonic() < deadline, "the run ended before writing a record"
-        time.sleep(0.005)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    written = out.read_bytes().count(b"\n")
+    written = kill_after_first_record(cli(str(tmp_path / "clips"), "--out", str(out), *settings), out)
     assert 1 <= written < len(clips), "the kill came too late to test anything"
 
     resumed = subprocess.run(
