@@ -652,7 +652,7 @@ def model_inputs(batch: dict, bridge: Bridge, stage: int, qtok, args, accelerato
         enc = qtok(texts, padding=True, truncation=True, max_length=args.max_text_len, return_tensors="pt")
         inputs["text"] = {k: enc[k].to(accelerator.device) for k in ("input_ids", "attention_mask")}
         # Given negatives (a manifest's `negatives`), each with the index of its clip.
-        given = [(k, n) for k, ns in enumerate(batch["negatives"]) for n in ns]
+        given = [(k, n) for k, ns in enumerate(batch.get("negatives", [])) for n in ns]
         if given:
             enc = qtok([n for _, n in given], padding=True, truncation=True, max_length=args.max_text_len, return_tensors="pt")
             inputs["negatives"] = {
