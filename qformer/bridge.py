@@ -129,6 +129,14 @@ def read_scorer_dir(directory: str | os.PathLike) -> tuple[BridgeConfig, dict[st
     return read_bridge_dir(d / SCORER_DIR, base=read_bridge_dir(d)[1])
 
 
+def heads_fit(config: BridgeConfig) -> bool:
+    """Whether a bridge's own stage-1 heads fit its Q-Former: it has them and was never trained in stage 2.
+    Stage 2 now leaves the heads behind, but bridges trained before it did kept heads their Q-Former has
+    since left (the first default bridge's score true and one-slot-wrong captions at chance); stage 1 never
+    sets LoRA, an instructed Q-Former or caption-first answers, so any of these marks such a bridge."""
+    return config.qformer.stage1_heads and config.lora is None and not config.instruct and not config.caption_first
+
+
 def load_scorer(directory: str | os.PathLike) -> Scorer | None:
     """The scorer of the bridge in `directory` (its scorer/, else the bridge itself when it carries stage-1
     heads; None without either), built without the bridge's LLM and vision encoder (the scorer loads the
@@ -137,7 +145,7 @@ def load_scorer(directory: str | os.PathLike) -> Scorer | None:
     if (d / SCORER_DIR / CONFIG_NAME).exists():
         return Scorer.from_state(*read_scorer_dir(d))
     config, state = read_bridge_dir(d)
-    return Scorer.from_state(config, state) if config.qformer.stage1_heads else None
+    return Scorer.from_state(config, state) if heads_fit(config) else None
 
 
 def save_scorer(scorer: Bridge, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
@@ -317,7 +325,7 @@ class Bridge(nn.Module):
             if mine != its or config.vision_resolution != self.config.vision_resolution:
                 raise CheckpointError(f"{self.directory / SCORER_DIR}: its scorer reads {its} features, this bridge's encoder is {mine}")
             return Scorer.from_state(config, state, self.vision).to(self.projection.weight.device)
-        if self.heads is None:
+        if self.heads is None or not heads_fit(self.config):
             return None
         if self.qformer_tokenizer is None:
             raise ValueError(
@@ -328,7 +336,8 @@ class Bridge(nn.Module):
     def _require_scorer(self, what: str) -> Scorer:
         if self.scorer is None:
             raise ValueError(
-                f"{what} needs a scorer: this bridge has no stage-1 heads and no {SCORER_DIR}/ directory beside its weights "
+                f"{what} needs a scorer: this bridge has no {SCORER_DIR}/ directory beside its weights and no stage-1 heads "
+                "that fit its Q-Former (a stage-2 bridge's heads no longer do) "
                 "(train one: train.py --stage 1 --init-from BRIDGE --stage1-losses itc,itm; qformer.bridge.save_scorer)"
             )
         return self.scorer

@@ -53,9 +53,21 @@ def test_a_bridge_without_heads_or_scorer_says_so(tiny_dirs, tmp_path):
     torch.manual_seed(0)
     bridge = Bridge(stage1_config(tiny_dirs, heads=False))
     assert bridge.scorer is None
-    with pytest.raises(ValueError, match="match needs a scorer: this bridge has no stage-1 heads and no scorer/"):
+    with pytest.raises(ValueError, match="match needs a scorer: this bridge has no scorer/ directory beside its weights and no stage-1"):
         bridge.match(clips(1), ["a red circle"])
     bridge.save_pretrained(tmp_path / "b")
+    assert load_scorer(tmp_path / "b") is None
+
+
+def test_heads_a_stage_2_bridge_kept_are_no_scorer(tiny_dirs, tmp_path):
+    """Stage 1 never sets LoRA, an instructed Q-Former or caption-first answers: a bridge with any of them went
+    through stage 2, whose Q-Former its old heads no longer fit (the first default bridge scores at chance)."""
+    torch.manual_seed(0)
+    stage1 = Bridge(stage1_config(tiny_dirs, heads=True))
+    assert stage1.scorer is not None
+    stage2 = Bridge(replace(stage1_config(tiny_dirs, heads=True), caption_first=True))
+    assert stage2.heads is not None and stage2.scorer is None
+    stage2.save_pretrained(tmp_path / "b")
     assert load_scorer(tmp_path / "b") is None
 
 
