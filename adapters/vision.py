@@ -2,6 +2,7 @@
 
     width: int                       feature width D
     preprocess(frames) -> (T, 3, H, W) float tensor    frames: uint8 (T, H, W, 3) or (H, W, 3)
+    preprocessor: Preprocess          optional: the same as a small picklable callable (the Ray engine needs it)
     encode(pixel_values (B, 3, H, W)) -> (B, N, D)     under no_grad, in eval mode
     encodes_position: bool           optional (default True): whether a token's features say where it is
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,23 @@ def _resize_normalize(frames, size: tuple[int, int], mean, std, mode: str) -> to
     return (x - mean) / std
 
 
+@dataclass(frozen=True)
+class Preprocess:
+    """An encoder's preprocess without its weights: small and picklable, so that processes on other
+    machines (Ray tasks) preprocess frames without loading the encoder."""
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    mode: str  # interpolation
+    processor: object = None  # a transformers image processor, used instead when given
+
+    def __call__(self, frames) -> torch.Tensor:
+        if self.processor is not None:
+            return self.processor(images=list(_to_uint8_frames(frames)), return_tensors="pt")["pixel_values"]
+        return _resize_normalize(frames, (self.size, self.size), self.mean, self.std, self.mode)
+
+
 class EfficientNetLite0(FrozenModule):
     """EfficientNet-Lite0 (ImageNet-1k) feature map as tokens.
 
@@ -95,10 +114,13 @@ class EfficientNetLite0(FrozenModule):
         side = -(-self.resolution // self.stride)
         return side * side
 
-    def preprocess(self, frames) -> torch.Tensor:
+    @property
+    def preprocessor(self) -> Preprocess:
         # TF EfficientNet-Lite normalisation: (x - 127) / 128.
-        r = self.resolution
-        return _resize_normalize(frames, (r, r), (127 / 255,) * 3, (128 / 255,) * 3, "bilinear")
+        return Preprocess(self.resolution, (127 / 255,) * 3, (128 / 255,) * 3, "bilinear")
+
+    def preprocess(self, frames) -> torch.Tensor:
+        return self.preprocessor(frames)
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -136,11 +158,12 @@ class HFVision(FrozenModule):
         self._interpolate = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
         self.freeze()
 
+    @property
+    def preprocessor(self) -> Preprocess:
+        return Preprocess(self.image_size, self.mean, self.std, "bicubic", self.processor)
+
     def preprocess(self, frames) -> torch.Tensor:
-        if self.processor is not None:
-            return self.processor(images=list(_to_uint8_frames(frames)), return_tensors="pt")["pixel_values"]
-        s = self.image_size
-        return _resize_normalize(frames, (s, s), self.mean, self.std, "bicubic")
+        return self.preprocessor(frames)
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:

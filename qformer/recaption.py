@@ -771,6 +771,10 @@ class Summary:
     def clips_per_s(self) -> float:
         return self.inputs / self.seconds if self.seconds > 0 else 0.0
 
+    def count(self, records: list[dict]) -> None:
+        self.failed += sum(r["error"] is not None for r in records)
+        self.done += sum(r["error"] is None for r in records)
+
     def line(self) -> str:
         text = f"done {self.done}, failed {self.failed}, {self.clips_per_s:.2f} clips/s"
         if self.skipped:
@@ -788,6 +792,100 @@ class _Unit:
     index: int
     shot: Shot
     prompts: list[str]
+
+
+# The pieces of a run, shared by this engine and the Ray engine (qformer/ray_recaption.py).
+
+
+def frames_to_read(config, num_frames: int | None, fps: float | None) -> int:
+    """The frames to sample per clip for a bridge config: num_frames (default the bridge's), or with fps
+    at most what the Q-Former reads: what its temporal embedding covers, or its tubelets' frames (more
+    would be decoded for nothing). ValueError: more than the Q-Former takes."""
+    max_frames = config.qformer.tubelet_frames or config.qformer.max_frames
+    if fps is not None:
+        return num_frames or max_frames
+    num_frames = num_frames or config.num_frames
+    if num_frames > max_frames:
+        raise ValueError(f"--num-frames {num_frames}: this bridge's Q-Former takes at most {max_frames} frames per clip")
+    return num_frames
+
+
+@contextlib.contextmanager
+def open_journal(out: str, items: Sequence[Item], shard: tuple[int, int], settings: Settings) -> Iterator[Journal]:
+    """This process's journal of out, once out is known to be safe to write (check_output)."""
+    check_output(out, (), items, shard, settings)
+    journal = Journal(journal_path(out, shard))
+    try:
+        yield journal
+    finally:
+        journal.close()
+
+
+def pending_items(
+    items: Sequence[Item], out: str, prompts: Sequence[str], shots: bool, retry_failed: bool, shard: tuple[int, int] = (0, 1)
+) -> tuple[list[tuple[Item, frozenset]], int]:
+    """(this shard's items whose records are not all in out's journals, each with the (shot, prompt) pairs
+    already recorded and kept; how many of its items are done). An error to retry is not kept."""
+    groups = _by_item(_recorded(out)[0])
+    i, n = shard
+    mine = items[i::n]
+    pending = []
+    for item in mine:
+        per_prompt = {p: groups.get((item.path, item.span, p), []) for p in prompts}
+        if all(_complete(records, item, shots, retry_failed) for records in per_prompt.values()):
+            continue
+        kept = frozenset(
+            (r.get("shot", 0), p) for p, records in per_prompt.items() for r in records if not (retry_failed and r["error"] is not None)
+        )
+        pending.append((item, kept))
+    return pending, len(mine) - len(pending)
+
+
+def progress_bar(total: int, progress: bool):
+    """The bar both engines show: inputs finished, on stderr."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="clip", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+
+
+def make_record(settings: Settings, item: Item, prompt: str, shot: int, start_s, end_s, caption, num_frames, duration_s, error) -> dict:
+    fields = (item.path, shot, start_s, end_s, caption, num_frames, duration_s, error)
+    fields += (settings.bridge, prompt, settings.num_beams, settings.shot_threshold, settings.min_shot_s)
+    return dict(zip(RECORD_SCHEMA, fields)) | (item.columns or {})
+
+
+def error_records(sample: Sample, recorded: frozenset, settings: Settings) -> list[dict]:
+    """The records of an item that could not be read: one per prompt not yet recorded, shot 0 over its span."""
+    item = sample.item
+    start_s, end_s = item.span or (0.0, math.inf)
+    end_s = None if math.isinf(end_s) else end_s
+    return [
+        make_record(settings, item, p, 0, start_s, end_s, None, None, None, sample.error)
+        for p in settings.prompts
+        if (0, p) not in recorded
+    ]
+
+
+def shot_units(sample: Sample, recorded: frozenset, prompts: Sequence[str]) -> list[_Unit]:
+    """A decoded item's shots, each with its prompts not yet recorded (none: a killed run recorded it whole)."""
+    return [_Unit(sample, k, shot, [p for p in prompts if (k, p) not in recorded]) for k, shot in enumerate(sample.shots)]
+
+
+def caption_units(bridge, units: Sequence[_Unit], settings: Settings, max_new_tokens: int) -> list[list[dict]]:
+    """Answer every prompt of units of one shape in one batch: each unit's records."""
+    pixels = torch.stack([u.shot.pixels for u in units])  # (B, T, 3, H, W)
+    rows = [j for j, u in enumerate(units) for _ in u.prompts]
+    questions = [p for u in units for p in u.prompts]
+    texts = iter(bridge.answer_pixels(pixels, questions, max_new_tokens=max_new_tokens, num_beams=settings.num_beams, rows=rows))
+    return [
+        [
+            make_record(
+                settings, u.sample.item, p, u.index, u.shot.start_s, u.shot.end_s, next(texts), u.shot.num_frames, u.sample.duration_s, None
+            )
+            for p in u.prompts
+        ]
+        for u in units
+    ]
 
 
 def recaption(
@@ -810,45 +908,23 @@ def recaption(
     """Caption this shard's items not yet recorded in out, append their records, and merge when all are done.
 
     prompts: one record per prompt (default: the bridge's caption prompt). num_frames / fps as in
-    adapters.video.read_clip; with fps the frame count is capped at what the Q-Former reads: what its
-    temporal embedding covers, or its tubelets' frames (more would be decoded for nothing). bridge_name
-    goes into every record (the bridge directory). num_beams > 1 decodes by beam search (Bridge.caption).
+    adapters.video.read_clip, capped as frames_to_read says. bridge_name goes into every record (the
+    bridge directory). num_beams > 1 decodes by beam search (Bridge.caption).
     shots (threshold, min_shot_s): cut each item at its scene changes (qformer/shots.py) and caption each
     shot. retry_failed: take again the items whose records are errors. batch_size counts shots; the LLM
     answers batch_size x len(prompts) rows at once.
     """
-    from tqdm import tqdm
-
     prompts = tuple(dict.fromkeys(prompts or [bridge.config.caption_prompt]))
-    max_frames = bridge.config.qformer.tubelet_frames or bridge.config.qformer.max_frames
-    if fps is None:
-        num_frames = num_frames or bridge.config.num_frames
-        if num_frames > max_frames:
-            raise ValueError(f"--num-frames {num_frames}: this bridge's Q-Former takes at most {max_frames} frames per clip")
-    elif num_frames is None:
-        num_frames = max_frames
-    i, n = shard
+    num_frames = frames_to_read(bridge.config, num_frames, fps)
     threshold, min_shot_s = shots or (None, None)
     settings = Settings(bridge_name, prompts, num_beams, threshold, min_shot_s)
-    check_output(out, (), items, shard, settings)
-    journal = Journal(journal_path(out, shard))
-    try:
-        done, _ = _recorded(out)
-        groups = _by_item(done)
-        mine = items[i::n]
-        pending = [
-            item
-            for item in mine
-            if not all(_complete(groups.get((item.path, item.span, p), []), item, shots is not None, retry_failed) for p in prompts)
-        ]
-        summary = Summary(done=0, failed=0, skipped=len(mine) - len(pending), seconds=0.0, missing=0)
+    with open_journal(out, items, shard, settings) as journal:
+        pending, skipped = pending_items(items, out, prompts, shots is not None, retry_failed, shard)
+        recorded = {(item.path, item.span): kept for item, kept in pending}
+        summary = Summary(done=0, failed=0, skipped=skipped, seconds=0.0, missing=0)
         start = time.perf_counter()
-        bar = tqdm(total=len(pending), unit="clip", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(len(pending), progress)
         units_left: dict[tuple, int] = {}  # (path, span) -> shots of the item still to write
-
-        def needed(item: Item, shot: int, prompt: str) -> bool:
-            record = done.get((item.path, item.span, shot, prompt))
-            return record is None or (retry_failed and record["error"] is not None)
 
         def finished(item: Item, units: int = 1) -> None:
             key = (item.path, item.span)
@@ -859,33 +935,11 @@ def recaption(
 
         def write(records: list[dict]) -> None:
             journal.append(records)
-            summary.failed += sum(r["error"] is not None for r in records)
-            summary.done += sum(r["error"] is None for r in records)
+            summary.count(records)
             bar.set_postfix(failed=summary.failed, refresh=False)
 
-        def record(item: Item, prompt: str, shot: int, start_s, end_s, caption, num_frames, duration_s, error) -> dict:
-            fields = (item.path, shot, start_s, end_s, caption, num_frames, duration_s, error)
-            fields += (bridge_name, prompt, num_beams, threshold, min_shot_s)
-            return dict(zip(RECORD_SCHEMA, fields)) | (item.columns or {})
-
-        def fail(sample: Sample) -> None:
-            item = sample.item
-            start_s, end_s = item.span or (0.0, math.inf)
-            end_s = None if math.isinf(end_s) else end_s
-            failures.extend(record(item, p, 0, start_s, end_s, None, None, None, sample.error) for p in prompts if needed(item, 0, p))
-            finished(item)
-
         def caption(batch: list[_Unit]) -> None:
-            pixels = torch.stack([u.shot.pixels for u in batch])  # (B, T, 3, H, W)
-            rows = [j for j, u in enumerate(batch) for _ in u.prompts]
-            questions = [p for u in batch for p in u.prompts]
-            texts = iter(bridge.answer_pixels(pixels, questions, max_new_tokens=max_new_tokens, num_beams=num_beams, rows=rows))
-            records = [
-                record(u.sample.item, p, u.index, u.shot.start_s, u.shot.end_s, next(texts), u.shot.num_frames, u.sample.duration_s, None)
-                for u in batch
-                for p in u.prompts
-            ]
-            write(failures + records)
+            write(failures + [r for records in caption_units(bridge, batch, settings, max_new_tokens) for r in records])
             failures.clear()
             for u in batch:
                 finished(u.sample.item)
@@ -897,19 +951,22 @@ def recaption(
         waiting = 0
         bridge.eval()
         sampling = bridge.config.frame_sampling
-        dataset = DecodedItems(pending, bridge.vision.preprocess, num_frames, fps, decode_side(bridge.vision), sampling, shots)
+        todo = [item for item, _ in pending]
+        dataset = DecodedItems(todo, bridge.vision.preprocess, num_frames, fps, decode_side(bridge.vision), sampling, shots)
         with torch.inference_mode():
             for sample in _loader(dataset, min(workers, len(pending)), batch_size, journal):
                 item = sample.item
+                kept = recorded[(item.path, item.span)]
                 if sample.error is not None:
                     units_left[(item.path, item.span)] = 1
-                    fail(sample)
+                    failures.extend(error_records(sample, kept, settings))
+                    finished(item)
                     if len(failures) >= batch_size:
                         write(failures)
                         failures.clear()
                     continue
-                units = [_Unit(sample, k, shot, [p for p in prompts if needed(item, k, p)]) for k, shot in enumerate(sample.shots)]
-                units_left[(item.path, item.span)] = len(sample.shots)
+                units = shot_units(sample, kept, prompts)
+                units_left[(item.path, item.span)] = len(units)
                 finished(item, sum(not u.prompts for u in units))  # shots a killed run recorded whole
                 for unit in units:
                     if not unit.prompts:
@@ -930,8 +987,6 @@ def recaption(
         summary.seconds = time.perf_counter() - start
         # Before the lock goes: an unsharded JSONL output that a retry rewrites is this journal.
         summary.missing = merge(items, out, prompts, shots is not None)
-    finally:
-        journal.close()
     return summary
 
 
