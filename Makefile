@@ -19,7 +19,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev,web,train]'
+	$(PY) -m pip install -q -e '.[dev,web,train,ray]'
 	$(PY) -m pip install -q --no-deps $(OFFLINE)
 	@$(MAKE) --no-print-directory browser
 	touch $@

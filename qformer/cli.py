@@ -95,6 +95,18 @@ def add_recaption(subparsers) -> None:
     )
     add_quantization_arguments(p)
     p.add_argument("--shard", metavar="i/n", help="caption only every n-th input, starting at the i-th (0-based), of the sorted inputs")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run as a Ray Data pipeline (pip install 'qformer[ray]'): CPU tasks decode, actors hold the bridge, this "
+        "process writes the records; alone it starts a Ray on this machine for the run, `auto` or HOST:PORT joins a "
+        "cluster (README). --workers does not apply",
+    )
+    p.add_argument(
+        "--ray-actors", type=int, metavar="N", help="with --ray: actors holding the bridge (default: one per GPU of the cluster, or 1)"
+    )
     p.set_defaults(run=run_recaption)
 
 
@@ -110,6 +122,8 @@ def run_recaption(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.workers < 0:
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+    if args.ray_actors is not None and (args.ray is None or args.ray_actors < 1):
+        raise ValueError(f"--ray-actors needs --ray and at least 1, got {args.ray_actors}")
     if args.fps is not None and not args.fps > 0:
         raise ValueError(f"--fps must be positive, got {args.fps}")
     if not args.shot_threshold > 0 or not args.min_shot_s >= 0:
@@ -127,6 +141,12 @@ def run_recaption(args) -> int:
         shard = (state.process_index, state.num_processes)
     else:
         shard = rc.parse_shard(args.shard) if args.shard else (0, 1)
+    if args.ray is not None:
+        from .ray_recaption import import_ray
+
+        if shard[1] > 1:
+            raise ValueError("--ray and --shard (or `accelerate launch`) both split the inputs; use one of them")
+        import_ray()  # a missing Ray says so before anything is listed or loaded
 
     # Before loading models: a bad manifest, or an --out this run would destroy or mix into, fails in a second.
     items = rc.discover(args.inputs)
@@ -136,23 +156,26 @@ def run_recaption(args) -> int:
     # None: a hub bridge's caption prompt is known once it loads; recaption() checks then, before writing.
     settings = None if None in prompts else rc.Settings(bridge_name, prompts, args.num_beams, threshold, min_shot_s)
     rc.check_output(args.out, args.inputs, items, shard, settings)
-    bridge = Bridge.from_pretrained(bridge_dir, llm_kwargs=llm_loading(args.load_in_4bit, args.load_in_8bit)).to(state.device)
-    summary = rc.recaption(
-        items,
-        args.out,
-        bridge,
-        bridge_name,
+    llm_kwargs = llm_loading(args.load_in_4bit, args.load_in_8bit)
+    run = dict(
         prompts=args.prompt,
         num_frames=args.num_frames,
         fps=args.fps,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams,
-        workers=args.workers,
-        shard=shard,
         shots=shots,
         retry_failed=args.retry_failed,
     )
+    if args.ray is not None:
+        from .ray_recaption import recaption_on_ray
+
+        summary = recaption_on_ray(
+            items, args.out, bridge_dir, bridge_name, args.ray or None, args.ray_actors, llm_kwargs=llm_kwargs, **run
+        )
+    else:
+        bridge = Bridge.from_pretrained(bridge_dir, llm_kwargs=llm_kwargs).to(state.device)
+        summary = rc.recaption(items, args.out, bridge, bridge_name, workers=args.workers, shard=shard, **run)
     prefix = f"shard {shard[0]}/{shard[1]}: " if shard[1] > 1 else ""
     print(prefix + summary.line(), flush=True)
     if shard[1] > 1 and summary.missing == 0:

@@ -1,0 +1,69 @@
+"""`qformer recaption --ray`: the local engine's records from a Ray Data pipeline on a local Ray (2 CPUs), exactly once through kills."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+from test_recaption import TIMEOUT_S, bridge_dir, cli, kill_after_first_record, records, write_clips, write_video  # noqa: F401 -- bridge_dir: a fixture
+
+from qformer.cli import main
+
+pytest.importorskip("ray", reason="--ray needs the ray extra (make setup installs it)")
+
+SETTINGS = ("--batch-size", "2", "--max-new-tokens", "6")
+
+
+def by_key(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (r["path"], r["shot"], r["prompt"]))
+
+
+@pytest.mark.slow
+def test_ray_gives_the_local_engines_records_and_error_records(tmp_path, bridge_dir, capsys):
+    clips = write_clips(tmp_path / "clips", 5)
+    (tmp_path / "clips" / "broken.mp4").write_text("this is not a video\n")
+    args = [str(tmp_path / "clips"), "--bridge", bridge_dir, *SETTINGS, "--prompt", "describe", "--prompt", "what moves?"]
+    assert main(["recaption", *args, "--out", str(tmp_path / "local.jsonl"), "--workers", "1"]) == 0
+    assert main(["recaption", *args, "--out", str(tmp_path / "ray.jsonl"), "--ray"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("done 10, failed 2, ")
+
+    local, ray = records(tmp_path / "local.jsonl"), records(tmp_path / "ray.jsonl")
+    assert by_key(ray) == by_key(local)  # the same captions, fields and error texts
+    assert Counter(r["path"] for r in ray) == Counter({path: 2 for path in [*clips, str(tmp_path / "clips" / "broken.mp4")]})
+    broken = [r for r in ray if r["path"].endswith("broken.mp4")]
+    assert all(r["caption"] is None and "not a decodable video" in r["error"] for r in broken)
+
+    # A rerun finds everything recorded and starts no pipeline.
+    assert main(["recaption", *args, "--out", str(tmp_path / "ray.jsonl"), "--ray"]) == 0
+    assert "6 already done" in capsys.readouterr().out
+    assert records(tmp_path / "ray.jsonl") == ray
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_driver_then_rerun_records_every_input_exactly_once(tmp_path, bridge_dir):
+    clips = write_clips(tmp_path / "clips", 12)
+    settings = ["--bridge", bridge_dir, "--batch-size", "1", "--max-new-tokens", "24"]
+    reference = tmp_path / "reference.jsonl"
+    assert main(["recaption", str(tmp_path / "clips"), "--out", str(reference), "--workers", "1", *settings]) == 0
+
+    out = tmp_path / "out.jsonl"
+    command = cli(str(tmp_path / "clips"), "--out", str(out), *settings, "--ray")
+    written = kill_after_first_record(command, out)
+    assert 1 <= written < len(clips), "the kill came too late to test anything"
+
+    resumed = subprocess.run(command, check=True, timeout=TIMEOUT_S, capture_output=True, text=True)
+    assert "already done" in resumed.stdout
+    final = records(out)
+    assert Counter(r["path"] for r in final) == Counter(clips)
+    assert by_key(final) == by_key(records(reference))
+
+
+def test_ray_not_installed_is_one_clear_error(tmp_path, bridge_dir, capsys, monkeypatch):
+    write_video(tmp_path / "a.mp4")
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    assert main(["recaption", str(tmp_path / "a.mp4"), "--out", str(tmp_path / "out.jsonl"), "--bridge", bridge_dir, "--ray"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--ray needs Ray Data" in err and "pip install 'qformer[ray]'" in err, err
+    assert not (tmp_path / "out.jsonl").exists()
