@@ -530,6 +530,7 @@ class Bridge(nn.Module):
         max_new_tokens: int = MAX_NEW_TOKENS,
         num_beams: int = 1,
         rows=None,
+        features: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> list[str]:
         """One answer per question about already preprocessed pixels (B, T, 3, H, W) or (B, 3, H, W): question i
@@ -538,12 +539,15 @@ class Bridge(nn.Module):
         The vision encoder runs once per row whatever the number of questions about it, and so does the
         Q-Former unless it reads the question (an instructed bridge); only the LLM runs per question. For
         callers that decode and preprocess elsewhere (the recaptioner's worker processes). num_beams as in ask().
+        features: the pixels' frame_features when the caller has them already (the recaptioner scores the
+        answers on them too); pixel_values is then not read.
         """
         if num_beams < 1:
             raise ValueError(f"num_beams must be 1 (greedy) or more, not {num_beams}")
         histories = [list(h) for h in histories] if histories else [[] for _ in questions]
         rows = list(range(len(questions))) if rows is None else list(rows)
-        features = self.frame_features(pixel_values.to(self.projection.weight.device))  # (B, T, N, Dv)
+        if features is None:
+            features = self.frame_features(pixel_values.to(self.projection.weight.device))  # (B, T, N, Dv)
         visual = None if self.config.instruct else self.visual_prompt(features=features)  # (B, Q, Dl)
 
         def about(picked: list[int]) -> dict[str, torch.Tensor]:

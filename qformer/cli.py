@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_recaption(subparsers)
     add_chat(subparsers)
+    add_filter(subparsers)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -180,6 +181,36 @@ def run_recaption(args) -> int:
     print(prefix + summary.line(), flush=True)
     if shard[1] > 1 and summary.missing == 0:
         print(f"merged the records of {len(items)} inputs into {args.out}", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- filter
+
+
+def add_filter(subparsers) -> None:
+    p = subparsers.add_parser(
+        "filter",
+        help="keep the records of a recaption output whose caption fits its clip (match score at least X)",
+        description=(
+            "Keep the records of a qformer recaption output (JSONL or Parquet) whose `match`, the scorer's probability "
+            "that the caption describes its clip, is at least X; records without a score (errors, or a bridge "
+            "without a scorer) are dropped. Counts go to stderr."
+        ),
+    )
+    p.add_argument("records", metavar="OUT", help="a qformer recaption output: JSONL, or Parquet for .parquet")
+    p.add_argument("--min-match", type=float, required=True, metavar="X", help="the least match score kept, from 0 to 1")
+    p.add_argument("--out", metavar="KEPT", help="write the kept records here (JSONL, or Parquet for .parquet); default: JSONL on stdout")
+    p.set_defaults(run=run_filter)
+
+
+def run_filter(args) -> int:
+    from .filtering import filter_records, write_kept
+
+    if not 0.0 <= args.min_match <= 1.0:
+        raise ValueError(f"--min-match is a probability, from 0 to 1; got {args.min_match}")
+    filtered = filter_records(args.records, args.min_match)
+    write_kept(filtered.kept, args.records, args.out)
+    print(filtered.line(args.min_match), file=sys.stderr)
     return 0
 
 

@@ -12,7 +12,9 @@ unless it reads the prompt, the Q-Former), then the LLM answers each prompt abou
 
 Output records (JSONL, or Parquet when the file name ends in .parquet), one per (item, shot, prompt):
     path, shot, start_s, end_s, caption, num_frames, duration_s, error (null, or what was wrong), bridge,
-    prompt, num_beams, shot_threshold, min_shot_s (both null without shots)
+    prompt, num_beams, shot_threshold, min_shot_s (both null without shots), match (the probability, by the
+    bridge's scorer, that the caption describes its shot, scored on the features it was written from; null
+    for a bridge without a scorer and for an error; records written before scores have no match field)
 followed by the manifest row's other columns under their own names (`source_NAME` when NAME is a record
 field). start_s and end_s are seconds from the start of the file; without shots they are the span, or 0
 and the clip's duration. An item that cannot be read gets one error record per prompt (shot 0).
@@ -88,6 +90,7 @@ RECORD_SCHEMA = {
     "num_beams": "int32",
     "shot_threshold": "float64",
     "min_shot_s": "float64",
+    "match": "float64",
 }
 # A manifest column whose name is a record field is carried under this prefix.
 CLASH_PREFIX = "source_"
@@ -460,8 +463,9 @@ class OutputBusy(RuntimeError):
 
 # How every encoded record begins (_encode): the mark of a first record torn by a kill.
 RECORD_START = b'{"path": '
-# Fields of the records this tool wrote before shots (and before num_beams): a record of whole clips.
-_BEFORE_SHOTS = set(RECORD_SCHEMA) - {"shot", "start_s", "end_s", "shot_threshold", "min_shot_s"}
+# Fields of the records this tool wrote before match scores; before shots (and before num_beams): a record of whole clips.
+_BEFORE_MATCH = set(RECORD_SCHEMA) - {"match"}
+_BEFORE_SHOTS = _BEFORE_MATCH - {"shot", "start_s", "end_s", "shot_threshold", "min_shot_s"}
 OLDER_FIELD_SETS = (_BEFORE_SHOTS, _BEFORE_SHOTS - {"num_beams"})
 
 
@@ -595,8 +599,9 @@ def _first_parquet_record(path: str) -> dict | None:
 
 
 def _check_fields(fields: set[str], what: str) -> None:
-    """A record's fields, then any carried columns; or a record of before shots, exactly."""
-    if not (set(RECORD_SCHEMA) <= fields or fields in OLDER_FIELD_SETS):
+    """A record's fields (match aside: older records have none), then any carried columns; or a record of
+    before shots, exactly."""
+    if not (_BEFORE_MATCH <= fields or fields in OLDER_FIELD_SETS):
         raise ValueError(
             f"{what} (its fields are {', '.join(sorted(fields))}; a record's are {', '.join(RECORD_SCHEMA)}); "
             "refusing to write to it, choose another --out"
@@ -848,9 +853,11 @@ def progress_bar(total: int, progress: bool):
     return tqdm(total=total, unit="clip", file=sys.stderr, disable=not progress, dynamic_ncols=True)
 
 
-def make_record(settings: Settings, item: Item, prompt: str, shot: int, start_s, end_s, caption, num_frames, duration_s, error) -> dict:
+def make_record(
+    settings: Settings, item: Item, prompt: str, shot: int, start_s, end_s, caption, num_frames, duration_s, error, match=None
+) -> dict:
     fields = (item.path, shot, start_s, end_s, caption, num_frames, duration_s, error)
-    fields += (settings.bridge, prompt, settings.num_beams, settings.shot_threshold, settings.min_shot_s)
+    fields += (settings.bridge, prompt, settings.num_beams, settings.shot_threshold, settings.min_shot_s, match)
     return dict(zip(RECORD_SCHEMA, fields)) | (item.columns or {})
 
 
@@ -872,20 +879,44 @@ def shot_units(sample: Sample, recorded: frozenset, prompts: Sequence[str]) -> l
 
 
 def caption_units(bridge, units: Sequence[_Unit], settings: Settings, max_new_tokens: int) -> list[list[dict]]:
-    """Answer every prompt of units of one shape in one batch: each unit's records."""
+    """Answer every prompt of units of one shape in one batch, and score each answer: each unit's records."""
     pixels = torch.stack([u.shot.pixels for u in units])  # (B, T, 3, H, W)
     rows = [j for j, u in enumerate(units) for _ in u.prompts]
     questions = [p for u in units for p in u.prompts]
-    texts = iter(bridge.answer_pixels(pixels, questions, max_new_tokens=max_new_tokens, num_beams=settings.num_beams, rows=rows))
+    # The frozen features once, for the captions and their scores (a scorer shares the bridge's vision encoder).
+    features = bridge.frame_features(pixels.to(bridge.projection.weight.device))  # (B, T, N, Dv)
+    texts = bridge.answer_pixels(
+        pixels, questions, max_new_tokens=max_new_tokens, num_beams=settings.num_beams, rows=rows, features=features
+    )
+    matches = iter(match_scores(bridge, features[rows], texts))
+    texts = iter(texts)
     return [
         [
             make_record(
-                settings, u.sample.item, p, u.index, u.shot.start_s, u.shot.end_s, next(texts), u.shot.num_frames, u.sample.duration_s, None
-            )
+                settings,
+                u.sample.item,
+                p,
+                u.index,
+                u.shot.start_s,
+                u.shot.end_s,
+                next(texts),
+                u.shot.num_frames,
+                u.sample.duration_s,
+                None,
+                next(matches),
+            )  # fmt: skip
             for p in u.prompts
         ]
         for u in units
     ]
+
+
+def match_scores(bridge, features: torch.Tensor, texts: list[str]) -> list[float | None]:
+    """The probability that texts[i] describes the clip of features[i] (B, T, N, Dv), by the bridge's scorer
+    (qformer/scorer.py); None for each without one."""
+    if bridge.scorer is None:
+        return [None] * len(texts)
+    return bridge.scorer.match_features(features, texts).tolist()
 
 
 def recaption(

@@ -198,7 +198,7 @@ def test_resume_refuses_another_prompt_or_decoding(tmp_path, bridge_dir, capsys)
     assert "--num-beams 2 and no --shots; this run uses" in capsys.readouterr().err
     # Records written before the decoding and the shots were recorded were greedy, of whole clips, and resume as such.
     first, _ = records(out)
-    for field in ("num_beams", "shot", "start_s", "end_s", "shot_threshold", "min_shot_s"):
+    for field in ("num_beams", "shot", "start_s", "end_s", "shot_threshold", "min_shot_s", "match"):
         del first[field]
     out.write_text(json.dumps(first) + "\n")
     assert main(base) == 0
@@ -309,7 +309,7 @@ def refusal(capsys, *args: str) -> str:
 NOT_OURS = "is not an output of qformer recaption"
 FIELDS = (
     "a record's are path, shot, start_s, end_s, caption, num_frames, duration_s, error, bridge, prompt, num_beams, "
-    "shot_threshold, min_shot_s"
+    "shot_threshold, min_shot_s, match"
 )
 
 
