@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from qformer import BridgeConfig, QFormerConfig
+from qformer.convert import QFORMER_TOKENIZER_DIR
 
 WORDS = (
     "a the on and is what color shape does do how many objects are there background small large red green blue "
@@ -126,15 +129,20 @@ def blip_tokenizer(template: str):
 
 
 def tiny_checkpoint(path, model_type: str = "blip-2", llm: str = "opt", seed: int = 0):
-    """A tiny random transformers BLIP-2 ("blip-2") or InstructBLIP ("instructblip") with an OPT ("opt") or
-    Flan-T5-style ("t5") language model, saved with its processor as users have them; returns the model
-    and the processor read back from `path`."""
+    """A tiny random transformers BLIP-2 ("blip-2"), InstructBLIP ("instructblip") or InstructBLIP-Video
+    ("instructblipvideo") with an OPT ("opt") or Flan-T5-style ("t5") language model, saved with its processor
+    as users have them; returns the model and the processor read back from `path`.
+
+    InstructBLIP-Video's processor cannot be built here: its video processor needs torchvision, which has no
+    build for this machine's torch. Its directory holds the processor's tokenizers as it saves them (the LLM's
+    with "<video>" added, the Q-Former's in qformer_tokenizer/), no video processor config, and the processor
+    returned is None."""
     import transformers as tf
 
     torch.manual_seed(seed)
     tok = blip_tokenizer("$A <eos>" if llm == "t5" else "<bos> $A")
     qtok = blip_tokenizer("<bos> $A <eos>")
-    vocab = len(tok) + 1  # the processor adds "<image>"
+    vocab = len(tok) + 1  # the processor adds "<image>" ("<video>")
     if llm == "t5":
         text = tf.T5Config(
             vocab_size=vocab, d_model=40, d_kv=10, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
@@ -153,7 +161,14 @@ def tiny_checkpoint(path, model_type: str = "blip-2", llm: str = "opt", seed: in
             tf.InstructBlipQFormerConfig,
             tf.InstructBlipForConditionalGeneration,
         ),
+        "instructblipvideo": (
+            tf.InstructBlipVideoConfig,
+            tf.InstructBlipVideoVisionConfig,
+            tf.InstructBlipVideoQFormerConfig,
+            tf.InstructBlipVideoForConditionalGeneration,
+        ),
     }
+    video = model_type == "instructblipvideo"
     config_cls, vision_cls, qformer_cls, model_cls = kinds[model_type]
     config = config_cls(
         vision_config=vision_cls(  # its default initializer_range (1e-10) makes every image look alike
@@ -176,7 +191,7 @@ def tiny_checkpoint(path, model_type: str = "blip-2", llm: str = "opt", seed: in
         ).to_dict(),  # fmt: skip
         text_config=text.to_dict(),
         num_query_tokens=3,
-        image_token_index=len(tok),
+        **{"video_token_index" if video else "image_token_index": len(tok)},
         tie_word_embeddings=llm != "t5",  # Flan-T5's output head is its own
     )
     model = model_cls(config).eval()
@@ -192,15 +207,28 @@ def tiny_checkpoint(path, model_type: str = "blip-2", llm: str = "opt", seed: in
                 layer.crossattention.output.dense.weight.mul_(5)
         model.language_projection.weight.mul_(5)
         if llm == "opt":  # T5 scales its own (its output head shares them, so its start token would always win)
-            model.language_model.get_input_embeddings().weight.mul_(10)
+            model.language_model.get_input_embeddings().weight.mul_(3 if video else 10)
+        if video:
+            # At their initial scale the LM's layers pass on little but the last prompt token's embedding, and
+            # greedy tokens would be the same whatever the frames; larger layers make them depend on the frames.
+            head = model.language_model.get_output_embeddings()
+            for m in model.language_model.modules():
+                if isinstance(m, torch.nn.Linear) and m is not head:
+                    m.weight.mul_(10 if llm == "opt" else 3)
     model.generation_config.pad_token_id = 0
+    model.save_pretrained(path)
+    if video:  # as InstructBlipVideoProcessor saves its tokenizers
+        tok.add_tokens([tf.AddedToken("<video>", normalized=False, special=True)], special_tokens=True)
+        assert tok.convert_tokens_to_ids("<video>") == config.video_token_index
+        tok.save_pretrained(path)
+        qtok.save_pretrained(Path(path) / QFORMER_TOKENIZER_DIR)
+        return model, None
     images = tf.BlipImageProcessor(size={"height": 32, "width": 32})
     if model_type == "blip-2":
         processor = tf.Blip2Processor(images, tok, num_query_tokens=3)
     else:
         processor = tf.InstructBlipProcessor(images, tok, qtok, num_query_tokens=3)
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == config.image_token_index
-    model.save_pretrained(path)
     processor.save_pretrained(path)
     return model, tf.AutoProcessor.from_pretrained(path)
 

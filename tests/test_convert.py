@@ -1,4 +1,5 @@
-"""Parity with transformers: BLIP-2 and InstructBLIP checkpoints (OPT and T5 language models), BERT initialisation."""
+"""Parity with transformers: BLIP-2, InstructBLIP and InstructBLIP-Video checkpoints (OPT and T5 language models), BERT
+initialisation."""
 
 from __future__ import annotations
 
@@ -129,6 +130,62 @@ def test_checkpoint_directories_match_transformers(tmp_path, kind, llm):
             ours = bridge(px, **batch)
     assert ours.logits.shape == theirs.logits.shape
     assert (ours.logits - theirs.logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("llm", ["opt", "t5"])
+def test_instructblip_video_checkpoint_matches_transformers(tmp_path, llm):
+    """InstructBLIP-Video without its processor, whose video processor needs torchvision: both models get the
+    same pixel values (B, 4, 3, H, W) and the ids that processor makes ("<video>" 4 x queries times, then the
+    prompt; the Q-Former's own tokens of it)."""
+    from transformers import AutoTokenizer
+
+    hf, _ = tiny_checkpoint(tmp_path / "ckpt", "instructblipvideo", llm)
+    bridge = Bridge.from_pretrained(tmp_path / "ckpt")
+    assert bridge.config.qformer.frame_queries and bridge.config.num_frames == 4
+    assert bridge.llm.is_encoder_decoder == (llm == "t5")
+    # Two prompts of one length: padding is left out, as the processor and a bridge put it in different places.
+    prompts = ["what color is the background ?", "how many objects are there ?"]
+    batch = bridge._prompt_batch(prompts, [[], []])
+    text = AutoTokenizer.from_pretrained(tmp_path / "ckpt")(prompts, return_tensors="pt")
+    qtext = AutoTokenizer.from_pretrained(tmp_path / "ckpt" / "qformer_tokenizer")(prompts, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], text.input_ids) and torch.equal(batch["instruction_ids"], qtext.input_ids)
+    video = torch.full((2, 4 * hf.config.num_query_tokens), hf.config.video_token_index)
+    inputs = dict(
+        input_ids=torch.cat([video, text.input_ids], 1),
+        attention_mask=torch.cat([torch.ones_like(video), text.attention_mask], 1),
+        qformer_input_ids=qtext.input_ids,
+        qformer_attention_mask=qtext.attention_mask,
+    )
+    torch.manual_seed(1)
+    px = torch.randn(2, 4, 3, 32, 32)
+    start = 1 if llm == "t5" else inputs["input_ids"].shape[1]  # a decoder's start token, or the prompt
+    with torch.no_grad():
+        theirs = hf.generate(pixel_values=px, **inputs, max_new_tokens=6, min_new_tokens=6)[:, start:]
+        ours = bridge.generate(px, **batch, max_new_tokens=6, min_new_tokens=6)
+        assert torch.equal(ours, theirs), (ours, theirs)
+        # Every frame counts, in its place: reversed, the frames give other tokens.
+        assert not torch.equal(bridge.generate(px.flip(1), **batch, max_new_tokens=6, min_new_tokens=6), ours)
+
+        if llm == "t5":
+            answer = AutoTokenizer.from_pretrained(tmp_path / "ckpt")(["green image"] * 2, return_tensors="pt").input_ids
+            theirs = hf(pixel_values=px, **inputs, labels=answer)
+            ids = torch.cat([batch["input_ids"], answer], 1)
+            labels = torch.cat([torch.full_like(batch["input_ids"], -100), answer], 1)
+            ours = bridge(px, ids, torch.ones_like(ids), labels, **{k: v for k, v in batch.items() if "instruction" in k})
+            assert torch.allclose(ours.loss, theirs.loss, atol=1e-5)
+        else:
+            theirs = hf(pixel_values=px, **inputs)
+            theirs.logits = theirs.logits[:, video.shape[1] :]
+            ours = bridge(px, **batch)
+        assert ours.logits.shape == theirs.logits.shape
+        assert (ours.logits - theirs.logits).abs().max() < 1e-4
+
+        # Clips through Bridge.ask: 4 frames sampled from each, read as the pixels above are.
+        clips = [np.random.default_rng(i).integers(0, 256, (8, 40, 48, 3), dtype=np.uint8) for i in range(2)]
+        px = torch.stack([bridge.vision.preprocess(clip[1::2]) for clip in clips])  # frames 1, 3, 5, 7: the centres of 4 parts
+        ids = hf.generate(pixel_values=px, **inputs, max_new_tokens=6)[:, start:]
+        expected = [t.strip() for t in bridge.llm.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        assert bridge.ask(clips, prompts, max_new_tokens=6) == expected
 
 
 def _tiny_bert(path):
