@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SPECIALS, WORDS, make_tokenizer
+from conftest import SPECIALS, WORDS, blip_tokenizer, make_tokenizer
 from PIL import Image
 
 import train
@@ -91,10 +91,33 @@ def opt():
     return OPTForCausalLM(OPTConfig(hidden_size=16, ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16, eos_token_id=2, **TINY_LM))
 
 
-# Each LLM with whether its tokenizer carries a chat template: BLIP-2's OPT has none, and is prompted
-# "Question: ... Answer:". Encoder-decoder LLMs (T5, as BLIP-2's Flan-T5) join this table once
-# adapters.llm's LanguageModel serves them.
-LLMS = {"llama": (llama, True), "qwen2": (qwen2, True), "gemma3": (gemma3, True), "opt": (opt, False)}
+def t5():
+    """An encoder-decoder (BLIP-2's Flan-T5): the prompt into its encoder, the caption out of its decoder."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=TINY_LM["vocab_size"], d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=2,
+        )
+    )  # fmt: skip
+
+
+def plain_tokenizer():
+    """The tests' tokenizer without a chat template, as BLIP-2's OPT has none: prompted "Question: ... Answer:"."""
+    tok = make_tokenizer()
+    tok.chat_template = None
+    return tok
+
+
+# Each LLM with its tokenizer: a chat template, none (OPT), or none and eos after the text (T5's).
+LLMS = {
+    "llama": (llama, make_tokenizer),
+    "qwen2": (qwen2, make_tokenizer),
+    "gemma3": (gemma3, make_tokenizer),
+    "opt": (opt, plain_tokenizer),
+    "t5": (t5, lambda: blip_tokenizer("$A <eos>")),
+}
 
 
 @pytest.fixture(scope="session")
@@ -106,12 +129,9 @@ def backbone_dirs(tmp_path_factory):
     for name, build in VISION.items():
         build().save_pretrained(root / name)
         dirs[name] = str(root / name)
-    for name, (build, chat) in LLMS.items():
+    for name, (build, tokenizer) in LLMS.items():
         build().save_pretrained(root / name)
-        tok = make_tokenizer()
-        if not chat:
-            tok.chat_template = None
-        tok.save_pretrained(root / name)
+        tokenizer().save_pretrained(root / name)
         dirs[name] = str(root / name)
     return dirs
 
