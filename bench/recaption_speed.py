@@ -13,6 +13,10 @@ One run, the same clips, the same greedy tokens, prints:
   4. shots: --shots-clips world clips recaptioned one file each without --shots, and the same clips
      --per-file at a time in files with hard cuts with --shots (shot detection, then a caption per shot):
      clips/s of each.
+  5. with --ray (needs the ray extra), instead of 1 to 4: the Ray engine (`qformer recaption --ray`, on a Ray of this machine's
+     CPUs started once, as a cluster would be) against the local engine, each as its command runs it
+     (bridge loaded, then recaption), on the same clips: clips/s end to end and after the first records,
+     the ratio, the per-actor rate and the decode rate of one CPU, and from them the rate on N GPU actors.
 
     python -m bench.recaption_speed [--clips 16] [--repeats 2] [--bridge DIR] [--shots-clips 40] ...
 
@@ -27,10 +31,12 @@ ones (a ViT, a Q-Former and an OPT) built here, so the comparison measures the d
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
 import tempfile
+import threading
 import time
 from fractions import Fraction
 from functools import partial
@@ -234,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-blip2", action="store_true", help="only the end-to-end / floor comparison")
     p.add_argument("--shots-clips", type=int, default=40, help="world clips for the --shots comparison (0: skip it)")
     p.add_argument("--per-file", type=int, default=10, help="world clips one after another in each file of the --shots comparison")
+    p.add_argument("--ray", action="store_true", help="compare `qformer recaption --ray` with the local engine (section 5 alone)")
+    p.add_argument("--ray-actors", type=int, help="with --ray: actors holding the bridge (default 1 without GPUs)")
     p.add_argument(
         "--threads",
         type=int,
@@ -267,6 +275,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{n} clips of {args.clip_frames} frames {args.size}x{args.size}, {num_frames} sampled per clip, "
             f"batch {args.batch_size}, {args.max_new_tokens} new tokens at most, {args.workers} decode workers"
         )
+        if args.ray:
+            ray_dir = bridge_dir or str(tmp / "untrained")
+            if not bridge_dir:  # the actors load the bridge from a directory
+                bridge.save_pretrained(ray_dir)
+            ray_against_local(items, tmp, ray_dir, prompt, num_frames, args)
+            return
         engine(bridge, prompt, num_frames, items[:2])  # first-call allocations
         (e2e_s, e2e_captions, e2e_all), (floor_s, floor_captions, floor_all) = best_of(
             args.repeats, partial(engine, bridge, prompt, num_frames), partial(frozen_floor, items, bridge, prompt, num_frames, args)
@@ -318,6 +332,87 @@ def main(argv: list[str] | None = None) -> None:
                 f"engine/transformers {hfb_s / ours_s:5.2f}x   identical captions: {ours_captions == hfb_captions}"
             )
     print(f"load average at the end {os.getloadavg()[0]:.2f} (other processes on these cores make every figure noisier)")
+
+
+def watched(run, out: Path) -> tuple[float, float]:
+    """(seconds of run(), clips/s after its first records): out is watched as it grows, one record a clip."""
+    first: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.02) and not first:
+            lines = out.read_bytes().count(b"\n") if out.exists() else 0
+            if lines:
+                first.append((time.perf_counter(), lines))
+
+    watcher = threading.Thread(target=watch)
+    start = time.perf_counter()
+    watcher.start()
+    try:
+        run()
+    finally:
+        end = time.perf_counter()
+        stop.set()
+        watcher.join()
+    total = out.read_bytes().count(b"\n")
+    t0, lines = first[0] if first else (end, total)
+    return end - start, (total - lines) / (end - t0) if end > t0 else math.nan
+
+
+def ray_against_local(items, tmp: Path, bridge_dir: str, prompt: str, num_frames: int, args) -> None:
+    """Section 5: the Ray engine against the local engine on the same clips, each as its command runs it."""
+    import ray
+
+    from qformer.ray_recaption import recaption_on_ray
+
+    n = len(items)
+    common = dict(prompts=[prompt], num_frames=num_frames, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=False)
+
+    def local(out: Path) -> None:
+        bridge = Bridge.from_pretrained(bridge_dir)
+        rc.recaption(items, str(out), bridge, "bench", workers=args.workers, **common)
+
+    def on_ray(out: Path) -> None:
+        recaption_on_ray(items, str(out), bridge_dir, "bench", actors=args.ray_actors, **common)
+
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    try:
+        rounds = [
+            (
+                watched(partial(local, tmp / f"local{r}.jsonl"), tmp / f"local{r}.jsonl"),
+                watched(partial(on_ray, tmp / f"ray{r}.jsonl"), tmp / f"ray{r}.jsonl"),
+            )
+            for r in range(args.repeats)
+        ]
+    finally:
+        ray.shutdown()
+    # The best round of each: load from other processes only ever slows a round.
+    local_s, ray_s = (min(r[k][0] for r in rounds) for k in (0, 1))
+    local_rate, ray_rate = (max(r[k][1] for r in rounds) for k in (0, 1))
+    same = {r["path"]: r["caption"] for r in rc.read_records(str(tmp / "local0.jsonl"))} == {
+        r["path"]: r["caption"] for r in rc.read_records(str(tmp / "ray0.jsonl"))
+    }
+    actors = args.ray_actors or 1
+    # One CPU's decoding rate: what decode tasks each give the actors.
+    vision = Bridge.from_pretrained(bridge_dir).vision
+    decoded = rc.DecodedItems(items[:20], vision.preprocess, num_frames, None, decode_side(vision))
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    for k in range(len(decoded)):
+        decoded[k]
+    decode_rate = len(decoded) / (time.perf_counter() - t0)
+    print(f"--ray against the local engine, {n} clips, {os.cpu_count()} CPUs, {actors} actor(s), load average {os.getloadavg()[0]:.2f}:")
+    print(f"  local engine:  {n / local_s:7.3f} clips/s end to end (bridge load included), {local_rate:7.3f} after the first records")
+    print(f"  --ray:         {n / ray_s:7.3f} clips/s end to end (actors start, load the bridge), {ray_rate:7.3f} after the first records")
+    print(
+        f"  --ray / local: {local_s / ray_s:7.3f} end to end, {ray_rate / local_rate:.3f} after the first records (goal >= 0.8)   same captions: {same}"
+    )
+    per_actor = ray_rate / actors
+    print(
+        f"  per actor {per_actor:.3f} clips/s; one CPU decodes {decode_rate:.1f} clips/s. On N GPU actors, each at least as fast as "
+        f"this CPU one: >= N x {per_actor:.3f} clips/s (N=8: {8 * per_actor:.2f}, N=64: {64 * per_actor:.1f}), needing "
+        f"N x {per_actor / decode_rate:.2f} decode CPUs at this actor rate"
+    )
 
 
 def _list(seconds: list[float]) -> str:

@@ -34,6 +34,8 @@ from .config import CAPTION_BATCH_SIZE, MAX_NEW_TOKENS
 
 # The version pyproject.toml's `ray` extra pins, named in the error when Ray is missing.
 RAY_REQUIREMENT = "ray[data]==2.60.0"
+# Memory a decode task reserves (bytes): the preprocessed shots of one input.
+DECODE_MEMORY = 256 * 2**20
 
 
 def import_ray():
@@ -145,7 +147,7 @@ def recaption_on_ray(
             started = not ray.is_initialized()
             if started:
                 ray.init(
-                    address=address,
+                    address=address or "local",  # "local": a new Ray even when this machine runs one already
                     num_cpus=None if address else os.cpu_count(),
                     include_dashboard=False,
                     logging_level=logging.WARNING,
@@ -176,7 +178,10 @@ def _run(
     rows = [{"item": pickle.dumps(item), "recorded": json.dumps(sorted(kept))} for item, kept in pending]
     # Blocks of one model batch: decoded samples stream to the actors batch by batch, not in one lump.
     dataset = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / captioning.batch_size))
-    dataset = dataset.map(decode_row, fn_kwargs={"decoding": decoding}, num_cpus=1)
+    # Each decode task reserves room for one input's preprocessed shots. Resources unlike the actors' also keep
+    # Ray Data from fusing decoding into them (it fuses tasks into an actor pool of the same resources), so
+    # decoding stays in tasks that scale with the CPUs.
+    dataset = dataset.map(decode_row, fn_kwargs={"decoding": decoding}, num_cpus=1, memory=DECODE_MEMORY)
     dataset = dataset.map_batches(
         Captioner,
         fn_constructor_args=(captioning, None if gpus else actor_cpus),
