@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     add_recaption(subparsers)
     add_chat(subparsers)
     add_filter(subparsers)
+    add_index(subparsers)
+    add_search(subparsers)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -211,6 +213,100 @@ def run_filter(args) -> int:
     filtered = filter_records(args.records, args.min_match)
     write_kept(filtered.kept, args.records, args.out)
     print(filtered.line(args.min_match), file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- index and search
+
+
+def add_index(subparsers) -> None:
+    p = subparsers.add_parser(
+        "index",
+        help="embed every clip once with a bridge's scorer, for qformer search",
+        description=(
+            "Embed every clip or image of the inputs (as qformer recaption finds them) with the bridge's scorer: its ITC "
+            "embeddings and frozen features, written batch by batch into INDEX_DIR. Rerunning the same command resumes: "
+            "clips already indexed are skipped, even after a kill. The bridge needs a scorer (the shipped default has none yet)."
+        ),
+    )
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="folders, clip or image files, manifests, datasets directories (as recaption)"
+    )
+    p.add_argument("--out", required=True, metavar="INDEX_DIR", help="the index directory: new, empty, or an index of the same bridge")
+    p.add_argument("--bridge", metavar="DIR", help=f"bridge directory with a scorer; default {DEFAULT_BRIDGE}")
+    p.add_argument("--batch-size", type=int, default=CAPTION_BATCH_SIZE, metavar="B", help="clips per model call and per part file")
+    p.add_argument("--workers", type=int, default=rc.DEFAULT_WORKERS, metavar="W", help="processes decoding clips (0: the main process)")
+    p.set_defaults(run=run_index)
+
+
+def needs_scorer(bridge_dir: str, command: str) -> ValueError:
+    return ValueError(
+        f"{bridge_dir}: qformer {command} needs a scorer, and this bridge has no scorer/ directory beside its weights and no "
+        "stage-1 heads that fit its Q-Former (the shipped default bridge has none yet; train one: train.py --stage 1 "
+        "--init-from BRIDGE --stage1-losses itc,itm, then qformer.bridge.save_scorer)"
+    )
+
+
+def run_index(args) -> int:
+    from .bridge import load_scorer
+    from .index import build_index
+
+    if args.batch_size < 1 or args.workers < 0:
+        raise ValueError(f"--batch-size must be at least 1 and --workers 0 or more, got {args.batch_size} and {args.workers}")
+    bridge_dir = bridge_or_default(args.bridge)
+    items = rc.discover(args.inputs)
+    scorer = load_scorer(bridge_dir)
+    if scorer is None:
+        raise needs_scorer(bridge_dir, "index")
+    summary = build_index(items, args.out, scorer, os.path.abspath(bridge_dir), args.batch_size, args.workers)
+    print(summary.line(), flush=True)
+    return 0
+
+
+def add_search(subparsers) -> None:
+    p = subparsers.add_parser(
+        "search",
+        help="the clips of an index best described by a text",
+        description=(
+            "The clips of a qformer index best described by TEXT, best first: the index's ITC embeddings find the "
+            "candidates and the scorer's ITM re-ranks the best of them (scores: ITM's probability, or ITC's cosine "
+            "with --no-rerank and below the re-ranked). Loads the scorer's Q-Former and the index, never the LLM or the vision encoder."
+        ),
+    )
+    p.add_argument("index", metavar="INDEX_DIR", help="a directory written by qformer index")
+    p.add_argument("text", metavar="TEXT", help="what the clips should show")
+    p.add_argument("--top", type=int, default=10, metavar="K", help="how many clips to print")
+    p.add_argument("--json", action="store_true", help="one JSON object per line: path, start_s, end_s, score")
+    p.add_argument("--no-rerank", action="store_true", help="rank by ITC alone (faster, less exact)")
+    p.set_defaults(run=run_search)
+
+
+def run_search(args) -> int:
+    import json
+
+    import torch
+
+    from .bridge import load_scorer
+    from .index import Index
+    from .search import rank
+
+    if args.top < 1:
+        raise ValueError(f"--top must be at least 1, got {args.top}")
+    # A search is a few small matmuls: a second thread does not speed them up, and its OpenMP spinning on a
+    # busy machine made a cold search twice as slow here (10 s against 5 s).
+    torch.set_num_threads(1)
+    index = Index(args.index)
+    scorer = load_scorer(index.bridge)
+    if scorer is None:
+        raise needs_scorer(index.bridge, "search")
+    found = rank(scorer, index.embeddings, None if args.no_rerank else index.features, args.text, top=args.top)
+    for i, score in found:
+        entry = index.entries[i]
+        if args.json:
+            print(json.dumps({"path": entry["path"], "start_s": entry["start_s"], "end_s": entry["end_s"], "score": score}))
+        else:
+            span = f" [{entry['start_s']:g}-{entry['end_s']:g} s]" if entry["start"] is not None else ""
+            print(f"{score:.4f}  {entry['path']}{span}")
     return 0
 
 

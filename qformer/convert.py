@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
 from adapters.checkpoint import CHECKPOINT_TYPES, CheckpointError, load_prefixed
 
@@ -102,6 +101,8 @@ def checkpoint_bridge_config(path: str | Path) -> BridgeConfig:
     saved beside the model. InstructBLIP-Video reads each of its 4 frames alone (QFormerConfig.frame_queries).
     A config that is not such a checkpoint's, or holds sizes beyond the bounds, is a CheckpointError.
     """
+    from transformers import AutoConfig  # here: reading a bridge directory (search) never needs transformers' configs
+
     d = Path(path).absolute()
     try:
         config = AutoConfig.from_pretrained(str(d))
@@ -173,6 +174,8 @@ def load_bert_into_qformer(qformer: QFormer, path: str) -> None:
     Cross-attention stays randomly initialised. BERT adds token-type embedding 0 to every token; it
     is folded into the position embeddings, which is exact for single-segment text.
     """
+    from transformers import AutoConfig
+
     cfg = qformer.config
     bert = AutoConfig.from_pretrained(path)
     mismatches = [

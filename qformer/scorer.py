@@ -79,9 +79,13 @@ class Scorer(nn.Module):
         pixels = [self.vision.preprocess(as_clip(it, num_frames=c.num_frames, sampling=c.frame_sampling).frames) for it in clips]
         T = max(len(p) for p in pixels)
         # An image is a one-frame clip: its frame repeats, as training batches pad clips (qformer.data.collate).
-        pixels = torch.stack([p[torch.arange(T).clamp(max=len(p) - 1)] for p in pixels])  # (B, T, 3, H, W)
-        feats = self.vision.encode(pixels.flatten(0, 1))  # (B*T, N, Dv)
-        return feats.float().view(len(clips), T, *feats.shape[1:])
+        return self.pixel_features(torch.stack([p[torch.arange(T).clamp(max=len(p) - 1)] for p in pixels]))
+
+    @torch.no_grad()
+    def pixel_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frozen features (B, T, N, Dv) of preprocessed clips (B, T, 3, H, W), as a decoding worker makes them."""
+        feats = self.vision.encode(pixels.flatten(0, 1).to(self.heads.itm.weight.device))  # (B*T, N, Dv)
+        return feats.float().view(*pixels.shape[:2], *feats.shape[1:])
 
     def match(self, clips, texts, batch_size: int = CAPTION_BATCH_SIZE) -> list[float]:
         """The probability that texts[i] describes clips[i], `batch_size` clips through the encoder at a time."""
