@@ -18,8 +18,8 @@ tensors and the entries that name them appear together or not at all, and no rec
 missing or torn shard. A rerun takes the lock, removes the temporary file a kill left, reads the entries
 of every part (the safetensors headers alone) and embeds only the items no part holds, so each clip is
 in the index once. The frozen features are kept because ITM reads them with the text and search must
-never load the vision encoder; with the default bridge (4 frames of 4 x 4 tokens, 80 wide) they are 20 KB
-a clip.
+never load the vision encoder; with the default bridge's sizes (4 frames of 8 x 8 tokens, 80 wide, and
+16 x 256 embeddings) a clip takes about 100 KB.
 """
 
 from __future__ import annotations
