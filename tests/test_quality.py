@@ -271,7 +271,7 @@ def test_a_caption_first_bridge_captions_each_easy_vqa_image_once(tiny_dirs):
     torch.manual_seed(0)
     bridge = Bridge(tiny_config(tiny_dirs, caption_first=True)).eval()
     asked, generate, ask, decodes = [], bridge.generate, bridge.ask, []
-    bridge.generate = lambda px, **k: decodes.append(len(px)) or generate(px, **k)
+    bridge.generate = lambda **k: decodes.append(len(k["input_ids"])) or generate(**k)  # one row per prompt decoded
 
     def recording_ask(items, questions, histories=None, **kwargs):
         preds = ask(items, questions, histories, **kwargs)
