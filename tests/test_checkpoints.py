@@ -112,6 +112,20 @@ def test_init_from_a_blip2_checkpoint_re_bridges_its_q_former_to_another_llm(tmp
     assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
 
 
+@pytest.mark.backbones
+def test_init_from_a_blip2_checkpoint_trains_into_the_offline_smollm2(tmp_path, images):
+    """The command a user runs to give SmolLM2 BLIP-2's Q-Former: it trains, and its output loads and captions."""
+    tiny_checkpoint(tmp_path / "blip2", "blip-2", "opt")
+    data = images[0].parent / "captions.jsonl"
+    bridge = train.main(_train_args(tmp_path / "out", data, "--init-from", str(tmp_path / "blip2"), "--llm", "smollm2-135m-instruct"))
+    fresh = Bridge.from_pretrained(tmp_path / "out")
+    assert fresh.config.llm == "smollm2-135m-instruct" and fresh.projection.weight.shape == (576, 32)
+    assert fresh.config.caption_prompt == "Describe the clip."  # SmolLM2 answers in its own chat template
+    captions = fresh.caption([str(p) for p in images], max_new_tokens=5)
+    assert captions == bridge.eval().caption([str(p) for p in images], max_new_tokens=5)
+    assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
+
+
 @pytest.fixture(scope="module")
 def tiny_t5(tmp_path_factory) -> str:
     """A tiny Flan-T5-style encoder-decoder with a T5-style tokenizer (eos after the text)."""
