@@ -62,10 +62,14 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+
+# PyAV and Pillow are imported where a clip or an image is decoded: commands that never decode (qformer
+# search) start without them.
+if TYPE_CHECKING:
+    from PIL import Image
 
 # How num_frames frames are spread over a clip (see the module docstring).
 SAMPLINGS = ("centres", "ends")
@@ -239,6 +243,8 @@ def as_clip(item, num_frames: int | None = 8, fps: float | None = None, sampling
         return item
     if isinstance(item, (str, os.PathLike)):
         return read_clip(item, num_frames=num_frames, fps=fps, sampling=sampling)
+    from PIL import Image
+
     if isinstance(item, Image.Image):
         name = getattr(item, "filename", "") or None
         _check_size(name or "<PIL image>", *item.size, max_pixels=MAX_PIXELS)
@@ -306,6 +312,8 @@ def _fit(width: int, height: int, max_side: int | None) -> tuple[int, int]:
 
 
 def _read_image(path: str, max_pixels: int, max_side: int | None) -> Clip:
+    from PIL import Image, UnidentifiedImageError
+
     try:
         # Our own max_pixels check below replaces Pillow's warning; its hard
         # DecompressionBombError (above twice its limit) still ends as "too large".
@@ -327,6 +335,8 @@ def _read_image(path: str, max_pixels: int, max_side: int | None) -> Clip:
 
 def _pil_to_rgb(image: Image.Image, max_side: int | None) -> np.ndarray:
     """(H, W, 3) uint8 RGB, shrunk to max_side, alpha composited over white."""
+    from PIL import Image, ImageOps
+
     if max_side is not None:
         # JPEG decodes straight at 1/2, 1/4 or 1/8 scale, so a huge photo never exists at full size.
         image.draft("RGB", _fit(*image.size, max_side))
@@ -349,6 +359,8 @@ def _pil_to_rgb(image: Image.Image, max_side: int | None) -> np.ndarray:
 
 
 def _read_video(path: str, num_frames, fps, max_pixels, max_side, max_duration_s, sampling, span) -> Clip:
+    import av
+
     try:
         try:
             return _sample_video(path, num_frames, fps, max_pixels, max_side, max_duration_s, sampling, span, seek=True)
@@ -359,6 +371,8 @@ def _read_video(path: str, num_frames, fps, max_pixels, max_side, max_duration_s
 
 
 def _open(path: str):
+    import av
+
     try:
         return av.open(path, metadata_errors="ignore")
     except av.error.PermissionError:
@@ -419,6 +433,8 @@ def _duration(path: str, container, stream, max_duration_s: float | None) -> Fra
     if stream.duration:
         return stream.duration * stream.time_base
     if container.duration:
+        import av
+
         return Fraction(container.duration, av.time_base)
     # No duration in any header (raw streams): read packets, which is cheap next to decoding.
     start, end, total, step = stream.start_time or 0, None, 0, _frame_step(stream)
@@ -507,6 +523,8 @@ def _frames_at(path: str, container, stream, targets: list[int], seek: bool, to_
 
 def _restart(container, stream, target: int, seek: bool, slack: int):
     """Seek to the keyframe at or before target (when seeking); return (decoder, no shown frame, first frame)."""
+    import av
+
     if seek:
         try:
             container.seek(target, stream=stream, backward=True)

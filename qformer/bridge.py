@@ -26,7 +26,7 @@ from adapters.vision import load_vision
 from .config import CAPTION_BATCH_SIZE, MAX_NEW_TOKENS, BridgeConfig
 from .convert import checkpoint_bridge_config, checkpoint_weights
 from .model import QFormer, QFormerHeads, count_parameters
-from .scorer import SCORER_DIR, Scorer, scorer_weights
+from .scorer import SCORER_DIR, Scorer, load_tokenizer, scorer_weights
 
 # The trained demo bridge shipped in the repository, used when no bridge is named.
 DEFAULT_BRIDGE = Path(__file__).resolve().parent.parent / "demos" / "bridge"
@@ -50,21 +50,23 @@ def bridge_or_default(spec: str | None) -> str:
     return str(DEFAULT_BRIDGE)
 
 
-def trainable_parts(config: BridgeConfig) -> dict[str, nn.Module]:
+def trainable_parts(config: BridgeConfig, init: bool = True) -> dict[str, nn.Module]:
     """The modules a bridge trains and saves, built from the config alone: the Q-Former, the projection into
-    the LLM and, when the config asks, the stage-1 heads (ITC/ITM/ITG; generation never uses them)."""
+    the LLM and, when the config asks, the stage-1 heads (ITC/ITM/ITG; generation never uses them).
+    init=False: the Q-Former's and the heads' own initial weights are not drawn (QFormer's init)."""
     q = config.qformer
-    parts = {"qformer": QFormer(q), "projection": nn.Linear(q.hidden_size, config.llm_width)}
+    parts = {"qformer": QFormer(q, init), "projection": nn.Linear(q.hidden_size, config.llm_width)}
     if q.stage1_heads:
-        parts["heads"] = QFormerHeads(q)
+        parts["heads"] = QFormerHeads(q, init)
     return parts
 
 
 def trainable_shapes(config: BridgeConfig) -> dict[str, tuple[int, ...]]:
     """{name: shape} of the weights save_pretrained writes for this config, LoRA adapters aside (their
-    shapes depend on the LLM). Built on the meta device: nothing is allocated, whatever the config says."""
+    shapes depend on the LLM). Built on the meta device: nothing is allocated, whatever the config says,
+    and no initial weight drawn (drawing them there imports torch._dynamo, a second of every cold start)."""
     with torch.device("meta"):
-        parts = trainable_parts(config)
+        parts = trainable_parts(config, init=False)
     return {f"{part}.{k}": tuple(v.shape) for part, module in parts.items() for k, v in module.state_dict().items()}
 
 
@@ -331,7 +333,8 @@ class Bridge(nn.Module):
             raise ValueError(
                 "its stage-1 heads read text with a Q-Former tokenizer and this bridge's config names none (qformer_tokenizer)"
             )
-        return Scorer(self.config, self.qformer, self.heads, self.qformer_tokenizer, self.vision)
+        tokenizer = load_tokenizer(self.config.qformer_tokenizer, self.config.qformer.max_text_len)
+        return Scorer(self.config, self.qformer, self.heads, tokenizer, self.vision)
 
     def _require_scorer(self, what: str) -> Scorer:
         if self.scorer is None:

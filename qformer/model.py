@@ -89,10 +89,12 @@ class Layer(nn.Module):
 class TextEmbeddings(nn.Module):
     """Word + position embeddings for text; queries get no position. One LayerNorm over both."""
 
-    def __init__(self, cfg: QFormerConfig):
+    def __init__(self, cfg: QFormerConfig, init: bool = True):
         super().__init__()
-        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
-        self.position = nn.Embedding(cfg.max_text_len, cfg.hidden_size)
+        # Given its weight, nn.Embedding draws none (QFormer's init=False).
+        weight = lambda rows: None if init else torch.empty(rows, cfg.hidden_size)
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id, _weight=weight(cfg.vocab_size))
+        self.position = nn.Embedding(cfg.max_text_len, cfg.hidden_size, _weight=weight(cfg.max_text_len))
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = cfg.dropout
 
@@ -108,19 +110,25 @@ class TextEmbeddings(nn.Module):
 
 
 class QFormer(nn.Module):
-    def __init__(self, cfg: QFormerConfig):
+    def __init__(self, cfg: QFormerConfig, init: bool = True):
+        """init=False leaves the text embeddings, the queries and the weights _init_weights sets undrawn, for
+        a Q-Former whose weights are loaded next or whose shapes alone are read. On the meta device those
+        draws (normal_, randn, its scaling) run torch's Python references, whose first call imports
+        torch._dynamo: about 1 s of a cold start. nn.Linear's own initialisation runs either way."""
         super().__init__()
         if cfg.hidden_size % cfg.num_heads:
             raise ValueError(f"Q-Former hidden size {cfg.hidden_size} is not a multiple of {cfg.num_heads} heads")
         self.config = cfg
-        self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_queries, cfg.hidden_size) * 0.02)
+        shape = (1, cfg.num_queries, cfg.hidden_size)
+        self.query_tokens = nn.Parameter(torch.randn(shape) * 0.02 if init else torch.empty(shape))
         # Zero at the start, so an image (one frame) or an imported image bridge is unchanged by it.
         # Tubelets hold time in their channels and need none.
         self.temporal_embed = None if cfg.tubelet_frames else nn.Parameter(torch.zeros(cfg.max_frames, cfg.vision_width))
         self.vision_norm = nn.LayerNorm(cfg.vision_width) if cfg.vision_norm else nn.Identity()
-        self.embeddings = TextEmbeddings(cfg)
+        self.embeddings = TextEmbeddings(cfg, init)
         self.layers = nn.ModuleList(Layer(cfg, i % cfg.cross_attention_every == 0) for i in range(cfg.num_layers))
-        self._init_weights()
+        if init:
+            self._init_weights()
 
     def _init_weights(self):
         for m in self.modules():
@@ -215,7 +223,8 @@ class QFormerHeads(nn.Module):
     so it is passed in rather than owned.
     """
 
-    def __init__(self, cfg: QFormerConfig):
+    def __init__(self, cfg: QFormerConfig, init: bool = True):
+        """init=False: the four projections' weights are not drawn anew (as QFormer's init)."""
         super().__init__()
         D = cfg.hidden_size
         self.vision_proj = nn.Linear(D, cfg.embed_dim)
@@ -226,9 +235,10 @@ class QFormerHeads(nn.Module):
         self.lm_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.lm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.act = cfg.hidden_act
-        for m in (self.vision_proj, self.text_proj, self.itm, self.lm_transform):
-            nn.init.normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+        if init:
+            for m in (self.vision_proj, self.text_proj, self.itm, self.lm_transform):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
 
     def lm_logits(self, hidden: torch.Tensor, word_embeddings: nn.Embedding) -> torch.Tensor:
         """(B, L, D) text hidden states -> (B, L, V) next-token logits."""

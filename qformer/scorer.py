@@ -17,6 +17,10 @@ text-to-clip search over stored features needs only the Q-Former and its tokeniz
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +31,9 @@ from adapters.vision import load_vision
 from .config import CAPTION_BATCH_SIZE, BridgeConfig
 from .model import QFormer, QFormerHeads
 
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
 # The subdirectory of a bridge directory that holds its scorer.
 SCORER_DIR = "scorer"
 # Texts scored or embedded in one pass of the Q-Former.
@@ -36,7 +43,8 @@ TEXT_BATCH = 64
 class Scorer(nn.Module):
     """A Q-Former with its ITC and ITM heads, its tokenizer and (loaded when first needed) its vision encoder."""
 
-    def __init__(self, config: BridgeConfig, qformer: QFormer, heads: QFormerHeads, tokenizer, vision: nn.Module | None = None):
+    def __init__(self, config: BridgeConfig, qformer: QFormer, heads: QFormerHeads, tokenizer: Tokenizer, vision: nn.Module | None = None):
+        """tokenizer: the Q-Former's, set to pad and truncate as the scorer batches text (load_tokenizer)."""
         super().__init__()
         if heads is None:
             raise ValueError("a scorer needs the stage-1 heads (ITC projections, ITM classifier); this Q-Former has none")
@@ -46,18 +54,23 @@ class Scorer(nn.Module):
 
     @classmethod
     def from_state(cls, config: BridgeConfig, state: dict[str, torch.Tensor], vision: nn.Module | None = None) -> Scorer:
-        """A scorer from a bridge config and its weights (`qformer.*`, `heads.*`; others are ignored)."""
+        """A scorer from a bridge config and its weights (`qformer.*`, `heads.*`; others are ignored). The scorer
+        takes those tensors as its parameters (copies only where they are cast to the default dtype)."""
         if not config.qformer.stage1_heads:
             raise ValueError("this bridge config has no stage-1 heads (qformer.stage1_heads is false): it cannot score")
         if not config.qformer_tokenizer:
             raise ValueError("a scorer reads text with its Q-Former's tokenizer: the config names none (qformer_tokenizer)")
-        qformer, heads = QFormer(config.qformer), QFormerHeads(config.qformer)
+        # Built on the meta device without initial weights, then given the loaded ones (assign: the meta
+        # tensors are replaced, not copied into): drawing or allocating weights that are overwritten next is
+        # wasted time, and drawing them on the meta device imports torch._dynamo.
+        with torch.device("meta"):
+            qformer, heads = QFormer(config.qformer, init=False), QFormerHeads(config.qformer, init=False)
+        dtype = torch.get_default_dtype()  # a module built on the CPU would have cast the loaded weights into it
         for name, module in (("qformer", qformer), ("heads", heads)):
-            module.load_state_dict({k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")})
-        from transformers import AutoTokenizer
-
-        spec = minilm_dir() if config.qformer_tokenizer == "minilm" else config.qformer_tokenizer
-        return cls(config, qformer, heads, AutoTokenizer.from_pretrained(spec), vision).eval()
+            own = {k[len(name) + 1 :]: v.to(dtype) for k, v in state.items() if k.startswith(name + ".")}
+            module.load_state_dict(own, assign=True)
+        tokenizer = load_tokenizer(config.qformer_tokenizer, config.qformer.max_text_len)
+        return cls(config, qformer, heads, tokenizer, vision).eval()
 
     # ---- inputs ------------------------------------------------------------------------------------
 
@@ -104,8 +117,8 @@ class Scorer(nn.Module):
         return torch.cat(parts) if parts else torch.zeros(0, self.config.qformer.num_queries, self.config.qformer.embed_dim)
 
     def _tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.config.qformer.max_text_len, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        enc = self.tokenizer.encode_batch(list(texts))
+        return {"input_ids": torch.tensor([e.ids for e in enc]), "attention_mask": torch.tensor([e.attention_mask for e in enc])}
 
     # ---- ITC: one space --------------------------------------------------------------------------
 
@@ -143,6 +156,37 @@ class Scorer(nn.Module):
             hidden = self.qformer(f, t["input_ids"], t["attention_mask"], mode="bidirectional")
             out.append(self.heads.itm(hidden[:, :Q]).mean(1).softmax(-1)[:, 1])  # (m,) as Stage1Objective's ITM
         return torch.cat(out) if out else torch.zeros(0)
+
+
+def load_tokenizer(spec: str, max_length: int) -> Tokenizer:
+    """The Q-Former tokenizer a config names ("minilm", a directory or a hub id) as the scorer batches text, with
+    transformers' padding=True, truncation=True, max_length: padded to the batch's longest text, truncated at
+    max_length, on the sides its config says. A directory's tokenizer.json is read by the tokenizers library
+    alone (the fast tokenizer's own, so the ids are AutoTokenizer's): importing transformers for AutoTokenizer
+    took 0.8 s of a cold search. Anything else is read by AutoTokenizer."""
+    from tokenizers import Tokenizer
+
+    d = Path(minilm_dir() if spec == "minilm" else spec)
+    if (d / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+        config = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # as transformers reads them, the latter winning
+            if (d / name).is_file():
+                config |= json.loads((d / name).read_text())
+        pad = config.get("pad_token")
+        pad = pad["content"] if isinstance(pad, dict) else pad  # older files hold it as a serialised AddedToken
+        padding_side, truncation_side = config.get("padding_side", "right"), config.get("truncation_side", "right")
+    else:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(d))
+        tokenizer = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+        pad, padding_side, truncation_side = hf.pad_token, hf.padding_side, hf.truncation_side
+    if pad is None or tokenizer.token_to_id(pad) is None:
+        raise ValueError(f"{spec}: the Q-Former tokenizer has no pad token, and the scorer pads batches of texts")
+    tokenizer.enable_truncation(max_length, direction=truncation_side)
+    tokenizer.enable_padding(direction=padding_side, pad_id=tokenizer.token_to_id(pad), pad_token=pad)
+    return tokenizer
 
 
 def similarity(clips: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:

@@ -105,6 +105,21 @@ def test_a_loaded_bridge_is_ready_to_answer(tiny_dirs, tmp_path):
         assert torch.equal(loaded(**batch).logits, loaded(**batch).logits)
 
 
+@pytest.mark.parametrize(
+    "qformer", [{}, {"stage1_heads": True}, {"tubelet_frames": 2, "vision_norm": False}, {"num_layers": 3, "cross_attention_every": 2}]
+)
+def test_shapes_read_without_initial_weights_are_those_of_a_built_bridge(tiny_dirs, qformer):
+    from dataclasses import replace
+
+    from qformer.bridge import trainable_parts, trainable_shapes
+
+    cfg = tiny_config(tiny_dirs)
+    cfg = replace(cfg, qformer=replace(cfg.qformer, **qformer))
+    built = {f"{part}.{k}": tuple(v.shape) for part, m in trainable_parts(cfg).items() for k, v in m.state_dict().items()}
+    assert trainable_shapes(cfg) == built
+    assert ("heads.itm.weight" in built) == bool(qformer.get("stage1_heads"))
+
+
 def test_half_precision_file_loads_into_a_full_precision_bridge(tiny_bridge, tmp_path):
     bridge = tiny_bridge.eval()
     batch = _batch(bridge, T=2)

@@ -109,6 +109,24 @@ def test_search_never_loads_the_llm_or_the_vision_encoder(small_index, monkeypat
     assert len(search(capsys, str(directory), TEXT, "--json")) == 5
 
 
+def test_a_search_imports_no_model_classes_no_dynamo_and_no_decoders(small_index):
+    """What keeps a cold search fast: transformers (AutoTokenizer alone took 0.8 s), torch._dynamo (drawing
+    initial weights on the meta device imports it, about 1 s), PyAV and Pillow are never imported, nor the
+    web and launch libraries."""
+    directory, _ = small_index
+    code = (
+        "import sys\n"
+        "from qformer.cli import main\n"
+        f"assert main(['search', {str(directory)!r}, {TEXT!r}, '--json']) == 0\n"
+        "heavy = ('transformers', 'torch._dynamo', 'av', 'PIL', 'gradio', 'accelerate')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(tuple(h + '.' for h in heavy)) or m in heavy))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], check=True, timeout=TIMEOUT_S, capture_output=True, text=True)
+    lines = run.stdout.splitlines()
+    assert len(lines) == 6 and all(json.loads(line)["path"] for line in lines[:5])
+    assert lines[5] == "[]"
+
+
 def test_index_and_search_need_a_scorer_and_an_index(tmp_path, bridge_dir, scorer_bridge_dir, small_index, capsys):  # noqa: F811
     import shutil
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from qformer import Bridge
 from qformer.bridge import SCORER_DIR, WEIGHTS_NAME, load_scorer, save_scorer
-from qformer.scorer import similarity
+from qformer.scorer import load_tokenizer, similarity
 
 
 def clips(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -128,3 +128,61 @@ def test_search_ranks_by_itc_then_reranks_the_best_by_itm(stage1_bridge):
     assert [p for _, p in reranked[:3]] == pytest.approx([p for _, p in expected], abs=1e-6)
     assert [i for i, _ in reranked[3:]] == [i for i, _ in by_itc[3:]]
     assert len(rank(scorer, embeddings, features, text, top=2, rerank=3)) == 2
+
+
+# Padding to the longest, truncation (the repeated word), words outside the vocabulary, accents, CJK, an empty text.
+TOKENIZER_TEXTS = [
+    "a red circle moves left",
+    "A Small GREEN triangle shrinks on a gray background.",
+    "",
+    "Café naïve résumé 東京 über",
+    "two yellow triangles ? . , : unknownword",
+    "word " * 80,
+]
+
+
+def assert_tokens_as_autotokenizer(directory: str, max_length: int) -> None:
+    from transformers import AutoTokenizer
+
+    expected = AutoTokenizer.from_pretrained(directory)(TOKENIZER_TEXTS, padding=True, truncation=True, max_length=max_length)
+    got = load_tokenizer(directory, max_length).encode_batch(TOKENIZER_TEXTS)
+    assert [e.ids for e in got] == expected["input_ids"]
+    assert [e.attention_mask for e in got] == expected["attention_mask"]
+    assert {len(e.ids) for e in got} == {min(max_length, max(map(len, expected["input_ids"])))}
+
+
+@pytest.mark.parametrize("max_length", [8, 64, 512])
+def test_the_scorers_tokenizer_gives_autotokenizers_ids_for_the_tiny_tokenizers(tiny_dirs, tmp_path, max_length):
+    from conftest import blip_tokenizer
+
+    blip_tokenizer("<bos> $A <eos>").save_pretrained(tmp_path / "cls-sep")  # special tokens around the text, as BERT's
+    for directory in (tiny_dirs["llm"], str(tmp_path / "cls-sep")):
+        assert_tokens_as_autotokenizer(directory, max_length)
+
+
+@pytest.mark.backbones
+@pytest.mark.parametrize("max_length", [8, 64, 512])
+def test_the_scorers_tokenizer_gives_autotokenizers_ids_for_minilm(tmp_path, max_length):
+    """MiniLM's tokenizer.json pads and truncates to 128 of its own; the scorer's padding and truncation replace
+    them. Without tokenizer.json (a BERT directory of vocab.txt) AutoTokenizer reads the directory."""
+    import shutil
+    from pathlib import Path
+
+    from adapters.offline import minilm_dir
+
+    assert_tokens_as_autotokenizer(minilm_dir(), max_length)
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(Path(minilm_dir()) / name, tmp_path / name)
+    assert_tokens_as_autotokenizer(str(tmp_path), max_length)
+    assert load_tokenizer("minilm", max_length).encode("a red circle").ids == [101, 1037, 2417, 4418, 102]
+
+
+def test_a_half_precision_scorer_loads_in_full_precision_and_scores_as_its_bridge(stage1_bridge, tmp_path):
+    stage1_bridge.save_pretrained(tmp_path / "b", dtype=torch.float16)
+    scorer = load_scorer(tmp_path / "b")
+    assert {p.dtype for p in scorer.parameters()} == {torch.float32}
+    assert {p.device.type for p in scorer.parameters()} == {"cpu"}
+    loaded = Bridge.from_pretrained(tmp_path / "b").eval()
+    texts = ["a red circle moves left", "a blue square grows"]
+    assert torch.equal(scorer.embed_texts(texts), loaded.embed_texts(texts))
+    torch.testing.assert_close(scorer.embed_texts(texts), stage1_bridge.embed_texts(texts), atol=1e-2, rtol=0)
