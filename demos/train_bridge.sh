@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Retrain the default bridge (demos/bridge) from nothing on this machine's CPU:
 # world data -> stage 1 -> stage 2a (projection) -> stage 2b (instructed VQA) -> stage 2c (caption-first VQA)
-# -> stage 2d (three times the clips, mostly captions) -> a half-precision copy to ship -> scores.
+# -> stage 2d (three times the clips, mostly captions) -> the scorer -> a half-precision copy to ship -> scores.
 #
 #   demos/train_bridge.sh [OUT]        OUT defaults to $QFORMER_RUNS/demo-bridge ($QFORMER_RUNS: ~/qformer-runs)
 #   make bridge                        the same, in the background, logging to OUT/train.log
@@ -20,6 +20,7 @@ STAGE2A_STEPS=${STAGE2A_STEPS:-150}
 STAGE2_STEPS=${STAGE2_STEPS:-3000}
 STAGE2C_STEPS=${STAGE2C_STEPS:-1500}
 STAGE2D_STEPS=${STAGE2D_STEPS:-2000}
+SCORER_STEPS=${SCORER_STEPS:-400}
 CLIPS=${CLIPS:-4000}
 CLIPS2D=${CLIPS2D:-12000}
 # The new Q-Former's reading room: cross-attention in every layer and the library's 32 queries, which read a
@@ -117,8 +118,24 @@ if [ ! -f "$OUT/stage2d/.done" ]; then
     touch "$OUT/stage2d/.done"
 fi
 
-echo "== $(date -u +%FT%TZ) half-precision copy and scores"
+# The scorer (Bridge.match, qformer search): stage 2 moved the Q-Former away from its stage-1 heads, so new heads
+# learn on the final Q-Former, its attention with them and the rest frozen (--train attention keeps the scorer
+# a small file beside the bridge), with ITC and ITM on captions against the same captions one slot wrong
+# (the manifests' negatives), which is what a caption filter has to tell apart.
+if [ ! -f "$OUT/scorer/.done" ]; then
+    echo "== $(date -u +%FT%TZ) scorer: ITC + ITM with one-slot-wrong negatives on the final Q-Former"
+    $PY -m demos.world_data "$OUT/data2d" --clips "$CLIPS2D"  # its clips kept; manifests with their negatives
+    $PY train.py --stage 1 --init-from "$OUT/stage2d" --stage1-losses itc,itm --train attention --lr 2e-4 \
+        --data "$OUT/data2d/world_captions.jsonl" "${VISION[@]}" --batch-size 24 \
+        --output "$OUT/scorer" --max-steps "$SCORER_STEPS" --save-every 50 $(resume_flag "$OUT/scorer")
+    touch "$OUT/scorer/.done"
+fi
+
+echo "== $(date -u +%FT%TZ) half-precision copy with its scorer, and scores"
 $PY -c "import sys, torch; from qformer import Bridge; Bridge.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)" \
     "$OUT/stage2d" "$OUT/bridge"
+$PY -c "import sys, torch; from qformer import Bridge; from qformer.bridge import save_scorer; save_scorer(Bridge.from_pretrained(sys.argv[1]), sys.argv[2], dtype=torch.float16)" \
+    "$OUT/scorer" "$OUT/bridge"
 $PY -m bench.quality --bridge "$OUT/bridge" --json "$OUT/scores.json"
+$PY -m bench.matching --bridge "$OUT/bridge" --json "$OUT/matching.json"
 echo "== $(date -u +%FT%TZ) done: $OUT/bridge (copy it to demos/bridge), scores in $OUT/scores.json"
