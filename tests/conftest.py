@@ -40,30 +40,27 @@ def make_tokenizer():
     return fast
 
 
+def tiny_llama(tok, path, **overrides) -> str:
+    """A tiny Llama (32 wide, 2 layers unless `overrides` say otherwise) with tokenizer `tok`, saved to `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=len(tok), max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, **(sizes | overrides)
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """{'llm': dir, 'vision': dir, 'vit': dir}: a tiny Llama with a chat-template tokenizer, a tiny CLIP vision tower, a tiny ViT."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, ViTConfig, ViTModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel, ViTConfig, ViTModel
 
     root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    tok = make_tokenizer()
-    llm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-    )
-    llm.save_pretrained(root / "llm")
-    tok.save_pretrained(root / "llm")
+    tiny_llama(make_tokenizer(), root / "llm")
     CLIPVisionModel(
         CLIPVisionConfig(
             hidden_size=24,

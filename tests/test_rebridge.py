@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_config
+from conftest import make_tokenizer, tiny_config, tiny_llama
 
 from bench import rebridge
 from demos import world_data
@@ -18,25 +18,8 @@ pytestmark = pytest.mark.backbones  # the MiniLM arm and the easy-VQA training s
 
 
 def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_runs(tiny_dirs, tmp_path, capfd):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     # The new LLM is wider than the source's (48 against 32), so the projection must be new.
-    tok = make_tokenizer()
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-    ).save_pretrained(tmp_path / "new-llm")
-    tok.save_pretrained(tmp_path / "new-llm")
+    tiny_llama(make_tokenizer(), tmp_path / "new-llm", hidden_size=48)
     torch.manual_seed(0)
     # A source with LoRA adapters and tubelets: each arm gets both.
     config = tiny_config(tiny_dirs, lora=LoraConfig(r=2, alpha=4, target_modules="all-linear"))

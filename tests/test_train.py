@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tokenizer
+from conftest import make_tokenizer, tiny_llama
 from PIL import Image
 
 import qformer.build
@@ -313,28 +313,9 @@ def test_a_caption_first_bridge_trains_and_keeps_answering_that_way(tiny_dirs, q
 def steerable_llm(tmp_path_factory):
     """A tiny LLM with larger weights than tiny_dirs': at 0.02 init its logits barely leave uniform whatever the
     prompt, so no soft prompt could make it overfit."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("steerable")
     tok = make_tokenizer()
     torch.manual_seed(0)
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-            initializer_range=0.2,
-        )
-    ).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return tiny_llama(tok, tmp_path_factory.mktemp("steerable"), initializer_range=0.2)
 
 
 def test_overfitting_a_handful_of_samples_lowers_each_stage_loss(tiny_dirs, steerable_llm, qformer_bert, captions, tmp_path):
@@ -536,8 +517,6 @@ def test_cached_features_give_the_same_losses(tiny_dirs, qformer_bert, captions,
 
 
 def test_rebridging_to_an_llm_of_another_width_and_tokenizer(tiny_dirs, qformer_bert, captions, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     # Another LLM: 48 wide, and a tokenizer whose ids are shuffled with respect to the first one's.
     tok = make_tokenizer()
     vocab = tok.get_vocab()
@@ -553,21 +532,7 @@ def test_rebridging_to_an_llm_of_another_width_and_tokenizer(tiny_dirs, qformer_
     other_tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
     other_tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} <eos> {% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
     torch.manual_seed(1)
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(shuffled),
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-    ).save_pretrained(tmp_path / "llm2")
-    other_tok.save_pretrained(tmp_path / "llm2")
+    tiny_llama(other_tok, tmp_path / "llm2", hidden_size=48, intermediate_size=96)
 
     first = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s2", "--max-steps", "2", stage="2", data=captions))
     args = _args(
