@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,20 @@ WORDS = (
     "stays still one two describe clip image question answer ? . , :"
 ).split()
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a server or a process group a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_processes() -> list[str]:
+    """The start of an `accelerate launch` command for two processes on this machine. `--cpu` alone starts one
+    (several need MPI); `--multi_gpu` starts them through torchrun, and without CUDA they run on the CPU."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]  # fmt: skip
 
 
 def make_tokenizer():

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import free_port, tiny_config
 from PIL import Image
-from test_train import _free_port
 
 from qformer import Bridge
 from qformer.build import new_bridge
@@ -38,7 +37,7 @@ def test_fsdp_on_two_cpu_processes_shards_trains_and_saves_a_bridge(tiny_dirs, t
     start.save_pretrained(tmp_path / "start")
     out = tmp_path / "fsdp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml")]
-    cmd += ["--main_process_port", str(_free_port()), str(ROOT / "train.py"), "--stage", "2", "--init-from", str(tmp_path / "start")]
+    cmd += ["--main_process_port", str(free_port()), str(ROOT / "train.py"), "--stage", "2", "--init-from", str(tmp_path / "start")]
     cmd += ["--data", str(tmp_path / "train.jsonl"), "--output", str(out), "--max-steps", "2", "--batch-size", "2"]
     cmd += ["--lr", "1e-2", "--num-workers", "0", "--log-with", "none"]
     # On CPUs alone the processes form a gloo group; train.py then runs the config's FSDP, not DDP.

@@ -17,7 +17,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import launch_two_processes, tiny_config
 
 from adapters.video import decode_side
 from qformer import Bridge
@@ -509,23 +509,8 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, bridge_dir):
     single = tmp_path / "single.jsonl"
     assert main(["recaption", str(tmp_path / "clips"), "--out", str(single), *settings]) == 0
     out = tmp_path / "two.jsonl"
-    # `--cpu` alone makes Accelerate start one process (several need MPI); `--multi_gpu` starts them through
-    # torchrun, and on a machine without CUDA they run on the CPU.
     launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
+        *launch_two_processes(),
         "-m",
         "qformer.cli",
         "recaption",
@@ -540,14 +525,6 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, bridge_dir):
     assert f"merged the records of 7 inputs into {out}" in result.stdout
     assert [r["path"] for r in records(out)] == clips
     assert sorted(records(out), key=lambda r: r["path"]) == sorted(records(single), key=lambda r: r["path"])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- bad inputs

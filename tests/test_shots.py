@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_recaption import TIMEOUT_S, _free_port, bridge_dir, kill_after_first_record  # noqa: F401 -- bridge_dir: a fixture
+from conftest import launch_two_processes
+from test_recaption import TIMEOUT_S, bridge_dir, kill_after_first_record  # noqa: F401 -- bridge_dir: a fixture
 
 from qformer import recaption as rc
 from qformer import world
@@ -244,9 +245,7 @@ def test_accelerate_launch_with_shots(tmp_path, bridge_dir):
     single = tmp_path / "single.jsonl"
     assert main(["recaption", str(tmp_path / "clips"), "--out", str(single), *settings]) == 0
     out = tmp_path / "two.jsonl"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    launch += ["-m", "qformer.cli", "recaption", str(tmp_path / "clips"), "--out", str(out), *settings]
+    launch = [*launch_two_processes(), "-m", "qformer.cli", "recaption", str(tmp_path / "clips"), "--out", str(out), *settings]
     result = subprocess.run(launch, capture_output=True, text=True, timeout=TIMEOUT_S, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"merged the records of 3 inputs into {out}" in result.stdout

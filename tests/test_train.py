@@ -6,16 +6,14 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tokenizer, tiny_llama
+from conftest import launch_two_processes, make_tokenizer, tiny_llama
 from PIL import Image
 
 import qformer.build
@@ -751,32 +749,12 @@ def test_evaluation_logs_mean_losses(tiny_dirs, qformer_bert, captions, vqa, tmp
     assert all(math.isfinite(m["eval_loss"]) for m in evals)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_train_and_rank0_writes_one_checkpoint(tiny_dirs, qformer_bert, captions, tmp_path):
     out = tmp_path / "ddp"
-    # `accelerate launch --cpu` starts a single process unless MPI is there; `--multi_gpu` starts two through torchrun,
-    # and ACCELERATE_USE_CPU makes them a gloo process group on the CPU.
+    # ACCELERATE_USE_CPU makes the two processes a gloo process group on the CPU.
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
+        *launch_two_processes(),
         str(ROOT / "train.py"),
         *_args(
             tiny_dirs,

@@ -21,6 +21,7 @@ import pytest
 pytest.importorskip("gradio", reason="the web page needs gradio (pip install gradio)")
 
 import httpx  # noqa: E402  (comes with gradio)
+from conftest import free_port  # noqa: E402
 from test_chat import Q1, Q2, REPO, as_read, bridge, bridge_dir, world_clips  # noqa: E402, F401  (fixtures)
 
 from qformer import chat, world  # noqa: E402
@@ -41,12 +42,6 @@ CHROMIUM_FLAGS = [
 MAX_UPLOAD_BYTES = 256 << 10
 MAX_CLIP_SECONDS = 2.5
 TIMEOUT_MS = 120_000  # a busy 2-core machine runs the server, the model and the browser
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening_addresses(port: int) -> set[str]:
