@@ -68,6 +68,21 @@ class LanguageModel(FrozenModule):
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
 
+    def lay_out_for_decoding(self) -> LanguageModel:
+        """Store the weights of the frozen model's float32 Linear layers (and so of any embedding tied to one)
+        column-major on a CPU: the same values and shapes, the transpose contiguous. Returns self.
+
+        Decoding multiplies a few rows (the batch) by every weight, once per token. MKL's sgemm does that
+        about 2.3x faster from a column-major weight (8 rows by a 2048x512 weight: 196 us against 462 us,
+        one thread), and each row then comes out with the same bits whatever the number of rows from 2 to 64.
+        From 64 rows on (prefill, training) the two layouts run alike. The parameters stay the same objects,
+        so tied weights stay tied; trainable ones (LoRA) are left alone, since they are saved."""
+        for module in self.model.modules():
+            w = getattr(module, "weight", None) if isinstance(module, nn.Linear) else None
+            if w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and not w.requires_grad and w.is_contiguous():
+                w.data = w.data.t().contiguous().t()
+        return self
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 

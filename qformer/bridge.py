@@ -287,6 +287,7 @@ class Bridge(nn.Module):
         # Ready to answer, as transformers' from_pretrained is: in train mode the Q-Former's dropout would
         # make every answer a draw. Training calls train() itself.
         bridge.directory = d
+        bridge.llm.lay_out_for_decoding()
         return bridge.eval()
 
     # A transformers BLIP-2 / InstructBLIP checkpoint is one of the directories from_pretrained reads.

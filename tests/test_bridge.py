@@ -385,3 +385,38 @@ def test_beam_search_decodes_the_caption_turn_as_the_answer(tiny_bridge):
         bridge.config.caption_first = False
     with pytest.raises(ValueError, match="num_beams must be 1 .greedy. or more, not 0"):
         bridge.caption(images[0], num_beams=0)
+
+
+def test_the_decoding_layout_keeps_values_and_ties_and_makes_rows_independent_of_the_batch(tmp_path):
+    """lay_out_for_decoding stores the frozen LLM's Linear weights column-major (Bridge.from_pretrained does it):
+    no value changes, tied weights stay one tensor, trainable LoRA weights are left as saved, and each row's
+    logits at a decoding step come out with the same bits whether it is decoded among 64 rows or among 8."""
+    from conftest import make_tokenizer, tiny_llama
+
+    from adapters.llm import load_llm
+
+    torch.manual_seed(0)
+    # Wide enough that MKL's sgemm takes its small-batch path: row-major weights then give rows other bits at another batch size.
+    path = tiny_llama(make_tokenizer(), tmp_path / "llm", hidden_size=256, intermediate_size=1024, tie_word_embeddings=True)
+    llm = load_llm(path, lora=LoraConfig(r=2, alpha=4)).eval()
+    base = llm.model.get_base_model()
+    before = {n: p.detach().clone() for n, p in llm.model.named_parameters()}
+    params = dict(llm.model.named_parameters())
+    ids = torch.randint(4, len(llm.tokenizer), (64, 1))  # one token a row, as at every decoding step
+
+    def last_logits(rows):
+        with torch.no_grad():
+            return llm(llm.embed(rows), torch.ones_like(rows))[:, -1]
+
+    row_major_64, row_major_8 = last_logits(ids), last_logits(ids[:8])
+    assert llm.lay_out_for_decoding() is llm
+    after = dict(llm.model.named_parameters())
+    assert all(after[n] is params[n] and torch.equal(after[n], before[n]) for n in before)
+    assert base.lm_head.weight is base.get_input_embeddings().weight
+    frozen = base.model.layers[0].mlp.up_proj.weight
+    assert not frozen.is_contiguous() and frozen.t().is_contiguous()
+    assert all(p.is_contiguous() for n, p in after.items() if "lora_" in n)
+    col_major_64, col_major_8 = last_logits(ids), last_logits(ids[:8])
+    assert torch.equal(col_major_64[:8], col_major_8)
+    assert torch.allclose(col_major_64, row_major_64, atol=1e-4)
+    assert not torch.equal(row_major_64[:8], row_major_8)  # what the layout is for
