@@ -8,8 +8,11 @@
 #
 # The run lives outside the repository, so a clone, a checkout or a clean never touches it, and hours of CPU
 # outlive the shell that started them. Resumable: rerun the same command after a kill; each stage continues
-# from its last checkpoint (mid-stage, every --save-every steps) and a finished stage is not run again. Afterwards OUT/bridge is the bridge to copy to demos/bridge, and
-# OUT/scores.json holds what bench/quality.py measured on it.
+# from its last checkpoint (mid-stage, every SAVE_EVERY steps) with the losses the uninterrupted run would
+# have had, and a finished stage is not run again (tests/test_train_bridge.py). Afterwards OUT/bridge is the
+# bridge to copy to demos/bridge, and OUT/scores.json holds what bench/quality.py measured on it.
+# UNTIL=1|2a|2b|2c|2d|scorer stops after that stage; the step counts, clip counts and layout below are
+# environment variables too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +24,8 @@ STAGE2_STEPS=${STAGE2_STEPS:-3000}
 STAGE2C_STEPS=${STAGE2C_STEPS:-1500}
 STAGE2D_STEPS=${STAGE2D_STEPS:-2000}
 SCORER_STEPS=${SCORER_STEPS:-400}
+SAVE_EVERY=${SAVE_EVERY:-50}  # steps between checkpoints: about 100 s of this CPU; 390 MB each with the optimizer state, the last two kept
+UNTIL=${UNTIL:-}
 CLIPS=${CLIPS:-4000}
 CLIPS2D=${CLIPS2D:-12000}
 # The new Q-Former's reading room: cross-attention in every layer and the library's 32 queries, which read a
@@ -52,6 +57,13 @@ resume_flag() {  # --resume once a stage has checkpoints to continue from
     if [ -d "$1/checkpoints" ]; then echo --resume; fi
 }
 
+stop_after() {  # UNTIL=$1: the run ends here
+    if [ "$UNTIL" = "$1" ]; then
+        echo "== $(date -u +%FT%TZ) stopped after stage $1 (UNTIL=$1)"
+        exit 0
+    fi
+}
+
 echo "== $(date -u +%FT%TZ) world clips and manifests"
 $PY -m demos.world_data "$OUT/data" --clips "$CLIPS"
 
@@ -62,9 +74,10 @@ if [ ! -f "$OUT/stage1/.done" ]; then
     echo "== $(date -u +%FT%TZ) stage 1: ITM + ITG on world captions"
     $PY train.py --stage 1 --stage1-losses itm,itg --data "$OUT/data/world_captions.jsonl" --output "$OUT/stage1" \
         "${VISION[@]}" --tubelets --num-queries "$NUM_QUERIES" --cross-attention-every "$CROSS_ATTENTION_EVERY" --batch-size 24 --lr 3e-4 \
-        --max-steps "$STAGE1_STEPS" --save-every 50 $(resume_flag "$OUT/stage1")
+        --max-steps "$STAGE1_STEPS" --save-every "$SAVE_EVERY" $(resume_flag "$OUT/stage1")
     touch "$OUT/stage1/.done"
 fi
+stop_after 1
 
 # Stage 2 in two steps. The LLM cannot read the stage-1 queries yet, so at first their variation from clip
 # to clip only disturbs it, and training everything at once learns to erase it (the queries collapse to
@@ -78,16 +91,18 @@ if [ ! -f "$OUT/stage2a/.done" ]; then
     echo "== $(date -u +%FT%TZ) stage 2a: the projection alone, into SmolLM2-135M-Instruct"
     # An empty system prompt replaces SmolLM2's built-in one: 20 fewer tokens in every step.
     $PY train.py --stage 2 --init-from "$OUT/stage1" --instruct --system-prompt "" --train projection --lr 1e-3 \
-        "${STAGE2[@]}" --output "$OUT/stage2a" --max-steps "$STAGE2A_STEPS" --save-every 50 $(resume_flag "$OUT/stage2a")
+        "${STAGE2[@]}" --output "$OUT/stage2a" --max-steps "$STAGE2A_STEPS" --save-every "$SAVE_EVERY" $(resume_flag "$OUT/stage2a")
     touch "$OUT/stage2a/.done"
 fi
+stop_after 2a
 
 if [ ! -f "$OUT/stage2/.done" ]; then
     echo "== $(date -u +%FT%TZ) stage 2b: Q-Former, projection and LoRA, captions and instructed VQA"
     $PY train.py --stage 2 --init-from "$OUT/stage2a" --lr 3e-4 --lora 8 \
-        "${STAGE2[@]}" --output "$OUT/stage2" --max-steps "$STAGE2_STEPS" --save-every 100 $(resume_flag "$OUT/stage2")
+        "${STAGE2[@]}" --output "$OUT/stage2" --max-steps "$STAGE2_STEPS" --save-every "$SAVE_EVERY" $(resume_flag "$OUT/stage2")
     touch "$OUT/stage2/.done"
 fi
+stop_after 2b
 
 # With two objects in a clip, the bridge of 2b reads both but answers about either one by chance, while its
 # captions bind colour, shape and motion to the right object. So it learns to answer from its own caption:
@@ -99,9 +114,10 @@ if [ ! -f "$OUT/stage2c/.done" ]; then
         --data "$OUT/data/world_captions.jsonl:2" --data "$OUT/data/easy_captions.jsonl:0.5" \
         --data "$OUT/data/world_vqa.jsonl:1.5" --data "$OUT/data/easy_vqa.jsonl:1" \
         "${VISION[@]}" --mixed-precision "$PRECISION" --batch-size 16 \
-        --output "$OUT/stage2c" --max-steps "$STAGE2C_STEPS" --save-every 100 $(resume_flag "$OUT/stage2c")
+        --output "$OUT/stage2c" --max-steps "$STAGE2C_STEPS" --save-every "$SAVE_EVERY" $(resume_flag "$OUT/stage2c")
     touch "$OUT/stage2c/.done"
 fi
+stop_after 2c
 
 # The captions of 2c still miss on the bridge's own training clips (slot accuracy 0.963) and more so on
 # held-out ones (0.935): two-object clips, where each object is one or two feature tokens. So the last stage
@@ -114,9 +130,10 @@ if [ ! -f "$OUT/stage2d/.done" ]; then
         --data "$OUT/data2d/world_captions.jsonl:3" --data "$OUT/data2d/easy_captions.jsonl:0.25" \
         --data "$OUT/data2d/world_vqa.jsonl:1.5" --data "$OUT/data2d/easy_vqa.jsonl:0.5" \
         "${VISION[@]}" --mixed-precision "$PRECISION" --batch-size 16 \
-        --output "$OUT/stage2d" --max-steps "$STAGE2D_STEPS" --save-every 100 $(resume_flag "$OUT/stage2d")
+        --output "$OUT/stage2d" --max-steps "$STAGE2D_STEPS" --save-every "$SAVE_EVERY" $(resume_flag "$OUT/stage2d")
     touch "$OUT/stage2d/.done"
 fi
+stop_after 2d
 
 # The scorer (Bridge.match, qformer search): stage 2 moved the Q-Former away from its stage-1 heads, so new heads
 # learn on the final Q-Former, its attention with them and the rest frozen (--train attention keeps the scorer
@@ -127,9 +144,10 @@ if [ ! -f "$OUT/scorer/.done" ]; then
     $PY -m demos.world_data "$OUT/data2d" --clips "$CLIPS2D"  # its clips kept; manifests with their negatives
     $PY train.py --stage 1 --init-from "$OUT/stage2d" --stage1-losses itc,itm --train attention --lr 2e-4 \
         --data "$OUT/data2d/world_captions.jsonl" "${VISION[@]}" --batch-size 24 \
-        --output "$OUT/scorer" --max-steps "$SCORER_STEPS" --save-every 50 $(resume_flag "$OUT/scorer")
+        --output "$OUT/scorer" --max-steps "$SCORER_STEPS" --save-every "$SAVE_EVERY" $(resume_flag "$OUT/scorer")
     touch "$OUT/scorer/.done"
 fi
+stop_after scorer
 
 echo "== $(date -u +%FT%TZ) half-precision copy with its scorer, and scores"
 $PY -c "import sys, torch; from qformer import Bridge; Bridge.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)" \

@@ -65,9 +65,18 @@ def _clip(path, color, frames=6):
 @pytest.fixture(scope="session")
 def qformer_bert(tmp_path_factory):
     """A tiny BERT with the tests' tokenizer: the Q-Former's initialisation and tokenizer."""
+    return _tiny_bert(tmp_path_factory.mktemp("bert"), dropout=0.0)
+
+
+@pytest.fixture(scope="session")
+def qformer_bert_with_dropout(tmp_path_factory):
+    """The same with BERT's dropout: training then draws random numbers at every step."""
+    return _tiny_bert(tmp_path_factory.mktemp("bert-dropout"), dropout=0.1)
+
+
+def _tiny_bert(path, dropout: float) -> str:
     from transformers import BertConfig, BertModel
 
-    path = tmp_path_factory.mktemp("bert")
     tok = make_tokenizer()
     torch.manual_seed(0)
     BertModel(
@@ -78,8 +87,8 @@ def qformer_bert(tmp_path_factory):
             num_attention_heads=4,
             intermediate_size=64,
             max_position_embeddings=64,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
         ),
         add_pooling_layer=False,
     ).save_pretrained(path)
@@ -243,7 +252,7 @@ def test_caption_first_puts_a_question_row_s_caption_before_the_question(tiny_br
         "answers": [None, "blue", "red"],
     }
     args = SimpleNamespace(max_answer_tokens=64)
-    text = lambda: train.model_inputs(batch, tiny_bridge, 2, None, args, None, 0)["text"]  # noqa: E731
+    text = lambda: train.model_inputs(batch, tiny_bridge, 2, None, args, None)["text"]  # noqa: E731
     questions = [prompt, "what color is the circle ?", "what color is the square ?"]
     answers = ["a red square", "blue", "red"]
     plain = tiny_bridge.answer_batch(questions, answers)
@@ -254,7 +263,7 @@ def test_caption_first_puts_a_question_row_s_caption_before_the_question(tiny_br
     assert not torch.equal(first["input_ids"][1], plain["input_ids"][1])
     # Stage 1 reads a question row as its question and answer, whatever caption it carries.
     qtok, acc = make_tokenizer(), SimpleNamespace(device="cpu", num_processes=1, process_index=0)
-    got = train.model_inputs(batch, tiny_bridge, 1, qtok, SimpleNamespace(max_text_len=64, seed=0), acc, 0)["text"]["input_ids"]
+    got = train.model_inputs(batch, tiny_bridge, 1, qtok, SimpleNamespace(max_text_len=64, seed=0), acc)["text"]["input_ids"]
     texts = ["a red square", "what color is the circle ? blue", "what color is the square ? red"]
     assert torch.equal(got, qtok(texts, padding=True, return_tensors="pt")["input_ids"])
 
@@ -329,8 +338,11 @@ def test_overfitting_a_handful_of_samples_lowers_each_stage_loss(tiny_dirs, stee
 
 
 @pytest.mark.parametrize("stage", ["1", "2"])
-def test_a_killed_run_resumes_with_the_uninterrupted_losses(tiny_dirs, qformer_bert, captions, tmp_path, monkeypatch, stage):
-    # 8 samples in batches of 3: three batches an epoch, so 7 steps cross two epoch boundaries.
+def test_a_killed_run_resumes_with_the_uninterrupted_losses(tiny_dirs, qformer_bert_with_dropout, captions, tmp_path, monkeypatch, stage):
+    # 8 samples in batches of 3: three batches an epoch, so 7 steps cross two epoch boundaries. The Q-Former's
+    # dropout draws random numbers at every step, and the DataLoader draws a seed each time it is iterated,
+    # which a resumed run does at another point: the resumed steps must still draw what the uninterrupted run drew.
+    qformer_bert = qformer_bert_with_dropout
     common = ("--max-steps", "7", "--batch-size", "3", "--save-every", "2", "--eval-every", "100")
     train.main(_args(tiny_dirs, qformer_bert, tmp_path / "full", *common, stage=stage, data=captions))
 
