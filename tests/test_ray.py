@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from test_recaption import (  # noqa: F401 -- bridge_dir: a fixture
@@ -69,6 +73,54 @@ def test_sigkill_of_the_driver_then_rerun_records_every_input_exactly_once(tmp_p
     assert "already done" in resumed.stdout
     final = records(out)
     assert Counter(r["path"] for r in final) == Counter(clips)
+    assert by_key(final) == by_key(records(reference))
+
+
+def ray_processes(title: str) -> list[int]:
+    """Pids of this machine's Ray workers whose process title starts with `title` (Ray names them by their work)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if entry.name.isdigit() and command.startswith(title):
+            found.append(int(entry.name))
+    return found
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "title",
+    ["ray::MapWorker(MapBatches(Captioner))", "ray::Map(decode_row)"],  # an actor holding the bridge, a decode task's worker
+    ids=["actor", "decode-worker"],
+)
+def test_a_killed_actor_or_decode_worker_is_replaced_and_every_input_recorded_once(tmp_path, bridge_dir, title):
+    clips = write_clips(tmp_path / "clips", 12)
+    settings = ["--bridge", bridge_dir, "--batch-size", "1", "--max-new-tokens", "24"]
+    reference = tmp_path / "reference.jsonl"
+    assert main(["recaption", str(tmp_path / "clips"), "--out", str(reference), "--workers", "1", *settings]) == 0
+
+    out = tmp_path / "out.jsonl"
+    run = subprocess.Popen(
+        cli(str(tmp_path / "clips"), "--out", str(out), *settings, "--ray"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    victims: list[int] = []
+    while not victims and run.poll() is None and time.monotonic() < deadline:
+        if title.endswith("(Captioner))") and not (out.exists() and out.read_bytes().count(b"\n") >= 1):
+            time.sleep(0.01)  # the actor once it has written a record: killed in the middle of its work
+            continue
+        victims = ray_processes(title)
+    assert victims, "the run ended before the process could be killed"
+    os.kill(victims[0], signal.SIGKILL)
+    written = out.read_bytes().count(b"\n") if out.exists() else 0
+    output, _ = run.communicate(timeout=TIMEOUT_S)
+    assert run.returncode == 0, output[-3000:]
+    assert written < len(clips), "the kill came too late to test anything"
+    final = records(out)
+    assert Counter(r["path"] for r in final) == Counter(clips)  # Ray redid the lost work, and nothing twice
     assert by_key(final) == by_key(records(reference))
 
 
