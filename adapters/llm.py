@@ -73,8 +73,9 @@ class LanguageModel(FrozenModule):
         column-major on a CPU: the same values and shapes, the transpose contiguous. Returns self.
 
         Decoding multiplies a few rows (the batch) by every weight, once per token. MKL's sgemm does that
-        about 2.3x faster from a column-major weight (8 rows by a 2048x512 weight: 196 us against 462 us,
-        one thread), and each row then comes out with the same bits whatever the number of rows from 2 to 64.
+        about 2.3x faster from a column-major weight (8 rows by a 2048x512 weight: 205 us against 484 us on
+        one thread, 97 against 135 on two; python -m bench.decoding), and each row then comes out with the
+        same bits whatever the number of rows from 2 to 64.
         From 64 rows on (prefill, training) the two layouts run alike. The parameters stay the same objects,
         so tied weights stay tied; trainable ones (LoRA) are left alone, since they are saved."""
         for module in self.model.modules():
