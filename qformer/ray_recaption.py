@@ -34,8 +34,9 @@ from .config import CAPTION_BATCH_SIZE, MAX_NEW_TOKENS
 
 # The version pyproject.toml's `ray` extra pins, named in the error when Ray is missing.
 RAY_REQUIREMENT = "ray[data]==2.60.0"
-# Memory a decode task reserves (bytes): the preprocessed shots of one input.
-DECODE_MEMORY = 256 * 2**20
+# Memory a decode task reserves (bytes): its worker process (Python, torch, PyAV: Ray measured 374 MB) and
+# the preprocessed shots of one input.
+DECODE_MEMORY = 512 * 2**20
 
 
 def import_ray():
@@ -71,7 +72,7 @@ class Captioner:
     def __init__(self, captioning: Captioning, threads: int | None):
         from .bridge import Bridge
 
-        if threads:  # CPU actors: as many threads as the CPUs reserved for them
+        if threads:  # CPU actors: their share of the cores
             torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray shows each actor only its own GPU
         self.bridge = Bridge.from_pretrained(captioning.bridge_dir, llm_kwargs=captioning.llm_kwargs).to(device).eval()
@@ -172,9 +173,12 @@ def _run(
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     actors = actors or max(1, gpus)
-    # Without GPUs, the actors take half the CPUs between them and decoding the rest: on this project's
-    # planning machine (2 cores) the model and the decoder each get one.
+    # Without GPUs, the actors reserve half the CPUs between them, so that decode tasks are always scheduled,
+    # but each runs the models on threads for its whole share of the cores: decoding needs little (one CPU
+    # decodes about 200 clips/s), and on one thread an actor of a 2-core machine captioned 7.0 clips/s, on two
+    # 10.8 (python -m bench.recaption_speed --ray --clips 200).
     actor_cpus = 1 if gpus else max(1, cpus // (2 * actors))
+    actor_threads = None if gpus else max(1, cpus // actors)
     rows = [{"item": pickle.dumps(item), "recorded": json.dumps(sorted(kept))} for item, kept in pending]
     # Blocks of one model batch: decoded samples stream to the actors batch by batch, not in one lump.
     dataset = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / captioning.batch_size))
@@ -184,7 +188,7 @@ def _run(
     dataset = dataset.map(decode_row, fn_kwargs={"decoding": decoding}, num_cpus=1, memory=DECODE_MEMORY)
     dataset = dataset.map_batches(
         Captioner,
-        fn_constructor_args=(captioning, None if gpus else actor_cpus),
+        fn_constructor_args=(captioning, actor_threads),
         batch_size=captioning.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
