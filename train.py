@@ -41,7 +41,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from adapters.video import SAMPLINGS
+from adapters.video import SAMPLINGS, decode_side
 from qformer import Bridge, BridgeConfig, QFormerConfig
 from qformer.bridge import read_bridge_dir, read_config
 from qformer.build import MINILM, add_quantization_arguments, from_bridge, llm_loading, new_bridge
@@ -464,19 +464,21 @@ def setup_data(args, bridge: Bridge, plan: Plan):
     """(train set, its sampler, train loader, eval loader or None, feature cache or None)."""
     cfg = bridge.config
     cache = None
+    side = decode_side(bridge.vision)  # frames decoded as the recaptioner and Bridge.caption decode them
     if args.cache_features:
-        # Everything that changes the features is in the key: encoder, layer, resolution, frames, fps.
+        # Everything that changes the features is in the key: encoder, layer, resolution, frames, fps, decoded size.
         spec = f"{cfg.vision}|layer={cfg.vision_layer}|res={cfg.vision_resolution}|frames={cfg.num_frames}|fps={args.fps}"
         # (Written only when not the default, so caches filled before frame sampling was a choice stay valid.)
         spec += "" if cfg.frame_sampling == BridgeConfig.frame_sampling else f"|sampling={cfg.frame_sampling}"
+        spec += f"|side={side}"  # caches filled before frames were decoded at this size are not reused
         cache = FeatureCache(args.cache_features, spec)
-    train_set = ClipDataset(plan.sources, cfg.num_frames, args.fps, bridge.vision.preprocess, cache, cfg.frame_sampling)
+    train_set = ClipDataset(plan.sources, cfg.num_frames, args.fps, bridge.vision.preprocess, cache, cfg.frame_sampling, side)
     sampler = MixedBatchSampler([len(s) for s in plan.sources], [w for _, w in plan.data], args.batch_size, args.seed)
     loader_kwargs = dict(collate_fn=collate, num_workers=args.num_workers)
     train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs)
     eval_loader = None
     if plan.eval_sources:
-        eval_set = ClipDataset(plan.eval_sources, cfg.num_frames, args.fps, bridge.vision.preprocess, cache, cfg.frame_sampling)
+        eval_set = ClipDataset(plan.eval_sources, cfg.num_frames, args.fps, bridge.vision.preprocess, cache, cfg.frame_sampling, side)
         eval_loader = DataLoader(eval_set, batch_sampler=BatchSampler(SequentialSampler(eval_set), args.batch_size, False), **loader_kwargs)
     return train_set, sampler, train_loader, eval_loader, cache
 

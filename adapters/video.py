@@ -226,10 +226,12 @@ def decode_side(vision) -> int | None:
     return 2 * int(side) if side else None
 
 
-def as_clip(item, num_frames: int | None = 8, fps: float | None = None, sampling: str = "centres") -> Clip:
+def as_clip(item, num_frames: int | None = 8, fps: float | None = None, sampling: str = "centres", max_side: int | None = None) -> Clip:
     """Turn a path, a PIL image, a uint8 array (H, W, 3) or (T, H, W, 3), or a Clip into a Clip.
 
-    Paths are sampled (num_frames, fps, sampling). A (T, H, W, 3) array is sampled
+    Paths are sampled (num_frames, fps, sampling). Paths and PIL images are decoded at most max_side pixels
+    on their long side (read_clip; decode_side(vision) gives every caller the pixels the recaptioner and
+    training decode). Arrays are kept as they are. A (T, H, W, 3) array is sampled
     with the same rule as a constant-rate file of T frames, frame floor((i + 0.5) * T / n)
     for n = num_frames (sampling "ends": floor(i * (T - 1) / (n - 1))), so a clip
     rendered in memory and its video file give the same frames; with num_frames
@@ -242,14 +244,14 @@ def as_clip(item, num_frames: int | None = 8, fps: float | None = None, sampling
     if isinstance(item, Clip):
         return item
     if isinstance(item, (str, os.PathLike)):
-        return read_clip(item, num_frames=num_frames, fps=fps, sampling=sampling)
+        return read_clip(item, num_frames=num_frames, fps=fps, sampling=sampling, max_side=max_side)
     from PIL import Image
 
     if isinstance(item, Image.Image):
         name = getattr(item, "filename", "") or None
         _check_size(name or "<PIL image>", *item.size, max_pixels=MAX_PIXELS)
         try:
-            frame = _pil_to_rgb(item, max_side=None)
+            frame = _pil_to_rgb(item, max_side=max_side)
         except (OSError, ValueError) as e:  # a lazily loaded image whose file is truncated or corrupt
             raise ClipError(f"{name or '<PIL image>'}: cannot decode image: {e}") from None
         return Clip(frames=frame[None], timestamps=[0.0], duration_s=0.0, path=name)

@@ -505,12 +505,14 @@ class Bridge(nn.Module):
         """Batched: one question (and history) per item. Items with different frame counts run separately.
 
         num_beams as in caption(); a caption-first bridge's own caption before the answer is decoded the same way."""
-        from adapters.video import as_clip  # PyAV loads only when items need decoding
+        from adapters.video import as_clip, decode_side  # PyAV loads only when items need decoding
 
         num_frames = num_frames or self.config.num_frames
         histories = histories or [[] for _ in items]
+        side = decode_side(self.vision)  # the pixels `qformer recaption` and training decode
         pixels = [
-            self.vision.preprocess(as_clip(it, num_frames=num_frames, sampling=self.config.frame_sampling).frames) for it in items
+            self.vision.preprocess(as_clip(it, num_frames=num_frames, sampling=self.config.frame_sampling, max_side=side).frames)
+            for it in items
         ]  # (T, 3, H, W) each
         answers: list[str | None] = [None] * len(items)
         groups: dict[tuple, list[int]] = {}

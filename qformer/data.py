@@ -124,8 +124,8 @@ class ManifestSource:
     def identity(self, i: int) -> str:
         return _file_identity(self._media(i))
 
-    def load(self, i: int, num_frames: int, fps: float | None, sampling: str = "centres") -> Clip:
-        return read_clip(self._media(i), num_frames=num_frames, fps=fps, sampling=sampling)
+    def load(self, i: int, num_frames: int, fps: float | None, sampling: str = "centres", max_side: int | None = None) -> Clip:
+        return read_clip(self._media(i), num_frames=num_frames, fps=fps, sampling=sampling, max_side=max_side)
 
     def _media(self, i: int) -> str:
         path = self.media_path(i)
@@ -181,7 +181,7 @@ class DiskSource:
         # The fingerprint changes whenever the dataset's content does.
         return f"{self.path.resolve()}:{self.ds._fingerprint}:{i}"
 
-    def load(self, i: int, num_frames: int, fps: float | None, sampling: str = "centres") -> Clip:
+    def load(self, i: int, num_frames: int, fps: float | None, sampling: str = "centres", max_side: int | None = None) -> Clip:
         try:
             media = self.ds[i][self.media_column]
         except Exception as e:  # datasets decodes images on access; a corrupt one raises from PIL
@@ -189,8 +189,8 @@ class DiskSource:
         if media is None:
             raise ClipError(f"{self.path}[{i}]: no {self.media_column}")
         if isinstance(media, str):
-            return read_clip(self.path / media, num_frames=num_frames, fps=fps, sampling=sampling)
-        return as_clip(media, num_frames=num_frames, fps=fps, sampling=sampling)
+            return read_clip(self.path / media, num_frames=num_frames, fps=fps, sampling=sampling, max_side=max_side)
+        return as_clip(media, num_frames=num_frames, fps=fps, sampling=sampling, max_side=max_side)
 
 
 class TarSource:
@@ -234,7 +234,7 @@ class TarSource:
         shard, member, _, _, _ = self.items[i]
         return f"{_file_identity(shard)}:{member}"
 
-    def load(self, i: int, num_frames: int, fps: float | None, sampling: str = "centres") -> Clip:
+    def load(self, i: int, num_frames: int, fps: float | None, sampling: str = "centres", max_side: int | None = None) -> Clip:
         shard, member, offset, size, ex = self.items[i]
         with open(shard, "rb") as f:
             f.seek(offset)
@@ -244,7 +244,7 @@ class TarSource:
             tmp.write(data)
             tmp.flush()
             try:
-                return read_clip(tmp.name, num_frames=num_frames, fps=fps, sampling=sampling)
+                return read_clip(tmp.name, num_frames=num_frames, fps=fps, sampling=sampling, max_side=max_side)
             except ClipError as e:
                 raise ClipError(str(e).replace(tmp.name, ex.name)) from None
 
@@ -287,12 +287,13 @@ class ClipDataset(Dataset):
         preprocess: Callable,
         cache: FeatureCache | None = None,
         sampling: str = "centres",
+        max_side: int | None = None,
     ):
         self.sources = sources
         self.starts = [0]
         for s in sources:
             self.starts.append(self.starts[-1] + len(s))
-        self.num_frames, self.fps, self.sampling = num_frames, fps, sampling
+        self.num_frames, self.fps, self.sampling, self.max_side = num_frames, fps, sampling, max_side
         self.preprocess = preprocess
         self.cache = cache
 
@@ -324,7 +325,7 @@ class ClipDataset(Dataset):
                 key = self.cache_key(i)
                 if key in self.cache:
                     return item | {"features": self.cache.get(key)}
-            clip = source.load(j, self.num_frames, self.fps, self.sampling)
+            clip = source.load(j, self.num_frames, self.fps, self.sampling, self.max_side)
             if self.cache is not None:
                 return item | {"error": f"{ex.name}: not in the feature cache {self.cache.directory} (changed since it was filled?)"}
             return item | {"pixels": self.preprocess(clip.frames)}
@@ -446,7 +447,9 @@ def fill_cache(
     encode: (n, 3, H, W) pixels -> (n, N, D) features. Frames of several samples are encoded together
     (clips of different lengths and images alike). Unreadable samples are left out; training reports them.
     """
-    raw = ClipDataset(dataset.sources, dataset.num_frames, dataset.fps, dataset.preprocess, sampling=dataset.sampling)
+    raw = ClipDataset(
+        dataset.sources, dataset.num_frames, dataset.fps, dataset.preprocess, sampling=dataset.sampling, max_side=dataset.max_side
+    )
     todo, seen = [], set()
     for i in indices:
         try:

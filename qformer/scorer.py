@@ -86,10 +86,13 @@ class Scorer(nn.Module):
     def clip_features(self, clips) -> torch.Tensor:
         """Frozen features (B, T, N, Dv) of clips as Bridge.caption takes them (paths, PIL images, arrays,
         adapters.video.Clip), sampled as the scorer's bridge samples them."""
-        from adapters.video import as_clip  # PyAV loads only when clips need decoding
+        from adapters.video import as_clip, decode_side  # PyAV loads only when clips need decoding
 
         c = self.config
-        pixels = [self.vision.preprocess(as_clip(it, num_frames=c.num_frames, sampling=c.frame_sampling).frames) for it in clips]
+        side = decode_side(self.vision)  # the pixels the recaptioner and the index decode
+        pixels = [
+            self.vision.preprocess(as_clip(it, num_frames=c.num_frames, sampling=c.frame_sampling, max_side=side).frames) for it in clips
+        ]
         T = max(len(p) for p in pixels)
         # An image is a one-frame clip: its frame repeats, as training batches pad clips (qformer.data.collate).
         return self.pixel_features(torch.stack([p[torch.arange(T).clamp(max=len(p) - 1)] for p in pixels]))

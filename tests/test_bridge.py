@@ -420,3 +420,31 @@ def test_the_decoding_layout_keeps_values_and_ties_and_makes_rows_independent_of
     assert torch.equal(col_major_64[:8], col_major_8)
     assert torch.allclose(col_major_64, row_major_64, atol=1e-4)
     assert not torch.equal(row_major_64[:8], row_major_8)  # what the layout is for
+
+
+def test_caption_and_match_decode_the_pixels_the_recaptioner_and_training_decode(tiny_bridge, tmp_path, monkeypatch):
+    """A large image or video reaches the vision encoder with the same pixels through Bridge.caption, the
+    recaptioner and training: decoded at most twice the encoder's input side (decode_side), then preprocessed."""
+    from adapters.video import decode_side
+    from qformer.data import ClipDataset, ManifestSource
+    from qformer.recaption import DecodedItems, discover
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    frames = tiny_bridge.config.num_frames
+    side = decode_side(tiny_bridge.vision)
+    assert side is not None and side < 420  # the decoder shrinks this image
+    item = discover([str(tmp_path / "big.png")])[0]
+    recaptioned = DecodedItems([item], tiny_bridge.vision.preprocess, frames, None, side, tiny_bridge.config.frame_sampling)[0]
+    (tmp_path / "train.jsonl").write_text(json.dumps({"image": "big.png", "caption": "noise"}) + "\n")
+    source = ManifestSource(str(tmp_path / "train.jsonl"))
+    trained = ClipDataset([source], frames, None, tiny_bridge.vision.preprocess, sampling=tiny_bridge.config.frame_sampling, max_side=side)[
+        0
+    ]
+
+    seen = []
+    monkeypatch.setattr(tiny_bridge, "answer_pixels", lambda pixels, questions, *a, **kw: seen.append(pixels) or ["x"] * len(questions))
+    tiny_bridge.caption([str(tmp_path / "big.png"), Image.open(tmp_path / "big.png")])
+    assert torch.equal(seen[0][0], recaptioned.shots[0].pixels)  # a path
+    assert torch.equal(seen[0][1], recaptioned.shots[0].pixels)  # a PIL image of the same file
+    assert torch.equal(trained["pixels"], recaptioned.shots[0].pixels)
