@@ -75,9 +75,9 @@ class LanguageModel(FrozenModule):
         Decoding multiplies a few rows (the batch) by every weight, once per token. MKL's sgemm does that
         about 2.3x faster from a column-major weight (8 rows by a 2048x512 weight: 205 us against 484 us on
         one thread, 97 against 135 on two; python -m bench.decoding), and each row then comes out with the
-        same bits whatever the number of rows from 2 to 64.
-        From 64 rows on (prefill, training) the two layouts run alike. The parameters stay the same objects,
-        so tied weights stay tied; trainable ones (LoRA) are left alone, since they are saved."""
+        same bits whatever the number of rows from 2 to 64. From 64 rows on (prefill, training) the two
+        layouts run alike. The parameters stay the same objects, so tied weights stay tied; trainable ones
+        (LoRA) are left alone, since they are saved."""
         for module in self.model.modules():
             w = getattr(module, "weight", None) if isinstance(module, nn.Linear) else None
             if w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and not w.requires_grad and w.is_contiguous():

@@ -15,7 +15,7 @@ One run, the same clips, the same greedy tokens, prints:
      clips/s of each.
   5. batch widths: --width-clips world clips captioned by Bridge.caption at each of --widths clips per
      call: ms per clip, and whether the captions are the same at every width;
-  6. with --ray (needs the ray extra), instead of 1 to 4: the Ray engine (`qformer recaption --ray`, on a Ray of this machine's
+  6. with --ray (needs the ray extra), instead of 1 to 5: the Ray engine (`qformer recaption --ray`, on a Ray of this machine's
      CPUs started once, as a cluster would be) against the local engine, each as its command runs it
      (bridge loaded, then recaption), on the same clips: clips/s end to end and after the first records,
      the ratio, the per-actor rate and the decode rate of one CPU, and from them the rate on N GPU actors.
