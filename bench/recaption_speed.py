@@ -346,16 +346,16 @@ def batch_widths(args, bridge_dir: str | None) -> None:
     clips = [world.render(world.scene("test-iid", i)) for i in range(args.width_clips)]
     widths = [int(w) for w in args.widths.split(",")]
     bridge.caption(clips[:2], batch_size=2)  # first-call allocations
-    timed = best_of(args.repeats, *[partial(lambda w: _timed(bridge.caption, clips, batch_size=w), w) for w in widths])
+    results = best_of(args.repeats, *[partial(lambda w: timed(bridge.caption, clips, batch_size=w), w) for w in widths])
     print(f"{args.width_clips} world clips captioned by Bridge.caption, by clips per call:")
-    for w, (seconds, captions, all_s) in zip(widths, timed):
+    for w, (seconds, captions, all_s) in zip(widths, results):
         print(
             f"  {w:3d} per call: {1000 * seconds / len(clips):6.1f} ms a clip (best of {_list(all_s)})   "
-            f"same captions as {widths[0]} per call: {captions == timed[0][1]}"
+            f"same captions as {widths[0]} per call: {captions == results[0][1]}"
         )
 
 
-def _timed(run, *a, **kw):
+def timed(run, *a, **kw):
     """(seconds, result) of one call, as best_of takes them."""
     start = time.perf_counter()
     result = run(*a, **kw)

@@ -8,8 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 # Generation: the longest caption or answer unless asked otherwise (a two-object WORLD.md caption is about 17
 # SmolLM2 tokens), and how many clips or images go through the models in one call when captioning. Each
 # decoding step reads every weight of the LLM whatever the number of rows, so wide batches cost little more
-# per step: the default bridge captions 32 world clips at 173 ms a clip 8 at a time, 122 ms 16 at a time and
-# 101 ms 32 at a time, with the same captions (python -m bench.recaption_speed, bench/README.md).
+# per step, with the same captions (bench/README.md, "recaption_speed", gives the figures at each width).
 MAX_NEW_TOKENS = 48
 CAPTION_BATCH_SIZE = 32
 
