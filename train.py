@@ -132,9 +132,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--train",
         choices=["all", "projection", "attention"],
         default="all",
-        help="'projection': only the projection learns (stage 2); 'attention': stage 1 trains the Q-Former's attention, queries "
-        "and heads alone, its word embeddings and feed-forward layers stay as they start (a scorer beside its bridge then "
-        "stores only what changed: qformer/scorer.py)",
+        help="'projection': only the projection learns (stage 2); 'attention': stage 1 trains low-rank updates of the "
+        "Q-Former's attention weights (--attention-rank), its queries and heads alone, everything else stays as it starts "
+        "(a scorer beside its bridge then stores only what changed: qformer/scorer.py)",
+    )
+    p.add_argument(
+        "--attention-rank",
+        type=int,
+        default=None,
+        help="with --train attention: the rank of the updates (LoRA) the attention weights learn (default 16); 0: the "
+        "weights themselves learn",
     )
     p.add_argument(
         "--lora",
@@ -262,6 +269,8 @@ def setup_bridge(args, stage: int) -> Bridge:
     # Stage 2 leaves the stage-1 heads behind: it changes the Q-Former they were trained on, and a bridge that
     # carries heads is its own scorer (qformer/scorer.py).
     qformer = {"stage1_heads": stage == 1}
+    # Low-rank attention updates are a scorer's; any other training merges those it starts with (from_bridge).
+    qformer["attention_rank"] = (16 if args.attention_rank is None else args.attention_rank) if args.train == "attention" else 0
     if args.cross_attention_every:
         qformer["cross_attention_every"] = args.cross_attention_every
     try:
@@ -301,7 +310,8 @@ def choose_trainable(bridge: Bridge, stage: int, train: str) -> None:
         bridge.projection.requires_grad_(True)
         return
     if stage == 1 and train == "attention":
-        # The scorer's recipe: what reads the clip and the text together learns; the bulk (word embeddings,
+        # The scorer's recipe: what reads the clip and the text together learns, through low-rank updates of
+        # its attention (or the attention weights themselves at --attention-rank 0); the bulk (word embeddings,
         # feed-forward layers) stays its start's, so a scorer saved beside that bridge stays small.
         q = bridge.qformer
         for part in (q.query_tokens, q.temporal_embed, q.vision_norm, bridge.heads):
@@ -309,8 +319,14 @@ def choose_trainable(bridge: Bridge, stage: int, train: str) -> None:
                 part.requires_grad_(True)
         for layer in q.layers:
             for attn in (layer.self_attn, layer.cross_attn):
-                if attn is not None:
+                if attn is None:
+                    continue
+                if not q.config.attention_rank:
                     attn.requires_grad_(True)
+                for linear in (attn.query, attn.key, attn.value, attn.out):
+                    for p in (linear.lora_a, linear.lora_b):
+                        if p is not None:
+                            p.requires_grad_(True)
         return
     bridge.qformer.requires_grad_(True)
     if stage == 1:
@@ -386,6 +402,8 @@ def check_arguments(args, stage: int, out: Path) -> Plan:
         fail("--train attention is for stage 1 (a scorer's Q-Former; stage 2 trains --train all or projection)")
     if stage == 1 and args.train == "projection":
         fail("--train projection is for stage 2 (stage 1 trains the Q-Former without an LLM)")
+    if args.attention_rank is not None and (args.train != "attention" or args.attention_rank < 0):
+        fail(f"--attention-rank {args.attention_rank}: give a rank of 0 or more, with --train attention")
     if stage == 1 and args.instruct:
         fail("--instruct is for stage 2 (stage 1 already shows the Q-Former the text)")
     if stage == 1 and args.caption_first:

@@ -136,13 +136,14 @@ fi
 stop_after 2d
 
 # The scorer (Bridge.match, qformer search): stage 2 moved the Q-Former away from its stage-1 heads, so new heads
-# learn on the final Q-Former, its attention with them and the rest frozen (--train attention keeps the scorer
-# a small file beside the bridge), with ITC and ITM on captions against the same captions one slot wrong
-# (the manifests' negatives), which is what a caption filter has to tell apart.
+# learn on the final Q-Former, with low-rank updates (rank 16) of its attention and the rest frozen
+# (--train attention: the scorer is about 2 MB beside the bridge; its attention weights themselves would be
+# 15 MB and take the directory past 80 MB), with ITC and ITM on captions against the same captions one slot
+# wrong (the manifests' negatives), which is what a caption filter has to tell apart.
 if [ ! -f "$OUT/scorer/.done" ]; then
     echo "== $(date -u +%FT%TZ) scorer: ITC + ITM with one-slot-wrong negatives on the final Q-Former"
     $PY -m demos.world_data "$OUT/data2d" --clips "$CLIPS2D"  # its clips kept; manifests with their negatives
-    $PY train.py --stage 1 --init-from "$OUT/stage2d" --stage1-losses itc,itm --train attention --lr 2e-4 \
+    $PY train.py --stage 1 --init-from "$OUT/stage2d" --stage1-losses itc,itm --train attention --lr 5e-4 \
         --data "$OUT/data2d/world_captions.jsonl" "${VISION[@]}" --batch-size 24 \
         --output "$OUT/scorer" --max-steps "$SCORER_STEPS" --save-every "$SAVE_EVERY" $(resume_flag "$OUT/scorer")
     touch "$OUT/scorer/.done"

@@ -62,7 +62,7 @@ def new_bridge(config: BridgeConfig | None = None, qformer_init: str | None = MI
 # Fields of a trained bridge that a new start may not change: its Q-Former learnt to read exactly these.
 _FIXED = {"vision": "the encoder", "vision_layer": "the encoder layer"}
 # What of a trained Q-Former's config may change: the rest (sizes, queries, tubelets) would not fit its weights.
-_CHANGEABLE = {"cross_attention_every", "stage1_heads", "dropout"}
+_CHANGEABLE = {"cross_attention_every", "stage1_heads", "dropout", "attention_rank"}
 
 
 def from_bridge(source: str | Path, qformer: dict | None = None, llm_kwargs: dict | None = None, **changes) -> Bridge:
@@ -74,6 +74,8 @@ def from_bridge(source: str | Path, qformer: dict | None = None, llm_kwargs: dic
     - another `llm` re-bridges: the Q-Former is kept and the projection into the new LLM starts fresh
       (its LoRA adapters too, which belong to their LLM);
     - another `cross_attention_every` grows (or thins) the Q-Former's cross-attention (grown_cross_attention);
+    - another `attention_rank` merges the source's low-rank attention updates into their weights, or starts
+      fresh ones (fitted_attention_updates);
     - another `vision_resolution` gives a finer token grid of the same encoder, whose grid positions go on
       counting on the grid they were learnt on (QFormerConfig.grid_side);
     - another `lora` (rank, modules) starts fresh adapters.
@@ -116,7 +118,7 @@ def from_bridge(source: str | Path, qformer: dict | None = None, llm_kwargs: dic
     for name, module in parts.items():
         weights = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
         if name == "qformer":
-            weights = grown_cross_attention(weights, module)
+            weights = fitted_attention_updates(grown_cross_attention(weights, module), module)
         if module is not None and weights:
             module.load_state_dict(weights)
     # LoRA adapters belong to their LLM: kept when it and the adapter shape stay, else they start fresh.
@@ -127,6 +129,23 @@ def from_bridge(source: str | Path, qformer: dict | None = None, llm_kwargs: dic
             for k, v in lora.items():
                 params[k].copy_(v)
     return bridge
+
+
+def fitted_attention_updates(state: dict[str, torch.Tensor], qformer: nn.Module) -> dict[str, torch.Tensor]:
+    """Q-Former weights fitted to `qformer`'s low-rank attention updates (QFormerConfig.attention_rank). An
+    update the weights hold that `qformer` has not, or of another rank, is merged into its weight (W + B A):
+    what it learnt is kept. An update `qformer` has that the weights do not starts as `qformer` drew it,
+    with B at zero, so the Q-Former computes what the weights say."""
+    state, own = dict(state), qformer.state_dict()
+    for a_name in [k for k in state if k.endswith(".lora_a")]:
+        name = a_name.removesuffix(".lora_a")
+        if own.get(a_name) is None or own[a_name].shape != state[a_name].shape:
+            a, b = state.pop(a_name), state.pop(name + ".lora_b")
+            state[name + ".weight"] = state[name + ".weight"] + (b.float() @ a.float()).to(state[name + ".weight"].dtype)
+    for k, v in own.items():
+        if k.endswith((".lora_a", ".lora_b")) and k not in state:
+            state[k] = v
+    return state
 
 
 def grown_cross_attention(state: dict[str, torch.Tensor], qformer: nn.Module) -> dict[str, torch.Tensor]:

@@ -34,6 +34,7 @@ BOUNDS = {
     "dropout": (0.0, 1.0),
     "pad_token_id": (0, 999_999),
     "embed_dim": (1, 8192),
+    "attention_rank": (0, 4096),
     "r": (1, 4096),
     "alpha": (1, 1_000_000),
     "vision_layer": (-1024, 1024),
@@ -88,6 +89,11 @@ class QFormerConfig:
     # bridge carries them, a generative bridge needs none. embed_dim is ITC's shared space.
     stage1_heads: bool = False
     embed_dim: int = 256
+    # Low-rank updates (LoRA) of this rank to every attention weight: W + B A, B zero at first. A scorer
+    # trained from its bridge's Q-Former learns these alone (train.py --train attention), so beside its
+    # bridge it stores them (about 1 MB) rather than the attention weights (15 MB in half precision).
+    # 0: none, the plain weights.
+    attention_rank: int = 0
 
     def validate(self) -> None:
         _validate(self, "qformer.")

@@ -23,16 +23,34 @@ from .config import QFormerConfig
 MASK_MODES = ("bidirectional", "unimodal", "causal")
 
 
+class LowRankLinear(nn.Linear):
+    """nn.Linear, plus with rank > 0 a low-rank update (LoRA): x W^T + b + (x A^T) B^T. B starts at zero, so
+    the update starts as nothing; A as nn.Linear draws its weight (peft's LoRA does the same)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 0):
+        super().__init__(in_features, out_features)
+        self.lora_a = self.lora_b = None
+        if rank:
+            self.lora_a = nn.Parameter(torch.empty(rank, in_features))
+            self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y if self.lora_a is None else y + F.linear(F.linear(x, self.lora_a), self.lora_b)
+
+
 class Attention(nn.Module):
     """Multi-head attention with BERT's post-LayerNorm residual: norm(x + out(attn(x, kv)))."""
 
     def __init__(self, cfg: QFormerConfig, kv_width: int):
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = nn.Linear(kv_width, cfg.hidden_size)
-        self.value = nn.Linear(kv_width, cfg.hidden_size)
-        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        r = cfg.attention_rank
+        self.query = LowRankLinear(cfg.hidden_size, cfg.hidden_size, r)
+        self.key = LowRankLinear(kv_width, cfg.hidden_size, r)
+        self.value = LowRankLinear(kv_width, cfg.hidden_size, r)
+        self.out = LowRankLinear(cfg.hidden_size, cfg.hidden_size, r)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = cfg.dropout
 

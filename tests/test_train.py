@@ -217,6 +217,49 @@ def test_init_from_with_cross_attention_every_grows_the_q_former_from_its_traine
     assert all(torch.equal(v, trained[k]) for k, v in back.qformer.state_dict().items())
 
 
+def test_a_scorer_learns_low_rank_attention_updates_alone_and_is_saved_small_beside_its_bridge(tiny_dirs, qformer_bert, captions, tmp_path):
+    """--train attention from a generative bridge: low-rank updates of the attention weights (B at zero at
+    first) learn with the queries and heads; every other weight stays the bridge's, bit for bit. scorer/
+    then holds those alone, and the bridge scores with them as the trained scorer does."""
+    from safetensors import safe_open
+
+    from qformer.bridge import SCORER_DIR, WEIGHTS_NAME, save_scorer
+
+    gen = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "gen", "--max-steps", "1", stage="2", data=captions))
+    assert gen.heads is None and gen.config.qformer.attention_rank == 0
+    args = ["--max-steps", "2", "--init-from", str(tmp_path / "gen"), "--train", "attention", "--attention-rank", "2"]
+    scorer = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "scorer", *args, "--stage1-losses", "itc,itm", data=captions))
+    assert scorer.config.qformer.attention_rank == 2
+    own, trained = gen.qformer.state_dict(), scorer.qformer.state_dict()
+    updates = {k for k in trained if k.endswith((".lora_a", ".lora_b"))}
+    # query, key, value, out of both layers' self-attention and of layer 0's cross-attention, two factors each
+    assert len(updates) == 2 * 4 * 3 and all(trained[k].shape[0 if k.endswith(".lora_a") else 1] == 2 for k in updates)
+    changed = {k for k, v in trained.items() if k in updates or not torch.equal(v, own[k])}
+    assert changed - updates <= {"query_tokens", "temporal_embed", "vision_norm.weight", "vision_norm.bias"}
+    assert all(trained[k].any() for k in updates if k.endswith(".lora_b"))  # they learnt: B started at zero
+
+    save_scorer(scorer, tmp_path / "gen", dtype=torch.float16)
+    with safe_open(str(tmp_path / "gen" / SCORER_DIR / WEIGHTS_NAME), "pt") as f:
+        held = set(f.keys())
+    assert held == {f"qformer.{k}" for k in changed} | {f"heads.{k}" for k in scorer.heads.state_dict()}
+    loaded = Bridge.from_pretrained(tmp_path / "gen", vision=gen.vision, llm=gen.llm)
+    assert loaded.scorer.qformer.config.attention_rank == 2
+    clips = [np.random.default_rng(i).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8) for i in range(3)]
+    texts = ["a red circle moves left", "a blue square grows", "a green diamond"]
+    assert loaded.match(clips, texts) == pytest.approx(scorer.match(clips, texts), abs=2e-3)  # half-precision file
+
+    # Trained further in any other way, a scorer's Q-Former takes its updates into its weights.
+    merged = from_bridge(tmp_path / "scorer", {"attention_rank": 0})
+    assert not any(k.endswith((".lora_a", ".lora_b")) for k in merged.qformer.state_dict())
+    features = scorer.scorer.clip_features(clips)
+    torch.testing.assert_close(merged.scorer.embed_features(features), scorer.scorer.embed_features(features), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_rank_goes_with_train_attention(tiny_dirs, qformer_bert, captions, tmp_path):
+    with pytest.raises(SystemExit, match="--attention-rank 4: give a rank of 0 or more, with --train attention"):
+        train.main(_args(tiny_dirs, qformer_bert, tmp_path / "x", "--attention-rank", "4", data=captions))
+
+
 def test_stage2_and_instructed_smoke(tiny_dirs, qformer_bert, captions, vqa, tmp_path):
     train.main(_args(tiny_dirs, qformer_bert, tmp_path / "s1", "--max-steps", "1", data=captions))
     train.main(
