@@ -102,7 +102,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--threshold", type=float, default=0.5, help="the match score a kept caption reaches")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():
+        return run(args)
+
+
+def run(args) -> dict:
     bridge = Bridge.from_pretrained(bridge_or_default(args.bridge))
     if bridge.scorer is None:
         raise SystemExit(f"{bridge.directory}: this bridge has no scorer (no stage-1 heads, no scorer/)")

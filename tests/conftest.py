@@ -69,6 +69,14 @@ def tiny_llama(tok, path, **overrides) -> str:
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def autograd_left_on():
+    """A test (or the code it runs) that turns autograd off for the process makes every later training test fail
+    far from the cause: each test must leave it as it found it."""
+    yield
+    assert torch.is_grad_enabled(), "this test left autograd disabled for the tests after it"
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """{'llm': dir, 'vision': dir, 'vit': dir}: a tiny Llama with a chat-template tokenizer, a tiny CLIP vision tower, a tiny ViT."""
