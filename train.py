@@ -45,7 +45,7 @@ from adapters.video import SAMPLINGS, decode_side
 from qformer import Bridge, BridgeConfig, QFormerConfig
 from qformer.bridge import read_bridge_dir, read_config
 from qformer.build import MINILM, add_quantization_arguments, from_bridge, llm_loading, new_bridge
-from qformer.config import LoraConfig
+from qformer.config import SCORER_ATTENTION_RANK, LoraConfig
 from qformer.data import ClipDataset, FeatureCache, MixedBatchSampler, collate, fill_cache, open_source, parse_data_arg
 from qformer.losses import Stage1Objective
 from qformer.model import count_parameters
@@ -140,8 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--attention-rank",
         type=int,
         default=None,
-        help="with --train attention: the rank of the updates (LoRA) the attention weights learn (default 16); 0: the "
-        "weights themselves learn",
+        help="with --train attention: the rank of the updates (LoRA) the attention weights learn "
+        f"(default {SCORER_ATTENTION_RANK}); 0: the weights themselves learn",
     )
     p.add_argument(
         "--lora",
@@ -270,7 +270,8 @@ def setup_bridge(args, stage: int) -> Bridge:
     # carries heads is its own scorer (qformer/scorer.py).
     qformer = {"stage1_heads": stage == 1}
     # Low-rank attention updates are a scorer's; any other training merges those it starts with (from_bridge).
-    qformer["attention_rank"] = (16 if args.attention_rank is None else args.attention_rank) if args.train == "attention" else 0
+    rank = SCORER_ATTENTION_RANK if args.attention_rank is None else args.attention_rank
+    qformer["attention_rank"] = rank if args.train == "attention" else 0
     if args.cross_attention_every:
         qformer["cross_attention_every"] = args.cross_attention_every
     try:
@@ -317,16 +318,9 @@ def choose_trainable(bridge: Bridge, stage: int, train: str) -> None:
         for part in (q.query_tokens, q.temporal_embed, q.vision_norm, bridge.heads):
             if part is not None:
                 part.requires_grad_(True)
-        for layer in q.layers:
-            for attn in (layer.self_attn, layer.cross_attn):
-                if attn is None:
-                    continue
-                if not q.config.attention_rank:
-                    attn.requires_grad_(True)
-                for linear in (attn.query, attn.key, attn.value, attn.out):
-                    for p in (linear.lora_a, linear.lora_b):
-                        if p is not None:
-                            p.requires_grad_(True)
+        for name, p in q.layers.named_parameters():
+            if ".lora_" in name or (not q.config.attention_rank and "_attn." in name):
+                p.requires_grad_(True)
         return
     bridge.qformer.requires_grad_(True)
     if stage == 1:

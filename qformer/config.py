@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, field, fields
 MAX_NEW_TOKENS = 48
 CAPTION_BATCH_SIZE = 32
 
+# The rank of the low-rank attention updates a scorer learns (train.py --train attention; attention_rank below).
+SCORER_ATTENTION_RANK = 16
+
 # Sane bounds (inclusive) of every numeric field. A bridge directory is read from disk and may be crafted,
 # and the Q-Former allocates what its config says (vocab_size x hidden_size word embeddings, layers of
 # hidden_size x intermediate_size, ...), so validate() checks each size before any module is built. The

@@ -255,6 +255,18 @@ def test_a_scorer_learns_low_rank_attention_updates_alone_and_is_saved_small_bes
     torch.testing.assert_close(merged.scorer.embed_features(features), scorer.scorer.embed_features(features), atol=1e-5, rtol=1e-5)
 
 
+def test_a_scorer_at_attention_rank_0_learns_the_attention_weights_themselves(tiny_dirs, qformer_bert, captions, tmp_path):
+    gen = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "gen", "--max-steps", "1", stage="2", data=captions))
+    args = ["--max-steps", "2", "--init-from", str(tmp_path / "gen"), "--train", "attention", "--attention-rank", "0"]
+    scorer = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "scorer", *args, "--stage1-losses", "itc,itm", data=captions))
+    own, trained = gen.qformer.state_dict(), scorer.qformer.state_dict()
+    assert scorer.config.qformer.attention_rank == 0 and own.keys() == trained.keys()
+    changed = {k for k, v in trained.items() if not torch.equal(v, own[k])}
+    attention = {k for k in own if "_attn." in k}
+    assert attention and attention <= changed  # every attention weight learnt (the heads' gradients reach them all)
+    assert changed - attention <= {"query_tokens", "temporal_embed", "vision_norm.weight", "vision_norm.bias"}
+
+
 def test_attention_rank_goes_with_train_attention(tiny_dirs, qformer_bert, captions, tmp_path):
     with pytest.raises(SystemExit, match="--attention-rank 4: give a rank of 0 or more, with --train attention"):
         train.main(_args(tiny_dirs, qformer_bert, tmp_path / "x", "--attention-rank", "4", data=captions))
