@@ -1,5 +1,5 @@
-"""How well a bridge's scorer tells a clip's caption from captions one slot wrong, finds clips by text, and
-filters captions (qformer/scorer.py), on held-out world clips.
+"""How well a bridge tells a clip's caption from captions one slot wrong (Bridge.match), finds clips by text
+(its scorer, qformer/scorer.py), and filters captions, on held-out world clips.
 
     python -m bench.matching [--bridge DIR] [--clips 200] [--search 100] [--filter 200] [--threshold 0.5] [--json FILE]
 
@@ -9,7 +9,7 @@ filters captions (qformer/scorer.py), on held-out world clips.
 2. search: `--search` `test-iid` clips, each one's true caption as the query: recall@1 and @5 by ITC
    alone and re-ranked by ITM (qformer/search.py), seconds per query. A retrieved clip counts when its
    caption is the query (two clips may share one caption).
-3. filter: the bridge's own captions of `--filter` `test-iid` clips, scored by its scorer: slot accuracy
+3. filter: the bridge's own captions of `--filter` `test-iid` clips, scored by Bridge.match: slot accuracy
    of all of them and of those scoring at least `--threshold`, and the share kept.
 """
 
@@ -50,7 +50,7 @@ def match_bench(bridge: Bridge, scenes, features: torch.Tensor) -> dict:
     for k, s in enumerate(scenes):
         changed = one_slot_changes(s, random.Random(f"{SPLIT}-{k}"))
         texts = [world.caption(s)] + [c for _, c in changed]
-        probs = bridge.scorer.match_features(features[k : k + 1].expand(len(texts), -1, -1, -1), texts).tolist()
+        probs = bridge.match_features(features[k : k + 1].expand(len(texts), -1, -1, -1), texts).tolist()
         scores["true"].append(probs[0])
         for (slot, _), p in zip(changed, probs[1:]):
             scores[slot].append(p)
@@ -80,7 +80,7 @@ def search_bench(bridge: Bridge, scenes, features: torch.Tensor) -> dict:
 
 def filter_bench(bridge: Bridge, scenes, features: torch.Tensor, threshold: float) -> dict:
     preds = bridge.caption([world.render(s) for s in scenes])
-    scores = bridge.scorer.match_features(features, preds).tolist()
+    scores = bridge.match_features(features, preds).tolist()
     slots = [world.score_caption(p, world.caption(s)) for p, s in zip(preds, scenes)]
     kept = [r for r, m in zip(slots, scores) if m >= threshold]
     # Slot accuracy as bench.quality counts it: right slots over all reference slots.

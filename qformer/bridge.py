@@ -19,14 +19,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adapters.checkpoint import CheckpointError, safetensors_header
-from adapters.llm import load_llm
+from adapters.llm import decoder_targets, load_llm
 from adapters.offline import minilm_dir
 from adapters.vision import load_vision
 
 from .config import CAPTION_BATCH_SIZE, MAX_NEW_TOKENS, BridgeConfig
 from .convert import checkpoint_bridge_config, checkpoint_weights
 from .model import QFormer, QFormerHeads, count_parameters
-from .scorer import SCORER_DIR, Scorer, load_tokenizer, scorer_weights
+from .scorer import SCORER_DIR, Scorer, clip_features, load_tokenizer, match_clips, scorer_weights
 
 # The trained demo bridge shipped in the repository, used when no bridge is named.
 DEFAULT_BRIDGE = Path(__file__).resolve().parent.parent / "demos" / "bridge"
@@ -346,10 +346,38 @@ class Bridge(nn.Module):
             )
         return self.scorer
 
-    def match(self, clips, texts) -> list[float]:
-        """The probability that texts[i] describes clips[i] (clips as caption() takes them), by the ITM head of
-        this bridge's scorer (`scorer`)."""
-        return self._require_scorer("match").match(clips, texts)
+    def match(self, clips, texts, batch_size: int = CAPTION_BATCH_SIZE) -> list[float]:
+        """How well texts[i] describes clips[i] (clips as caption() takes them), in (0, 1]: match_features."""
+        features_of = lambda chunk: clip_features(self.config, self.vision, chunk, self.projection.weight.device)  # noqa: E731
+        return match_clips(clips, texts, batch_size, features_of, self.match_features)
+
+    @torch.no_grad()
+    def match_features(self, features: torch.Tensor, texts: list[str], batch_size: int = CAPTION_BATCH_SIZE) -> torch.Tensor:
+        """(B,) how well texts[i] describes the clip of features[i] (B, T, N, Dv), in (0, 1].
+
+        A bridge that captions judges by its own captioning: the geometric mean of the probabilities it gives
+        the text's tokens as the clip's caption (exp of minus its caption loss), so a text that names one
+        slot wrong scores low wherever the bridge would caption that slot right. Its matching heads (ITM) do
+        worse: trained on a stage-2 Q-Former with the captions and their one-slot changes they stayed at chance
+        (bench/README.md, "matching"). A stage-1 bridge, which does not caption, matches by its ITM head."""
+        if len(features) != len(texts):
+            raise ValueError(f"match: {len(features)} clips and {len(texts)} texts; give one text per clip")
+        if heads_fit(self.config):
+            return self._require_scorer("match").match_features(features, texts)
+        out = []
+        for i in range(0, len(texts), batch_size):
+            chunk = list(texts[i : i + batch_size])
+            batch = self.answer_batch([self.config.caption_prompt] * len(chunk), chunk)
+            logits = self(**batch, features=features[i : i + batch_size].to(self.projection.weight)).logits.float()
+            labels = batch["labels"]
+            if self.llm.is_encoder_decoder:
+                targets = decoder_targets(labels)  # the decoder's logits are at its targets' own positions
+            else:
+                logits, targets = logits[:, :-1], labels[:, 1:]  # each token predicted from the one before it
+            known = targets != -100
+            logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+            out.append(((logp * known).sum(1) / known.sum(1)).exp().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
 
     def embed_clips(self, clips) -> torch.Tensor:
         """(N, Q, E): each clip's Q query features in the scorer's ITC space, L2-normalised; a clip is as similar

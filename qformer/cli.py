@@ -268,16 +268,23 @@ def add_search(subparsers) -> None:
         "search",
         help="the clips of an index best described by a text",
         description=(
-            "The clips of a qformer index best described by TEXT, best first: the index's ITC embeddings find the "
-            "candidates and the scorer's ITM re-ranks the best of them (scores: ITM's probability, or ITC's cosine "
-            "with --no-rerank and below the re-ranked). Loads the scorer's Q-Former and the index, never the LLM or the vision encoder."
+            "The clips of a qformer index best described by TEXT, best first, by the index's ITC embeddings (scores: "
+            "ITC's cosine); with --rerank N the scorer's ITM re-ranks the N best (scores: ITM's probability above, "
+            "the cosine below). Loads the scorer's Q-Former and the index, never the LLM or the vision encoder."
         ),
     )
     p.add_argument("index", metavar="INDEX_DIR", help="a directory written by qformer index")
     p.add_argument("text", metavar="TEXT", help="what the clips should show")
     p.add_argument("--top", type=int, default=10, metavar="K", help="how many clips to print")
     p.add_argument("--json", action="store_true", help="one JSON object per line: path, start_s, end_s, score")
-    p.add_argument("--no-rerank", action="store_true", help="rank by ITC alone (faster, less exact)")
+    p.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-rank the N best by the scorer's ITM (a stage-1 bridge's; the default bridge's scorer ranks best "
+        "by ITC alone: bench/README.md, matching)",
+    )
     p.set_defaults(run=run_search)
 
 
@@ -299,7 +306,9 @@ def run_search(args) -> int:
     scorer = load_scorer(index.bridge)
     if scorer is None:
         raise needs_scorer(index.bridge, "search")
-    found = rank(scorer, index.embeddings, None if args.no_rerank else index.features, args.text, top=args.top)
+    if args.rerank < 0:
+        raise ValueError(f"--rerank must be 0 or more, got {args.rerank}")
+    found = rank(scorer, index.embeddings, index.features, args.text, top=args.top, rerank=args.rerank)
     for i, score in found:
         entry = index.entries[i]
         if args.json:

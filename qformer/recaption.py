@@ -12,9 +12,9 @@ unless it reads the prompt, the Q-Former), then the LLM answers each prompt abou
 
 Output records (JSONL, or Parquet when the file name ends in .parquet), one per (item, shot, prompt):
     path, shot, start_s, end_s, caption, num_frames, duration_s, error (null, or what was wrong), bridge,
-    prompt, num_beams, shot_threshold, min_shot_s (both null without shots), match (the probability, by the
-    bridge's scorer, that the caption describes its shot, scored on the features it was written from; null
-    for a bridge without a scorer and for an error; records written before scores have no match field)
+    prompt, num_beams, shot_threshold, min_shot_s (both null without shots), match (how well the caption
+    describes its shot, in (0, 1]: Bridge.match_features, the caption scored as the shot's caption on the
+    features it was written from; null for an error; records written before scores have no match field)
 followed by the manifest row's other columns under their own names (`source_NAME` when NAME is a record
 field). start_s and end_s are seconds from the start of the file; without shots they are the span, or 0
 and the clip's duration. An item that cannot be read gets one error record per prompt (shot 0).
@@ -911,12 +911,9 @@ def caption_units(bridge, units: Sequence[_Unit], settings: Settings, max_new_to
     ]
 
 
-def match_scores(bridge, features: torch.Tensor, texts: list[str]) -> list[float | None]:
-    """The probability that texts[i] describes the clip of features[i] (B, T, N, Dv), by the bridge's scorer
-    (qformer/scorer.py); None for each without one."""
-    if bridge.scorer is None:
-        return [None] * len(texts)
-    return bridge.scorer.match_features(features, texts).tolist()
+def match_scores(bridge, features: torch.Tensor, texts: list[str]) -> list[float]:
+    """How well texts[i] describes the clip of features[i] (B, T, N, Dv): Bridge.match_features."""
+    return bridge.match_features(features, texts).tolist()
 
 
 def recaption(

@@ -88,32 +88,16 @@ class Scorer(nn.Module):
     def clip_features(self, clips) -> torch.Tensor:
         """Frozen features (B, T, N, Dv) of clips as Bridge.caption takes them (paths, PIL images, arrays,
         adapters.video.Clip), sampled as the scorer's bridge samples them."""
-        from adapters.video import as_clip, decode_side  # PyAV loads only when clips need decoding
-
-        c = self.config
-        side = decode_side(self.vision)  # the pixels the recaptioner and the index decode
-        pixels = [
-            self.vision.preprocess(as_clip(it, num_frames=c.num_frames, sampling=c.frame_sampling, max_side=side).frames) for it in clips
-        ]
-        T = max(len(p) for p in pixels)
-        # An image is a one-frame clip: its frame repeats, as training batches pad clips (qformer.data.collate).
-        return self.pixel_features(torch.stack([p[torch.arange(T).clamp(max=len(p) - 1)] for p in pixels]))
+        return clip_features(self.config, self.vision, clips, self.heads.itm.weight.device)
 
     @torch.no_grad()
     def pixel_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Frozen features (B, T, N, Dv) of preprocessed clips (B, T, 3, H, W), as a decoding worker makes them."""
-        feats = self.vision.encode(pixels.flatten(0, 1).to(self.heads.itm.weight.device))  # (B*T, N, Dv)
-        return feats.float().view(*pixels.shape[:2], *feats.shape[1:])
+        return pixel_features(self.vision, pixels, self.heads.itm.weight.device)
 
     def match(self, clips, texts, batch_size: int = CAPTION_BATCH_SIZE) -> list[float]:
-        """The probability that texts[i] describes clips[i], `batch_size` clips through the encoder at a time."""
-        clips, texts = list(clips), list(texts)
-        if len(clips) != len(texts):
-            raise ValueError(f"match: {len(clips)} clips and {len(texts)} texts; give one text per clip")
-        out = []
-        for i in range(0, len(clips), batch_size):
-            out += self.match_features(self.clip_features(clips[i : i + batch_size]), texts[i : i + batch_size]).tolist()
-        return out
+        """The probability by ITM that texts[i] describes clips[i], `batch_size` clips through the encoder at a time."""
+        return match_clips(clips, texts, batch_size, self.clip_features, self.match_features)
 
     def embed_clips(self, clips, batch_size: int = CAPTION_BATCH_SIZE) -> torch.Tensor:
         """(N, Q, E) ITC features of clips, `batch_size` through the encoder at a time (embed_features)."""
@@ -161,6 +145,37 @@ class Scorer(nn.Module):
             hidden = self.qformer(f, t["input_ids"], t["attention_mask"], mode="bidirectional")
             out.append(self.heads.itm(hidden[:, :Q]).mean(1).softmax(-1)[:, 1])  # (m,) as Stage1Objective's ITM
         return torch.cat(out) if out else torch.zeros(0)
+
+
+def match_clips(clips, texts, batch_size: int, features_of, match_features) -> list[float]:
+    """match_features(features_of(clips), texts), `batch_size` clips decoded and encoded at a time."""
+    clips, texts = list(clips), list(texts)
+    if len(clips) != len(texts):
+        raise ValueError(f"match: {len(clips)} clips and {len(texts)} texts; give one text per clip")
+    out = []
+    for i in range(0, len(clips), batch_size):
+        out += match_features(features_of(clips[i : i + batch_size]), texts[i : i + batch_size]).tolist()
+    return out
+
+
+def clip_features(config: BridgeConfig, vision: nn.Module, clips, device) -> torch.Tensor:
+    """Frozen features (B, T, N, Dv) of clips (paths, PIL images, arrays, adapters.video.Clip), sampled and decoded
+    as the bridge of `config` captions them."""
+    from adapters.video import as_clip, decode_side  # PyAV loads only when clips need decoding
+
+    side = decode_side(vision)  # the pixels the recaptioner and the index decode
+    sampling = dict(num_frames=config.num_frames, sampling=config.frame_sampling, max_side=side)
+    pixels = [vision.preprocess(as_clip(it, **sampling).frames) for it in clips]
+    T = max(len(p) for p in pixels)
+    # An image is a one-frame clip: its frame repeats, as training batches pad clips (qformer.data.collate).
+    return pixel_features(vision, torch.stack([p[torch.arange(T).clamp(max=len(p) - 1)] for p in pixels]), device)
+
+
+@torch.no_grad()
+def pixel_features(vision: nn.Module, pixels: torch.Tensor, device) -> torch.Tensor:
+    """Frozen features (B, T, N, Dv) of preprocessed clips (B, T, 3, H, W)."""
+    feats = vision.encode(pixels.flatten(0, 1).to(device))  # (B*T, N, Dv)
+    return feats.float().view(*pixels.shape[:2], *feats.shape[1:])
 
 
 def load_tokenizer(spec: str, max_length: int) -> Tokenizer:

@@ -1,8 +1,9 @@
-"""Text-to-clip search with a scorer: ITC finds the candidates, ITM re-ranks the best of them (BLIP-2's retrieval).
+"""Text-to-clip search with a scorer: ITC ranks, and ITM may re-rank the best of them (BLIP-2's retrieval).
 
 ITC compares a text with every clip at the cost of one dot product per query (clip features computed once,
-in an index); ITM reads clip and text together, more exactly and at the cost of a Q-Former pass per pair,
-so it re-ranks only the `rerank` best candidates by ITC.
+in an index); ITM reads clip and text together at the cost of a Q-Former pass per pair, so it re-ranks only
+the `rerank` best candidates by ITC. Whether it helps depends on the scorer: a stage-1 bridge's ITM was
+trained with its Q-Former; the default bridge's scorer ranks best by ITC alone (bench/README.md, matching).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 
 from .scorer import Scorer, similarity
 
-# Candidates ITM re-ranks per query: enough to hold the right clip when ITC ranks it near the top.
+# Candidates ITM re-ranks per query when asked to: enough to hold the right clip when ITC ranks it near the top.
 RERANK = 16
 
 

@@ -62,21 +62,21 @@ def test_index_holds_each_clip_once_with_the_scorers_embeddings(small_index, sco
 def test_search_ranks_by_itm_over_the_itc_candidates(small_index, scorer_bridge_dir, capsys):  # noqa: F811
     directory, clips = small_index
     bridge = Bridge.from_pretrained(scorer_bridge_dir)
-    # Five clips, fewer than search.RERANK: ITM re-ranks them all, so the order is Bridge.match's.
+    # Five clips, fewer than --rerank 16: ITM re-ranks them all, so the order is Bridge.match's.
     probs = bridge.match(clips, [TEXT] * len(clips))
     expected = sorted(zip(clips, probs), key=lambda p: -p[1])
-    found = [json.loads(line) for line in search(capsys, str(directory), TEXT, "--json", "--top", "3")]
+    found = [json.loads(line) for line in search(capsys, str(directory), TEXT, "--json", "--top", "3", "--rerank", "16")]
     assert [f["path"] for f in found] == [p for p, _ in expected[:3]]
     assert [f["score"] for f in found] == pytest.approx([s for _, s in expected[:3]], abs=1e-5)
     assert all(f["start_s"] == 0.0 and f["end_s"] == 1.0 for f in found)
-    # Without re-ranking: ITC's cosines.
+    # Without re-ranking (the default): ITC's cosines.
     sims = similarity(bridge.embed_clips(clips), bridge.embed_texts([TEXT]))[:, 0].tolist()
     by_itc = sorted(zip(clips, sims), key=lambda p: -p[1])
-    found = [json.loads(line) for line in search(capsys, str(directory), TEXT, "--json", "--no-rerank")]
+    found = [json.loads(line) for line in search(capsys, str(directory), TEXT, "--json")]
     assert [f["path"] for f in found] == [p for p, _ in by_itc]
     assert [f["score"] for f in found] == pytest.approx([s for _, s in by_itc], abs=1e-5)
     # The plain listing: score and path, best first.
-    lines = search(capsys, str(directory), TEXT, "--top", "2")
+    lines = search(capsys, str(directory), TEXT, "--top", "2", "--rerank", "16")
     assert lines == [f"{s:.4f}  {p}" for p, s in expected[:2]]
 
 
@@ -88,7 +88,7 @@ def test_the_clip_whose_caption_is_the_query_comes_first(small_index, scorer_bri
     probs = torch.tensor([bridge.match(clips, [c] * len(clips)) for c in captions])  # (captions, clips)
     caption, clip = divmod(int(probs.argmax()), len(clips))  # the pair that fits best of all
     assert probs[caption].argmax() == clip
-    found = [json.loads(line) for line in search(capsys, str(directory), captions[caption], "--json", "--top", "1")]
+    found = [json.loads(line) for line in search(capsys, str(directory), captions[caption], "--json", "--top", "1", "--rerank", "16")]
     assert [f["path"] for f in found] == [clips[clip]]
 
 
@@ -143,6 +143,8 @@ def test_index_and_search_need_a_scorer_and_an_index(tmp_path, bridge_dir, score
     assert "holds files and no index.json, so it is no index" in capsys.readouterr().err
     assert main(["search", str(tmp_path / "clips"), TEXT]) == 2
     assert "no index.json, so it is no index" in capsys.readouterr().err
+    assert main(["search", str(directory), TEXT, "--rerank", "-1"]) == 2
+    assert "--rerank must be 0 or more, got -1" in capsys.readouterr().err
 
 
 def kill_after_first_part(command: list[str], directory: Path) -> int:

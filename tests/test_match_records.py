@@ -48,11 +48,14 @@ def test_records_carry_the_scorers_match_of_their_caption(tmp_path, scorer_bridg
     assert sorted({r["path"] for r in good}) == clips
 
 
-def test_a_bridge_without_a_scorer_writes_null_and_older_outputs_resume(tmp_path, bridge_dir, capsys):
-    write_clips(tmp_path / "clips", 2)
+def test_a_captioning_bridge_scores_by_its_own_captioning_and_older_outputs_resume(tmp_path, bridge_dir, capsys):
+    paths = write_clips(tmp_path / "clips", 2)
     out = tmp_path / "out.jsonl"
     assert recaption(tmp_path / "clips", out, bridge_dir) == 0
-    assert [r["match"] for r in records(out)] == [None, None]
+    got = records(out)
+    bridge = Bridge.from_pretrained(bridge_dir)
+    assert bridge.scorer is None  # no scorer needed: the bridge judges by its own caption loss
+    assert [r["match"] for r in got] == pytest.approx(bridge.match(paths, [r["caption"] for r in got]), abs=1e-5)
     capsys.readouterr()
     # An output written before records had a match resumes: its records are kept, the missing one is made.
     first, _ = records(out)
@@ -67,7 +70,7 @@ def test_a_bridge_without_a_scorer_writes_null_and_older_outputs_resume(tmp_path
 
 
 def scored_records(tmp_path: Path, name: str) -> Path:
-    """An output of five records: match 0.9, 0.5, 0.2, an error (null) and a caption of a bridge without a scorer (null)."""
+    """An output of five records: match 0.9, 0.5, 0.2, an error (null) and a record written before scores (null)."""
     base = dict.fromkeys(rc.RECORD_SCHEMA) | {"shot": 0, "prompt": "Describe the clip.", "bridge": "b", "num_beams": 1}
     rows = [base | {"path": f"/c/{i}.mp4", "caption": f"caption {i}", "match": m} for i, m in enumerate((0.9, 0.5, 0.2))]
     rows += [base | {"path": "/c/3.mp4", "error": "/c/3.mp4: cannot decode"}, base | {"path": "/c/4.mp4", "caption": "caption 4"}]
@@ -104,6 +107,8 @@ def test_filter_refuses_unscored_outputs_bad_thresholds_and_its_own_source(tmp_p
     write_clips(tmp_path / "clips", 1)
     out = tmp_path / "out.jsonl"
     assert recaption(tmp_path / "clips", out, bridge_dir) == 0
+    (record,) = records(out)
+    out.write_text(json.dumps(record | {"match": None}) + "\n")  # as an error, or a record made before scores
     capsys.readouterr()
     assert main(["filter", str(out), "--min-match", "0.5"]) == 2
     assert capsys.readouterr().err.startswith(f"qformer filter: error: {out}: none of its 1 records has a match score")

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from qformer import Bridge
 from qformer.bridge import SCORER_DIR, WEIGHTS_NAME, load_scorer, save_scorer
-from qformer.scorer import load_tokenizer, similarity
+from qformer.scorer import clip_features, load_tokenizer, similarity
 
 
 def clips(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -53,8 +53,8 @@ def test_a_bridge_without_heads_or_scorer_says_so(tiny_dirs, tmp_path):
     torch.manual_seed(0)
     bridge = Bridge(stage1_config(tiny_dirs, heads=False))
     assert bridge.scorer is None
-    with pytest.raises(ValueError, match="match needs a scorer: this bridge has no scorer/ directory beside its weights and no stage-1"):
-        bridge.match(clips(1), ["a red circle"])
+    with pytest.raises(ValueError, match="embed_clips needs a scorer: this bridge has no scorer/ directory beside its weights and no"):
+        bridge.embed_clips(clips(1))
     bridge.save_pretrained(tmp_path / "b")
     assert load_scorer(tmp_path / "b") is None
 
@@ -91,7 +91,7 @@ def test_a_scorer_saved_in_scorer_keeps_only_what_differs_and_loads_back(tiny_di
     loaded = Bridge.from_pretrained(tmp_path / "b", vision=bridge.vision, llm=bridge.llm)
     assert loaded.heads is None and loaded.scorer is not None
     texts = ["a red circle moves left", "a blue square grows"]
-    assert loaded.match(clips(2), texts) == pytest.approx(scorer.match(clips(2), texts), abs=1e-6)
+    assert loaded.scorer.match(clips(2), texts) == pytest.approx(scorer.match(clips(2), texts), abs=1e-6)
     torch.testing.assert_close(loaded.embed_clips(clips(2)), scorer.embed_clips(clips(2)))
     # The same scorer without the bridge: no LLM and no vision encoder until clips are given.
     alone = load_scorer(tmp_path / "b")
@@ -186,3 +186,22 @@ def test_a_half_precision_scorer_loads_in_full_precision_and_scores_as_its_bridg
     texts = ["a red circle moves left", "a blue square grows"]
     assert torch.equal(scorer.embed_texts(texts), loaded.embed_texts(texts))
     torch.testing.assert_close(scorer.embed_texts(texts), stage1_bridge.embed_texts(texts), atol=1e-2, rtol=0)
+
+
+def test_a_captioning_bridge_matches_by_its_own_caption_loss(tiny_dirs):
+    """Bridge.match of a bridge that captions: exp of minus the caption loss of the text as the clip's caption,
+    each pair as if scored alone (left padding and batching change nothing), whatever scorer it has."""
+    torch.manual_seed(0)
+    bridge = Bridge(stage1_config(tiny_dirs, heads=False)).eval()
+    texts = ["a red circle moves left", "a blue square", "a green diamond stays still on a gray background"]
+    scores = bridge.match(clips(3), texts)
+    for clip, text, score in zip(clips(3), texts, scores):
+        features = clip_features(bridge.config, bridge.vision, [clip], "cpu")
+        batch = bridge.answer_batch([bridge.config.caption_prompt], [text])
+        with torch.no_grad():
+            loss = bridge(**batch, features=features).loss
+        assert score == pytest.approx(float(torch.exp(-loss)), rel=1e-4)
+    assert all(0.0 < s <= 1.0 for s in scores)
+    assert bridge.match(clips(3)[1:2], texts[1:2])[0] == pytest.approx(scores[1], rel=1e-4)
+    with pytest.raises(ValueError, match="3 clips and 2 texts"):
+        bridge.match(clips(3), texts[:2])

@@ -246,7 +246,7 @@ def test_a_scorer_learns_low_rank_attention_updates_alone_and_is_saved_small_bes
     assert loaded.scorer.qformer.config.attention_rank == 2
     clips = [np.random.default_rng(i).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8) for i in range(3)]
     texts = ["a red circle moves left", "a blue square grows", "a green diamond"]
-    assert loaded.match(clips, texts) == pytest.approx(scorer.match(clips, texts), abs=2e-3)  # half-precision file
+    assert loaded.scorer.match(clips, texts) == pytest.approx(scorer.match(clips, texts), abs=2e-3)  # half-precision file
 
     # Trained further in any other way, a scorer's Q-Former takes its updates into its weights.
     merged = from_bridge(tmp_path / "scorer", {"attention_rank": 0})
