@@ -1,7 +1,7 @@
 """How well a bridge tells a clip's caption from captions one slot wrong (Bridge.match), finds clips by text
 (its scorer, qformer/scorer.py), and filters captions, on held-out world clips.
 
-    python -m bench.matching [--bridge DIR] [--clips 200] [--search 100] [--filter 200] [--threshold 0.5] [--json FILE]
+    python -m bench.matching [--bridge DIR] [--clips 200] [--search 100] [--filter 200] [--threshold 0.95] [--json FILE]
 
 1. match: Bridge.match of each `test-iid` clip's true caption against the same caption with exactly one
    slot changed (each object's size, colour, shape and motion, and the background;
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--clips", type=int, default=200, help="test-iid clips for the match AUROC")
     ap.add_argument("--search", type=int, default=100, help="test-iid clips searched, each one's caption a query")
     ap.add_argument("--filter", type=int, default=200, help="test-iid clips captioned by the bridge and filtered (0: skip)")
-    ap.add_argument("--threshold", type=float, default=0.5, help="the match score a kept caption reaches")
+    ap.add_argument("--threshold", type=float, default=0.95, help="the match score a kept caption reaches")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     with torch.no_grad():

@@ -10,7 +10,8 @@
 # outlive the shell that started them. Resumable: rerun the same command after a kill; each stage continues
 # from its last checkpoint (mid-stage, every SAVE_EVERY steps) with the losses the uninterrupted run would
 # have had, and a finished stage is not run again (tests/test_train_bridge.py). Afterwards OUT/bridge is the
-# bridge to copy to demos/bridge, and OUT/scores.json holds what bench/quality.py measured on it.
+# bridge to copy to demos/bridge, and OUT/scores.json and OUT/matching.json hold what bench/quality.py and
+# bench/matching.py measured on it.
 # UNTIL=1|2a|2b|2c|2d|scorer stops after that stage; the step counts, clip counts and layout below are
 # environment variables too.
 set -euo pipefail
@@ -135,11 +136,12 @@ if [ ! -f "$OUT/stage2d/.done" ]; then
 fi
 stop_after 2d
 
-# The scorer (Bridge.match, qformer search): stage 2 moved the Q-Former away from its stage-1 heads, so new heads
+# The scorer (qformer index and search): stage 2 moved the Q-Former away from its stage-1 heads, so new heads
 # learn on the final Q-Former, with low-rank updates (rank 16) of its attention and the rest frozen
-# (--train attention: the scorer is about 2 MB beside the bridge; its attention weights themselves would be
-# 15 MB and take the directory past 80 MB), with ITC and ITM on captions against the same captions one slot
-# wrong (the manifests' negatives), which is what a caption filter has to tell apart.
+# (--train attention: scorer/ stays small beside the bridge; its attention weights themselves would take the
+# directory past 80 MB), with ITC and ITM on captions against the same captions one slot wrong (the
+# manifests' negatives). ITC learns to find clips by text; ITM stays at chance on this Q-Former
+# (demos/bridge/HISTORY.md), so Bridge.match scores by the bridge's own captioning instead.
 if [ ! -f "$OUT/scorer/.done" ]; then
     echo "== $(date -u +%FT%TZ) scorer: ITC + ITM with one-slot-wrong negatives on the final Q-Former"
     $PY -m demos.world_data "$OUT/data2d" --clips "$CLIPS2D"  # its clips kept; manifests with their negatives

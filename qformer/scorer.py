@@ -1,7 +1,8 @@
 """A bridge's scorer: BLIP-2's stage-1 heads, to say how well a text fits a clip and to search clips by text.
 
-    match    ITM: queries and text attend to each other over the clip; a classifier says match / no match
-             (the probability of "match" is a caption's score; BLIP's CapFilt keeps the captions that fit).
+    match    ITM: queries and text attend to each other over the clip; a classifier says match / no match.
+             A stage-1 bridge's Bridge.match; a bridge that captions matches by its own captioning instead
+             (Bridge.match_features: the scorer's ITM on a stage-2 Q-Former stayed at chance).
     embed    ITC: each of a clip's Q queries and a text's [CLS] feature projected into one space and
              L2-normalised; a clip and a text are as similar as their best-matching query (BLIP-2).
 
