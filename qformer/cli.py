@@ -226,7 +226,7 @@ def add_index(subparsers) -> None:
         description=(
             "Embed every clip or image of the inputs (as qformer recaption finds them) with the bridge's scorer: its ITC "
             "embeddings and frozen features, written batch by batch into INDEX_DIR. Rerunning the same command resumes: "
-            "clips already indexed are skipped, even after a kill. The bridge needs a scorer (the shipped default has none yet)."
+            "clips already indexed are skipped, even after a kill. The bridge needs a scorer (the shipped default has one)."
         ),
     )
     p.add_argument(
@@ -242,8 +242,8 @@ def add_index(subparsers) -> None:
 def needs_scorer(bridge_dir: str, command: str) -> ValueError:
     return ValueError(
         f"{bridge_dir}: qformer {command} needs a scorer, and this bridge has no scorer/ directory beside its weights and no "
-        "stage-1 heads that fit its Q-Former (the shipped default bridge has none yet; train one: train.py --stage 1 "
-        "--init-from BRIDGE --stage1-losses itc,itm, then qformer.bridge.save_scorer)"
+        "stage-1 heads that fit its Q-Former (the shipped default bridge has one; train one: train.py --stage 1 "
+        "--init-from BRIDGE --stage1-losses itc,itm --train attention, then qformer.bridge.save_scorer)"
     )
 
 

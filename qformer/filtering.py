@@ -32,8 +32,7 @@ def filter_records(path: str, min_match: float) -> Filtered:
     if not scored:
         what = f"none of its {len(records)} records has" if records else "it holds no record, so none has"
         raise ValueError(
-            f"{path}: {what} a match score (they are null when the bridge that wrote them has no scorer, "
-            "and error records have none); nothing to filter by"
+            f"{path}: {what} a match score (error records have none, nor records written before match scores); nothing to filter by"
         )
     kept = [r for r in scored if r["match"] >= min_match]
     return Filtered(kept, len(records) - len(kept), len(records) - len(scored))

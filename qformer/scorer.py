@@ -11,8 +11,8 @@ Stage 2 changes the Q-Former under the heads, so a generative bridge keeps a sco
 `scorer/` beside its weights: a bridge directory of the same vision encoder whose LLM is never loaded.
 Trained from its bridge with the Q-Former frozen but for low-rank updates of its attention weights
 (QFormerConfig.attention_rank; train.py --train attention), a scorer stores only what differs from its
-bridge (scorer_weights): those updates, its queries and its heads, about 2 MB in half precision. The rest
-is read from the bridge.
+bridge (scorer_weights): those updates, its queries and its heads (1.9 MB in half precision for the default
+bridge). The rest is read from the bridge.
 
 Nothing here loads an LLM, and the vision encoder loads only when clips (not features) are scored, so a
 text-to-clip search over stored features needs only the Q-Former and its tokenizer.
