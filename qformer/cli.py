@@ -282,8 +282,8 @@ def add_search(subparsers) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="re-rank the N best by the scorer's ITM (a stage-1 bridge's; the default bridge's scorer ranks best "
-        "by ITC alone: bench/README.md, matching)",
+        help="re-rank the N best by the scorer's ITM (BLIP-2's retrieval, for a scorer whose ITM tells captions apart; "
+        "the default bridge's does not and ranks best by ITC alone: bench/README.md, matching)",
     )
     p.set_defaults(run=run_search)
 

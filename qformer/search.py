@@ -2,8 +2,8 @@
 
 ITC compares a text with every clip at the cost of one dot product per query (clip features computed once,
 in an index); ITM reads clip and text together at the cost of a Q-Former pass per pair, so it re-ranks only
-the `rerank` best candidates by ITC. Whether it helps depends on the scorer: a stage-1 bridge's ITM was
-trained with its Q-Former; the default bridge's scorer ranks best by ITC alone (bench/README.md, matching).
+the `rerank` best candidates by ITC. Whether it helps depends on the scorer's ITM: the default bridge's
+stayed at chance, and its scorer ranks best by ITC alone (bench/README.md, matching).
 """
 
 from __future__ import annotations
