@@ -57,6 +57,7 @@ class Captioning:
     settings: rc.Settings
     max_new_tokens: int
     batch_size: int
+    match: bool
 
 
 def decode_row(row: dict, decoding: dict) -> dict:
@@ -93,7 +94,9 @@ class Captioner:
             for pairs in shapes.values():
                 for k in range(0, len(pairs), c.batch_size):
                     chunk = pairs[k : k + c.batch_size]
-                    for (i, _), made in zip(chunk, rc.caption_units(self.bridge, [u for _, u in chunk], c.settings, c.max_new_tokens)):
+                    for (i, _), made in zip(
+                        chunk, rc.caption_units(self.bridge, [u for _, u in chunk], c.settings, c.max_new_tokens, c.match)
+                    ):
                         records[i] += made
         return {"records": np.array([json.dumps(r, ensure_ascii=False) for r in records], dtype=object)}
 
@@ -113,6 +116,7 @@ def recaption_on_ray(
     num_beams: int = 1,
     shots: tuple[float, float] | None = None,
     retry_failed: bool = False,
+    match: bool = True,
     llm_kwargs: dict | None = None,
     progress: bool = True,
 ) -> rc.Summary:
@@ -144,7 +148,7 @@ def recaption_on_ray(
                 shots=shots,
             )
             del vision
-            captioning = Captioning(bridge_dir, llm_kwargs, settings, max_new_tokens, batch_size)
+            captioning = Captioning(bridge_dir, llm_kwargs, settings, max_new_tokens, batch_size, match)
             started = not ray.is_initialized()
             if started:
                 ray.init(

@@ -878,17 +878,18 @@ def shot_units(sample: Sample, recorded: frozenset, prompts: Sequence[str]) -> l
     return [_Unit(sample, k, shot, [p for p in prompts if (k, p) not in recorded]) for k, shot in enumerate(sample.shots)]
 
 
-def caption_units(bridge, units: Sequence[_Unit], settings: Settings, max_new_tokens: int) -> list[list[dict]]:
-    """Answer every prompt of units of one shape in one batch, and score each answer: each unit's records."""
+def caption_units(bridge, units: Sequence[_Unit], settings: Settings, max_new_tokens: int, match: bool = True) -> list[list[dict]]:
+    """Answer every prompt of units of one shape in one batch, and score each answer (unless not `match`):
+    each unit's records."""
     pixels = torch.stack([u.shot.pixels for u in units])  # (B, T, 3, H, W)
     rows = [j for j, u in enumerate(units) for _ in u.prompts]
     questions = [p for u in units for p in u.prompts]
-    # The frozen features once, for the captions and their scores (a scorer shares the bridge's vision encoder).
+    # The frozen features once, for the captions and their match scores.
     features = bridge.frame_features(pixels.to(bridge.projection.weight.device))  # (B, T, N, Dv)
     texts = bridge.answer_pixels(
         pixels, questions, max_new_tokens=max_new_tokens, num_beams=settings.num_beams, rows=rows, features=features
     )
-    matches = iter(match_scores(bridge, features[rows], texts))
+    matches = iter(bridge.match_features(features[rows], texts).tolist() if match else [None] * len(texts))
     texts = iter(texts)
     return [
         [
@@ -911,11 +912,6 @@ def caption_units(bridge, units: Sequence[_Unit], settings: Settings, max_new_to
     ]
 
 
-def match_scores(bridge, features: torch.Tensor, texts: list[str]) -> list[float]:
-    """How well texts[i] describes the clip of features[i] (B, T, N, Dv): Bridge.match_features."""
-    return bridge.match_features(features, texts).tolist()
-
-
 def recaption(
     items: Sequence[Item],
     out: str,
@@ -932,6 +928,7 @@ def recaption(
     progress: bool = True,
     shots: tuple[float, float] | None = None,
     retry_failed: bool = False,
+    match: bool = True,
 ) -> Summary:
     """Caption this shard's items not yet recorded in out, append their records, and merge when all are done.
 
@@ -940,7 +937,8 @@ def recaption(
     bridge directory). num_beams > 1 decodes by beam search (Bridge.caption).
     shots (threshold, min_shot_s): cut each item at its scene changes (qformer/shots.py) and caption each
     shot. retry_failed: take again the items whose records are errors. batch_size counts shots; the LLM
-    answers batch_size x len(prompts) rows at once.
+    answers batch_size x len(prompts) rows at once. match False: records' match is null (scoring a caption
+    costs about a quarter of writing it; README).
     """
     prompts = tuple(dict.fromkeys(prompts or [bridge.config.caption_prompt]))
     num_frames = frames_to_read(bridge.config, num_frames, fps)
@@ -967,7 +965,7 @@ def recaption(
             bar.set_postfix(failed=summary.failed, refresh=False)
 
         def caption(batch: list[_Unit]) -> None:
-            write(failures + [r for records in caption_units(bridge, batch, settings, max_new_tokens) for r in records])
+            write(failures + [r for records in caption_units(bridge, batch, settings, max_new_tokens, match) for r in records])
             failures.clear()
             for u in batch:
                 finished(u.sample.item)

@@ -57,6 +57,12 @@ def test_a_captioning_bridge_scores_by_its_own_captioning_and_older_outputs_resu
     assert bridge.scorer is None  # no scorer needed: the bridge judges by its own caption loss
     assert [r["match"] for r in got] == pytest.approx(bridge.match(paths, [r["caption"] for r in got]), abs=1e-5)
     capsys.readouterr()
+    # --no-match: the same captions, match null; the output resumes either way.
+    bare = tmp_path / "bare.jsonl"
+    assert recaption(tmp_path / "clips", bare, bridge_dir, "--no-match") == 0
+    assert [(r["caption"], r["match"]) for r in records(bare)] == [(r["caption"], None) for r in got]
+    assert recaption(tmp_path / "clips", bare, bridge_dir) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("done 0, failed 0")
     # An output written before records had a match resumes: its records are kept, the missing one is made.
     first, _ = records(out)
     del first["match"]
