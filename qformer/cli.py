@@ -92,7 +92,7 @@ def add_recaption(subparsers) -> None:
     p.add_argument(
         "--no-match",
         action="store_true",
-        help="write match null instead of scoring each caption (scoring costs about a quarter of captioning; README)",
+        help="write match null instead of scoring each caption (one more LLM pass per caption; README)",
     )
     p.add_argument(
         "--workers",

@@ -937,8 +937,8 @@ def recaption(
     bridge directory). num_beams > 1 decodes by beam search (Bridge.caption).
     shots (threshold, min_shot_s): cut each item at its scene changes (qformer/shots.py) and caption each
     shot. retry_failed: take again the items whose records are errors. batch_size counts shots; the LLM
-    answers batch_size x len(prompts) rows at once. match False: records' match is null (scoring a caption
-    costs about a quarter of writing it; README).
+    answers batch_size x len(prompts) rows at once. match False: records' match is null (scoring is one more
+    pass of the LLM over each caption).
     """
     prompts = tuple(dict.fromkeys(prompts or [bridge.config.caption_prompt]))
     num_frames = frames_to_read(bridge.config, num_frames, fps)
