@@ -368,28 +368,15 @@ class Bridge(nn.Module):
         for i in range(0, len(texts), batch_size):
             chunk = list(texts[i : i + batch_size])
             batch = self.answer_batch([self.config.caption_prompt] * len(chunk), chunk)
-            f = features[i : i + batch_size].to(self.projection.weight)
+            logits = self(**batch, features=features[i : i + batch_size].to(self.projection.weight)).logits.float()
             if self.llm.is_encoder_decoder:
-                logits = self(**batch, features=f).logits.float()
                 targets = decoder_targets(batch["labels"])  # the decoder's logits are at its targets' own positions
             else:
-                logits, targets = self._text_logits(batch, f)
+                logits, targets = logits[:, :-1], batch["labels"][:, 1:]  # each token predicted from the one before it
             known = targets != -100
             logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
             out.append(((logp * known).sum(1) / known.sum(1)).exp().cpu())
         return torch.cat(out) if out else torch.zeros(0)
-
-    def _text_logits(self, batch: dict, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A decoder-only LLM's logits (B, K, V) at the positions that predict an answer_batch's labelled tokens,
-        and those tokens (B, K; -100 elsewhere). Answers end at the last position (left padding), so the
-        vocabulary projection, the largest cost per position, runs on the last K positions alone."""
-        visual = self.visual_prompt(None, features, batch.get("instruction_ids"), batch.get("instruction_mask"))
-        embeds, mask, text_pos = self._splice(visual, batch["input_ids"], batch["attention_mask"], batch["visual_position"])
-        labels = batch["labels"].new_full(mask.shape, -100).scatter(1, text_pos, batch["labels"])  # (B, S)
-        S = labels.shape[1]
-        keep = S - int((labels[:, 1:] != -100).nonzero()[:, 1].min())  # from the first position that predicts one
-        logits = self.llm(embeds, mask, logits_to_keep=keep)[:, :-1].float()  # positions S-keep .. S-2
-        return logits, labels[:, S - keep + 1 :]  # each token predicted from the one before it
 
     def embed_clips(self, clips) -> torch.Tensor:
         """(N, Q, E): each clip's Q query features in the scorer's ITC space, L2-normalised; a clip is as similar
