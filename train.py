@@ -374,6 +374,9 @@ def main(argv=None) -> Bridge:
     if accelerator.is_main_process:
         bridge.save_pretrained(out, state=weights)
         accelerator.print(f"bridge saved to {out}")
+    # Every process tears the process group down together: one that left while the main process was still
+    # saving aborted now and then in gloo's teardown ("terminate called without an active exception").
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return bridge
 
