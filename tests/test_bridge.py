@@ -396,7 +396,7 @@ def test_the_decoding_layout_keeps_values_and_ties_and_makes_rows_independent_of
     from adapters.llm import load_llm
 
     torch.manual_seed(0)
-    # Wide enough that MKL's sgemm takes its small-batch path: row-major weights then give rows other bits at another batch size.
+    # Wide enough that MKL's sgemm takes its small-batch path, where some CPUs give row-major weights' rows other bits at another batch size.
     path = tiny_llama(make_tokenizer(), tmp_path / "llm", hidden_size=256, intermediate_size=1024, tie_word_embeddings=True)
     llm = load_llm(path, lora=LoraConfig(r=2, alpha=4)).eval()
     base = llm.model.get_base_model()
@@ -408,7 +408,7 @@ def test_the_decoding_layout_keeps_values_and_ties_and_makes_rows_independent_of
         with torch.no_grad():
             return llm(llm.embed(rows), torch.ones_like(rows))[:, -1]
 
-    row_major_64, row_major_8 = last_logits(ids), last_logits(ids[:8])
+    row_major_64 = last_logits(ids)
     assert llm.lay_out_for_decoding() is llm
     after = dict(llm.model.named_parameters())
     assert all(after[n] is params[n] and torch.equal(after[n], before[n]) for n in before)
@@ -419,7 +419,9 @@ def test_the_decoding_layout_keeps_values_and_ties_and_makes_rows_independent_of
     col_major_64, col_major_8 = last_logits(ids), last_logits(ids[:8])
     assert torch.equal(col_major_64[:8], col_major_8)
     assert torch.allclose(col_major_64, row_major_64, atol=1e-4)
-    assert not torch.equal(row_major_64[:8], row_major_8)  # what the layout is for
+    # Whether row-major weights give those rows other bits depends on the CPU's sgemm kernels (on a CPU with
+    # AMX they did; on an AMD EPYC with AVX512 and no AMX they do not), so they are not compared: the layout's
+    # promise is the equality above, on every CPU.
 
 
 def test_caption_and_match_decode_the_pixels_the_recaptioner_and_training_decode(tiny_bridge, tmp_path, monkeypatch):
