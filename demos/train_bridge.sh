@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Retrain the default bridge (demos/bridge) from nothing on this machine's CPU:
 # world data -> stage 1 -> stage 2a (projection) -> stage 2b (instructed VQA) -> stage 2c (caption-first VQA)
-# -> stage 2d (three times the clips, mostly captions) -> stage 2e (new two-object scenes) -> the scorer -> a half-precision copy to ship -> scores.
+# -> stage 2d (three times the clips, mostly captions) -> stage 2e (new two-object scenes) -> the scorer
+# -> a half-precision copy to ship -> scores.
 #
 #   demos/train_bridge.sh [OUT]        OUT defaults to $QFORMER_RUNS/demo-bridge ($QFORMER_RUNS: ~/qformer-runs)
 #   make bridge                        the same, in the background, logging to OUT/train.log
@@ -139,9 +140,10 @@ fi
 stop_after 2d
 
 # After 2d what the answers still miss is two-object clips: the bridge gives one object the other's shape or
-# colour (test-novel two-object captions: shape 0.775, colour 0.825), and a wrong answer follows from its caption. So the last stage shows it two-object scenes it has
-# never seen, captions weighted up, with the first CLIPS clips' captions and questions kept in the mix so
-# one-object clips and easy-VQA are not forgotten, at half 2d's learning rate.
+# colour (test-novel two-object captions: shape 0.775, colour 0.825), and a wrong answer follows from its
+# caption. So the last stage shows it two-object scenes it has never seen, captions weighted up, with the
+# first CLIPS clips' captions and questions kept in the mix so one-object clips and easy-VQA are not
+# forgotten, at half 2d's learning rate.
 if [ ! -f "$OUT/stage2e/.done" ]; then
     echo "== $(date -u +%FT%TZ) stage 2e: new two-object scenes"
     $PY -m demos.world_data "$OUT/data2e" --first "$CLIPS2D" --clips "$CLIPS2E" --objects 2
