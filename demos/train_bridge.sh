@@ -61,6 +61,14 @@ resume_flag() {  # --resume once a stage has checkpoints to continue from
     if [ -d "$1/checkpoints" ]; then echo --resume; fi
 }
 
+train_stage() {  # train_stage DIR STEPS ARGS...: train.py ARGS into OUT/DIR with the shared vision settings,
+    # resumed from its last checkpoint when it has one; the stage is then marked done
+    local dir="$OUT/$1" steps=$2
+    shift 2
+    $PY train.py "$@" "${VISION[@]}" --output "$dir" --max-steps "$steps" --save-every "$SAVE_EVERY" $(resume_flag "$dir")
+    touch "$dir/.done"
+}
+
 stop_after() {  # UNTIL=$1: the run ends here
     if [ "$UNTIL" = "$1" ]; then
         echo "== $(date -u +%FT%TZ) stopped after stage $1 (UNTIL=$1)"
@@ -76,10 +84,8 @@ if [ ! -f "$OUT/stage1/.done" ]; then
     # only in motion direction nearly the same feature (cosine 0.989 and 0.995, bench/probe.py), so ITC
     # teaches the queries to drop exactly those slots. ITC's similarities still pick ITM's hard negatives.
     echo "== $(date -u +%FT%TZ) stage 1: ITM + ITG on world captions"
-    $PY train.py --stage 1 --stage1-losses itm,itg --data "$OUT/data/world_captions.jsonl" --output "$OUT/stage1" \
-        "${VISION[@]}" --tubelets --num-queries "$NUM_QUERIES" --cross-attention-every "$CROSS_ATTENTION_EVERY" --batch-size 24 --lr 3e-4 \
-        --max-steps "$STAGE1_STEPS" --save-every "$SAVE_EVERY" $(resume_flag "$OUT/stage1")
-    touch "$OUT/stage1/.done"
+    train_stage stage1 "$STAGE1_STEPS" --stage 1 --stage1-losses itm,itg --data "$OUT/data/world_captions.jsonl" \
+        --tubelets --num-queries "$NUM_QUERIES" --cross-attention-every "$CROSS_ATTENTION_EVERY" --batch-size 24 --lr 3e-4
 fi
 stop_after 1
 
@@ -89,22 +95,19 @@ stop_after 1
 # language first, over a frozen Q-Former; then everything trains, at a lower rate, with LoRA adapters on
 # the LLM's attention taking the answer format (the LLM's own weights stay frozen), so the visual prompt
 # is left to carry what is in the clip.
-STAGE2=(--data "$OUT/data/world_captions.jsonl:2" --data "$OUT/data/world_vqa.jsonl:1.5" --data "$OUT/data/easy_vqa.jsonl:1"
-        "${VISION[@]}" --mixed-precision "$PRECISION" --batch-size 16)
+STAGE2=(--stage 2 --mixed-precision "$PRECISION" --batch-size 16)
+DATA2B=(--data "$OUT/data/world_captions.jsonl:2" --data "$OUT/data/world_vqa.jsonl:1.5" --data "$OUT/data/easy_vqa.jsonl:1")
 if [ ! -f "$OUT/stage2a/.done" ]; then
     echo "== $(date -u +%FT%TZ) stage 2a: the projection alone, into SmolLM2-135M-Instruct"
     # An empty system prompt replaces SmolLM2's built-in one: 20 fewer tokens in every step.
-    $PY train.py --stage 2 --init-from "$OUT/stage1" --instruct --system-prompt "" --train projection --lr 1e-3 \
-        "${STAGE2[@]}" --output "$OUT/stage2a" --max-steps "$STAGE2A_STEPS" --save-every "$SAVE_EVERY" $(resume_flag "$OUT/stage2a")
-    touch "$OUT/stage2a/.done"
+    train_stage stage2a "$STAGE2A_STEPS" "${STAGE2[@]}" --init-from "$OUT/stage1" --instruct --system-prompt "" \
+        --train projection --lr 1e-3 "${DATA2B[@]}"
 fi
 stop_after 2a
 
 if [ ! -f "$OUT/stage2/.done" ]; then
     echo "== $(date -u +%FT%TZ) stage 2b: Q-Former, projection and LoRA, captions and instructed VQA"
-    $PY train.py --stage 2 --init-from "$OUT/stage2a" --lr 3e-4 --lora 8 \
-        "${STAGE2[@]}" --output "$OUT/stage2" --max-steps "$STAGE2_STEPS" --save-every "$SAVE_EVERY" $(resume_flag "$OUT/stage2")
-    touch "$OUT/stage2/.done"
+    train_stage stage2 "$STAGE2_STEPS" "${STAGE2[@]}" --init-from "$OUT/stage2a" --lr 3e-4 --lora 8 "${DATA2B[@]}"
 fi
 stop_after 2b
 
@@ -114,12 +117,9 @@ stop_after 2b
 # easy-VQA images get captions too ("a blue rectangle"), so that one rule holds for every question.
 if [ ! -f "$OUT/stage2c/.done" ]; then
     echo "== $(date -u +%FT%TZ) stage 2c: caption-first VQA"
-    $PY train.py --stage 2 --init-from "$OUT/stage2" --caption-first --lr 2e-4 \
+    train_stage stage2c "$STAGE2C_STEPS" "${STAGE2[@]}" --init-from "$OUT/stage2" --caption-first --lr 2e-4 \
         --data "$OUT/data/world_captions.jsonl:2" --data "$OUT/data/easy_captions.jsonl:0.5" \
-        --data "$OUT/data/world_vqa.jsonl:1.5" --data "$OUT/data/easy_vqa.jsonl:1" \
-        "${VISION[@]}" --mixed-precision "$PRECISION" --batch-size 16 \
-        --output "$OUT/stage2c" --max-steps "$STAGE2C_STEPS" --save-every "$SAVE_EVERY" $(resume_flag "$OUT/stage2c")
-    touch "$OUT/stage2c/.done"
+        --data "$OUT/data/world_vqa.jsonl:1.5" --data "$OUT/data/easy_vqa.jsonl:1"
 fi
 stop_after 2c
 
@@ -130,12 +130,9 @@ stop_after 2c
 if [ ! -f "$OUT/stage2d/.done" ]; then
     echo "== $(date -u +%FT%TZ) stage 2d: $CLIPS2D clips, mostly captions"
     $PY -m demos.world_data "$OUT/data2d" --clips "$CLIPS2D"
-    $PY train.py --stage 2 --init-from "$OUT/stage2c" --lr 2e-4 \
+    train_stage stage2d "$STAGE2D_STEPS" "${STAGE2[@]}" --init-from "$OUT/stage2c" --lr 2e-4 \
         --data "$OUT/data2d/world_captions.jsonl:3" --data "$OUT/data2d/easy_captions.jsonl:0.25" \
-        --data "$OUT/data2d/world_vqa.jsonl:1.5" --data "$OUT/data2d/easy_vqa.jsonl:0.5" \
-        "${VISION[@]}" --mixed-precision "$PRECISION" --batch-size 16 \
-        --output "$OUT/stage2d" --max-steps "$STAGE2D_STEPS" --save-every "$SAVE_EVERY" $(resume_flag "$OUT/stage2d")
-    touch "$OUT/stage2d/.done"
+        --data "$OUT/data2d/world_vqa.jsonl:1.5" --data "$OUT/data2d/easy_vqa.jsonl:0.5"
 fi
 stop_after 2d
 
@@ -147,13 +144,10 @@ stop_after 2d
 if [ ! -f "$OUT/stage2e/.done" ]; then
     echo "== $(date -u +%FT%TZ) stage 2e: new two-object scenes"
     $PY -m demos.world_data "$OUT/data2e" --first "$CLIPS2D" --clips "$CLIPS2E" --objects 2
-    $PY train.py --stage 2 --init-from "$OUT/stage2d" --lr 1e-4 \
+    train_stage stage2e "$STAGE2E_STEPS" "${STAGE2[@]}" --init-from "$OUT/stage2d" --lr 1e-4 \
         --data "$OUT/data2e/world_captions.jsonl:3" --data "$OUT/data2e/world_vqa.jsonl:1" \
         --data "$OUT/data/world_captions.jsonl:1" --data "$OUT/data/world_vqa.jsonl:0.5" \
-        --data "$OUT/data/easy_captions.jsonl:0.25" --data "$OUT/data/easy_vqa.jsonl:0.5" \
-        "${VISION[@]}" --mixed-precision "$PRECISION" --batch-size 16 \
-        --output "$OUT/stage2e" --max-steps "$STAGE2E_STEPS" --save-every "$SAVE_EVERY" $(resume_flag "$OUT/stage2e")
-    touch "$OUT/stage2e/.done"
+        --data "$OUT/data/easy_captions.jsonl:0.25" --data "$OUT/data/easy_vqa.jsonl:0.5"
 fi
 stop_after 2e
 
@@ -166,10 +160,8 @@ stop_after 2e
 if [ ! -f "$OUT/scorer/.done" ]; then
     echo "== $(date -u +%FT%TZ) scorer: ITC + ITM with one-slot-wrong negatives on the final Q-Former"
     $PY -m demos.world_data "$OUT/data2d" --clips "$CLIPS2D"  # its clips kept; manifests with their negatives
-    $PY train.py --stage 1 --init-from "$OUT/stage2e" --stage1-losses itc,itm --train attention --lr 5e-4 \
-        --data "$OUT/data2d/world_captions.jsonl" "${VISION[@]}" --batch-size 24 \
-        --output "$OUT/scorer" --max-steps "$SCORER_STEPS" --save-every "$SAVE_EVERY" $(resume_flag "$OUT/scorer")
-    touch "$OUT/scorer/.done"
+    train_stage scorer "$SCORER_STEPS" --stage 1 --init-from "$OUT/stage2e" --stage1-losses itc,itm --train attention \
+        --lr 5e-4 --data "$OUT/data2d/world_captions.jsonl" --batch-size 24
 fi
 stop_after scorer
 
