@@ -1,4 +1,4 @@
-"""bench/rebridge.py end to end on tiny backbones: two arms trained, every checkpoint scored, table, JSON and PNG."""
+"""bench/rebridge.py end to end on tiny backbones: two arms trained (or the bridge's alone), every checkpoint scored, table, JSON and PNG."""
 
 from __future__ import annotations
 
@@ -70,3 +70,9 @@ def test_rebridge_trains_both_arms_scores_every_checkpoint_and_reuses_finished_r
     again = rebridge.main(argv)
     assert "python train.py" not in capfd.readouterr().out
     assert again["slot_accuracy"] == results["slot_accuracy"]
+
+    # --no-minilm trains and scores the bridge's arm alone: the same figures (same seed), no MiniLM run.
+    alone = rebridge.main([*argv[:-1], str(tmp_path / "alone"), "--no-minilm"])
+    printed = capfd.readouterr().out
+    assert not (tmp_path / "alone" / "from-minilm").exists() and "from MiniLM" not in printed
+    assert alone["slot_accuracy"] == {"from-bridge": results["slot_accuracy"]["from-bridge"]}
