@@ -37,8 +37,9 @@ demo: setup
 	$(VENV)/bin/qformer recaption demos/clips --out demos/captions.jsonl
 	@$(PY) -c "import json; [print(r['path'], '|', r['caption'] if r['error'] is None else 'ERROR ' + r['error']) for r in map(json.loads, open('demos/captions.jsonl'))]"
 
-# Retrain the default bridge from nothing, in the background (about 9 hours on 2 CPU cores with AMX, by the
-# stages' wall times in demos/bridge/README.md; a stage-2 step took twice as long on a CPU without it);
+# Retrain the default bridge from nothing, in the background (about 10 hours on 2 CPU cores with AMX, by the
+# stages' wall times in demos/bridge/README.md, where 2e and the scorer ran on a CPU without AMX: a stage-2
+# step takes twice as long there);
 # rerun to continue after a kill. The run lives outside the repository, in
 # $(RUNS)/demo-bridge: progress in train.log, the result in bridge/ and scores.json.
 RUNS ?= $(or $(QFORMER_RUNS),$(HOME)/qformer-runs)
