@@ -170,13 +170,10 @@ stop_after scorer
 echo "== $(date -u +%FT%TZ) half-precision copy with its scorer, and scores"
 $PY -c "import sys, torch; from qformer import Bridge; Bridge.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)" \
     "$OUT/stage2e" "$OUT/bridge"
-# The scorer keeps what differs from the bridge it was trained from (2d): its attention updates, queries and
-# heads, 1.9 MB; beside 2e it reads 2e's Q-Former with them.
-$PY -c "import sys, torch; from qformer import Bridge; Bridge.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.float16)" \
-    "$OUT/stage2d" "$OUT/bridge2d"
-$PY -c "import sys, torch; from qformer import Bridge; from qformer.bridge import save_scorer; save_scorer(Bridge.from_pretrained(sys.argv[1]), sys.argv[2], dtype=torch.float16)" \
-    "$OUT/scorer" "$OUT/bridge2d"
-rm -rf "$OUT/bridge/scorer" && cp -r "$OUT/bridge2d/scorer" "$OUT/bridge/"
+# The scorer keeps what differs from the bridge it was trained from (2d, its init): its attention updates,
+# queries and heads, 1.9 MB; beside 2e it reads 2e's Q-Former with them.
+$PY -c "import sys, torch; from qformer import Bridge; from qformer.bridge import save_scorer; save_scorer(Bridge.from_pretrained(sys.argv[1]), sys.argv[2], dtype=torch.float16, init=sys.argv[3])" \
+    "$OUT/scorer" "$OUT/bridge" "$OUT/stage2d"
 $PY -m bench.quality --bridge "$OUT/bridge" --json "$OUT/scores.json"
 $PY -m bench.matching --bridge "$OUT/bridge" --json "$OUT/matching.json"
 echo "== $(date -u +%FT%TZ) done: $OUT/bridge (copy it to demos/bridge), scores in $OUT/scores.json"

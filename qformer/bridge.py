@@ -150,13 +150,20 @@ def load_scorer(directory: str | os.PathLike) -> Scorer | None:
     return Scorer.from_state(config, state) if heads_fit(config) else None
 
 
-def save_scorer(scorer: Bridge, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+def save_scorer(
+    scorer: Bridge, directory: str | os.PathLike, dtype: torch.dtype | None = None, init: str | os.PathLike | None = None
+) -> None:
     """Write the stage-1 bridge `scorer` into `directory`/scorer as the scorer of the bridge there: its config
-    and the Q-Former and head weights in which it differs from that bridge (dtype as save_pretrained's)."""
+    and the Q-Former and head weights in which it differs from the bridge it was trained from (dtype as
+    save_pretrained's). init: that bridge's directory, when it is not `directory` (a scorer trained on an
+    earlier stage of the bridge it is saved beside); the weights it kept from there are read from `directory`'s."""
     if scorer.heads is None:
         raise ValueError("a scorer is a bridge with stage-1 heads (train.py --stage 1); this one has none")
     d = Path(directory) / SCORER_DIR
-    state = scorer_weights(scorer.trainable_state_dict(), read_bridge_dir(directory)[1], dtype)
+    start = read_bridge_dir(directory)[1]  # read also when init is given: what it is saved beside must be a bridge
+    if init is not None:
+        start = read_bridge_dir(init)[1]
+    state = scorer_weights(scorer.trainable_state_dict(), start, dtype)
     d.mkdir(parents=True, exist_ok=True)
     save_file(state, str(d / WEIGHTS_NAME))
     (d / CONFIG_NAME).write_text(json.dumps(scorer.config.to_dict(), indent=2) + "\n")

@@ -10,9 +10,10 @@ A scorer is a stage-1 Q-Former with its heads, trained for matching. A stage-1 b
 Stage 2 changes the Q-Former under the heads, so a generative bridge keeps a scorer of its own in
 `scorer/` beside its weights: a bridge directory of the same vision encoder whose LLM is never loaded.
 Trained from its bridge with the Q-Former frozen but for low-rank updates of its attention weights
-(QFormerConfig.attention_rank; train.py --train attention), a scorer stores only what differs from its
-bridge (scorer_weights): those updates, its queries and its heads (1.9 MB in half precision for the default
-bridge). The rest is read from the bridge.
+(QFormerConfig.attention_rank; train.py --train attention), a scorer stores only what differs from the
+bridge it was trained from (scorer_weights): those updates, its queries and its heads (1.9 MB in half
+precision for the default bridge). The rest is read from the bridge it sits beside: that one, or a later
+stage of it (the default bridge's scorer learnt on its stage 2d and reads 2e's weights; save_scorer's init).
 
 Nothing here loads an LLM, and the vision encoder loads only when clips (not features) are scored, so a
 text-to-clip search over stored features needs only the Q-Former and its tokenizer.
@@ -216,9 +217,9 @@ def similarity(clips: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
 
 
 def scorer_weights(state: dict[str, torch.Tensor], bridge_state: dict[str, torch.Tensor], dtype: torch.dtype | None = None):
-    """The weights a scorer saved beside its bridge keeps: its Q-Former and heads where they differ from the
-    bridge's (compared in the saving dtype), all of them where the bridge has none. The rest (projection,
-    LoRA) are never used to score."""
+    """The weights a scorer saved beside a bridge keeps: its Q-Former and heads where they differ from those of
+    the bridge it was trained from, `bridge_state` (compared in the saving dtype), all of them where that has
+    none. The rest (projection, LoRA) are never used to score."""
     cast = (lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v) if dtype else (lambda v: v)
     kept = {}
     for k, v in state.items():

@@ -255,6 +255,35 @@ def test_a_scorer_learns_low_rank_attention_updates_alone_and_is_saved_small_bes
     torch.testing.assert_close(merged.scorer.embed_features(features), scorer.scorer.embed_features(features), atol=1e-5, rtol=1e-5)
 
 
+def test_a_scorer_saved_beside_a_later_stage_keeps_only_what_it_learnt(tiny_dirs, qformer_bert, captions, tmp_path):
+    """A scorer trained on one stage of a bridge and saved beside the next (init: the stage it learnt on)
+    holds the same few weights as beside its own start; the bridge it sits beside gives it all the rest."""
+    from safetensors import safe_open
+
+    from qformer.bridge import SCORER_DIR, WEIGHTS_NAME, save_scorer
+
+    gen = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "gen", "--max-steps", "1", stage="2", data=captions))
+    later = ["--max-steps", "1", "--init-from", str(tmp_path / "gen")]
+    nxt = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "next", *later, stage="2", data=captions))
+    args = ["--max-steps", "2", "--init-from", str(tmp_path / "gen"), "--train", "attention", "--attention-rank", "2"]
+    scorer = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "scorer", *args, "--stage1-losses", "itc,itm", data=captions))
+    trained, nxt_state = scorer.qformer.state_dict(), nxt.qformer.state_dict()
+    assert any(not torch.equal(v, gen.qformer.state_dict()[k]) for k, v in nxt_state.items())  # the next stage moved on
+
+    save_scorer(scorer, tmp_path / "gen")
+    save_scorer(scorer, tmp_path / "next", init=tmp_path / "gen")
+    held = {}
+    for d in ("gen", "next"):
+        with safe_open(str(tmp_path / d / SCORER_DIR / WEIGHTS_NAME), "pt") as f:
+            held[d] = set(f.keys())
+    assert held["next"] == held["gen"]  # against "next" itself, every frozen weight would differ
+    assert {k for k in held["next"] if k.startswith("qformer.")} < {f"qformer.{k}" for k in trained}
+
+    loaded = Bridge.from_pretrained(tmp_path / "next", vision=nxt.vision, llm=nxt.llm).scorer.qformer.state_dict()
+    for k, v in loaded.items():
+        torch.testing.assert_close(v, trained[k] if f"qformer.{k}" in held["next"] else nxt_state[k], atol=0, rtol=0)
+
+
 def test_a_scorer_at_attention_rank_0_learns_the_attention_weights_themselves(tiny_dirs, qformer_bert, captions, tmp_path):
     gen = train.main(_args(tiny_dirs, qformer_bert, tmp_path / "gen", "--max-steps", "1", stage="2", data=captions))
     args = ["--max-steps", "2", "--init-from", str(tmp_path / "gen"), "--train", "attention", "--attention-rank", "0"]
