@@ -306,15 +306,20 @@ def run_search(args) -> int:
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
     # A search is a few small matmuls: a second thread does not speed them up, and its OpenMP spinning on a
-    # busy machine made a cold search twice as slow here (10 s against 5 s).
+    # busy machine made a cold search twice as slow here (10 s against 5 s). Restored after: main() also runs
+    # in-process, and a caller's later work must not compute with one thread (other sums, other last bits).
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    index = Index(args.index)
-    scorer = load_scorer(index.bridge)
-    if scorer is None:
-        raise needs_scorer(index.bridge, "search")
-    if args.rerank < 0:
-        raise ValueError(f"--rerank must be 0 or more, got {args.rerank}")
-    found = rank(scorer, index.embeddings, index.features, args.text, top=args.top, rerank=args.rerank)
+    try:
+        index = Index(args.index)
+        scorer = load_scorer(index.bridge)
+        if scorer is None:
+            raise needs_scorer(index.bridge, "search")
+        if args.rerank < 0:
+            raise ValueError(f"--rerank must be 0 or more, got {args.rerank}")
+        found = rank(scorer, index.embeddings, index.features, args.text, top=args.top, rerank=args.rerank)
+    finally:
+        torch.set_num_threads(threads)
     for i, score in found:
         entry = index.entries[i]
         if args.json:

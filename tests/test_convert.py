@@ -178,7 +178,8 @@ def test_instructblip_video_checkpoint_matches_transformers(tmp_path, llm):
             theirs.logits = theirs.logits[:, video.shape[1] :]
             ours = bridge(px, **batch)
         assert ours.logits.shape == theirs.logits.shape
-        assert (ours.logits - theirs.logits).abs().max() < 1e-4
+        # Relative as well: the two sum in other orders, and on CPUs without AVX512 logits near 13 differed by 2e-4.
+        torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-4, rtol=1e-4)
 
         # Clips through Bridge.ask: 4 frames sampled from each, read as the pixels above are.
         clips = [np.random.default_rng(i).integers(0, 256, (8, 40, 48, 3), dtype=np.uint8) for i in range(2)]

@@ -76,8 +76,10 @@ def test_search_ranks_by_itm_over_the_itc_candidates(small_index, scorer_bridge_
     assert [f["path"] for f in found] == [p for p, _ in by_itc]
     assert [f["score"] for f in found] == pytest.approx([s for _, s in by_itc], abs=1e-5)
     # The plain listing: score and path, best first.
+    threads = torch.get_num_threads()
     lines = search(capsys, str(directory), TEXT, "--top", "2", "--rerank", "16")
     assert lines == [f"{s:.4f}  {p}" for p, s in expected[:2]]
+    assert torch.get_num_threads() == threads  # searched on one thread, and the caller's count given back
 
 
 def test_the_clip_whose_caption_is_the_query_comes_first(small_index, scorer_bridge_dir, capsys):  # noqa: F811
