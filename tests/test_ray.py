@@ -34,6 +34,15 @@ def by_key(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["path"], r["shot"], r["prompt"]))
 
 
+def assert_same_records(got: list[dict], expected: list[dict]) -> None:
+    """The same records, field for field, `match` to 1e-5: Ray batches clips otherwise than the local engine,
+    and on CPUs without AVX512 a caption's score moved in its last bits with what shared its batch."""
+    got, expected = by_key(got), by_key(expected)
+    assert [{k: v for k, v in r.items() if k != "match"} for r in got] == [{k: v for k, v in r.items() if k != "match"} for r in expected]
+    for g, e in zip(got, expected):
+        assert (g["match"] is None) == (e["match"] is None) and (e["match"] is None or g["match"] == pytest.approx(e["match"], rel=1e-5))
+
+
 @needs_ray
 @pytest.mark.slow
 def test_ray_gives_the_local_engines_records_and_error_records(tmp_path, bridge_dir, capsys):
@@ -45,7 +54,7 @@ def test_ray_gives_the_local_engines_records_and_error_records(tmp_path, bridge_
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("done 10, failed 2, ")
 
     local, ray = records(tmp_path / "local.jsonl"), records(tmp_path / "ray.jsonl")
-    assert by_key(ray) == by_key(local)  # the same captions, fields and error texts
+    assert_same_records(ray, local)  # the same captions, fields and error texts
     assert Counter(r["path"] for r in ray) == Counter({path: 2 for path in [*clips, str(tmp_path / "clips" / "broken.mp4")]})
     broken = [r for r in ray if r["path"].endswith("broken.mp4")]
     assert all(r["caption"] is None and "not a decodable video" in r["error"] for r in broken)
@@ -73,7 +82,7 @@ def test_sigkill_of_the_driver_then_rerun_records_every_input_exactly_once(tmp_p
     assert "already done" in resumed.stdout
     final = records(out)
     assert Counter(r["path"] for r in final) == Counter(clips)
-    assert by_key(final) == by_key(records(reference))
+    assert_same_records(final, records(reference))
 
 
 def ray_processes(title: str) -> list[int]:
@@ -121,7 +130,7 @@ def test_a_killed_actor_or_decode_worker_is_replaced_and_every_input_recorded_on
     assert written < len(clips), "the kill came too late to test anything"
     final = records(out)
     assert Counter(r["path"] for r in final) == Counter(clips)  # Ray redid the lost work, and nothing twice
-    assert by_key(final) == by_key(records(reference))
+    assert_same_records(final, records(reference))
 
 
 def test_ray_not_installed_is_one_clear_error(tmp_path, bridge_dir, capsys, monkeypatch):
