@@ -160,10 +160,21 @@ def save_scorer(
     if scorer.heads is None:
         raise ValueError("a scorer is a bridge with stage-1 heads (train.py --stage 1); this one has none")
     d = Path(directory) / SCORER_DIR
-    start = read_bridge_dir(directory)[1]  # read also when init is given: what it is saved beside must be a bridge
+    start = read_bridge_dir(directory if init is None else init)[1]
+    trained = scorer.trainable_state_dict()
+    state = scorer_weights(trained, start, dtype)
     if init is not None:
-        start = read_bridge_dir(init)[1]
-    state = scorer_weights(scorer.trainable_state_dict(), start, dtype)
+        # What the scorer does not hold it takes, once loaded, from the bridge beside it: that bridge's config
+        # and weights header must carry each such weight in its shape (its values need not be read).
+        read_bridge_config(directory)
+        beside = safetensors_header(Path(directory) / WEIGHTS_NAME)
+        taken = {k: tuple(v.shape) for k, v in trained.items() if k.startswith(("qformer.", "heads.")) and k not in state}
+        lacking = sorted(k for k, shape in taken.items() if beside.get(k, ("", None))[1] != shape)
+        if lacking:
+            raise CheckpointError(
+                f"{Path(directory) / WEIGHTS_NAME}: lacks or reshapes {len(lacking)} weights the scorer would take from it "
+                f"(e.g. {lacking[:3]}): save a scorer beside a later stage of the bridge it learnt on"
+            )
     d.mkdir(parents=True, exist_ok=True)
     save_file(state, str(d / WEIGHTS_NAME))
     (d / CONFIG_NAME).write_text(json.dumps(scorer.config.to_dict(), indent=2) + "\n")

@@ -100,6 +100,28 @@ def test_a_scorer_saved_in_scorer_keeps_only_what_differs_and_loads_back(tiny_di
     assert alone._vision[0] is None
 
 
+def test_a_scorer_is_not_saved_beside_a_bridge_it_cannot_take_its_other_weights_from(tiny_dirs, tmp_path):
+    """Saved with init (the bridge it learnt on), a scorer keeps only what differs from there and takes the rest
+    from the bridge beside it: one with other queries, or no bridge at all, is refused and nothing is written."""
+    from adapters.checkpoint import CheckpointError
+
+    torch.manual_seed(0)
+    cfg = stage1_config(tiny_dirs, heads=False)
+    bridge = Bridge(cfg)
+    bridge.save_pretrained(tmp_path / "b")
+    other = replace(cfg, qformer=replace(cfg.qformer, num_queries=cfg.qformer.num_queries + 1))
+    Bridge(other, vision=bridge.vision, llm=bridge.llm).save_pretrained(tmp_path / "other")
+    scorer = Bridge(stage1_config(tiny_dirs), vision=bridge.vision, llm=bridge.llm).eval()
+    scorer.qformer.load_state_dict(bridge.qformer.state_dict())
+
+    with pytest.raises(CheckpointError, match=r"other/bridge.safetensors: lacks or reshapes 1 weights .*qformer.query_tokens"):
+        save_scorer(scorer, tmp_path / "other", init=tmp_path / "b")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty/bridge_config.json: cannot be read"):
+        save_scorer(scorer, tmp_path / "empty", init=tmp_path / "b")
+    assert not (tmp_path / "other" / SCORER_DIR).exists() and not (tmp_path / "empty" / SCORER_DIR).exists()
+
+
 def test_a_stage1_bridge_directory_is_its_own_scorer(stage1_bridge, tmp_path):
     stage1_bridge.save_pretrained(tmp_path / "s1")
     texts = ["a red circle moves left"]
